@@ -1,0 +1,413 @@
+"""Typed, frozen configuration.
+
+``load_config(path, overrides)`` reads ``configs/*.yaml``: a file may name a ``_base_``
+file (or a list of them, relative to itself) whose values it overrides key by key;
+``key=value`` overrides from the command line come last (``train.lr=1e-3``). The result is
+a tree of frozen dataclasses. An unknown key, a wrong type or an impossible value is a
+:class:`~captioner.errors.ConfigError` that names the key (and the closest valid key).
+
+Only ``from_config`` constructors read these objects; modules take plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from captioner.errors import ConfigError
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {msg}")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Where one split's annotations and images are, relative to ``data.root``.
+
+    ``captions`` is the split's annotation file: COCO ``captions_*.json``, a folder's
+    captions json, or Flickr8k's ``Flickr_8k.*Images.txt`` list; unused for Karpathy files.
+    """
+
+    captions: str = ""
+    images: str = ""
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """Parameters of the generated shapes set (``data.format: shapes``)."""
+
+    n: int = 3000
+    seed: int = 0
+    image_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 3, "n", f"must be at least 3 (one image per split); got {self.n}")
+        _check(self.image_size >= 32, "image_size", f"must be at least 32; got {self.image_size}")
+
+
+FORMATS = ("shapes", "coco", "karpathy", "flickr8k", "folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data set: its layout (``format``), where it is, and how to read it.
+
+    Attributes:
+        format: shapes (generated on first use), coco, karpathy, flickr8k or folder.
+        root: folder that every other path here is relative to.
+        annotations: karpathy: ``dataset_coco.json``; flickr8k: ``Flickr8k.token.txt``.
+        restval_in_train: karpathy: train on ``train`` + ``restval`` (the usual 113k for COCO).
+        max_images: use at most this many images per split (0: all), for quick runs.
+        num_workers: DataLoader worker processes.
+    """
+
+    format: str = "shapes"
+    root: str = "data/shapes"
+    train: SplitConfig = SplitConfig("annotations/captions_train.json", "train")
+    val: SplitConfig = SplitConfig("annotations/captions_val.json", "val")
+    test: SplitConfig = SplitConfig("annotations/captions_test.json", "test")
+    annotations: str = ""
+    restval_in_train: bool = True
+    shapes: ShapesConfig = ShapesConfig()
+    max_images: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _choice(self.format, "format", FORMATS)
+        _check(self.max_images >= 0, "max_images", f"must be >= 0; got {self.max_images}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0; got {self.num_workers}")
+        if self.format in ("karpathy", "flickr8k"):
+            _check(bool(self.annotations), "annotations", f"must name the annotation file for format {self.format}")
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    """Vocabulary: words seen fewer than ``min_count`` times become ``<unk>``;
+    training captions are cut to ``max_len`` words."""
+
+    min_count: int = 5
+    max_len: int = 20
+
+    def __post_init__(self) -> None:
+        _check(self.min_count >= 1, "min_count", f"must be >= 1; got {self.min_count}")
+        _check(self.max_len >= 1, "max_len", f"must be >= 1; got {self.max_len}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The CNN encoder.
+
+    Attributes:
+        backbone: a torchvision classification model name (resnet101, vgg19, mobilenet_v2, ...).
+        weights: a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``) or null (random init).
+        layer: the feature layer (torchvision node name); null picks the backbone's last
+            convolutional stage (VGG: conv5_4 after ReLU, as in the paper).
+        image_size: images are resized to this square size; the grid follows from it.
+        fine_tune: train the last N stages of the backbone (0: frozen, -1: all of it).
+        positional: add a learned 2-D position embedding to the annotation vectors.
+    """
+
+    backbone: str = "resnet101"
+    weights: str | None = "DEFAULT"
+    layer: str | None = None
+    image_size: int = 224
+    fine_tune: int = 0
+    positional: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 16, "image_size", f"must be >= 16; got {self.image_size}")
+        _check(self.fine_tune >= -1, "fine_tune", f"must be -1 (all), 0 (frozen) or a number of stages; got {self.fine_tune}")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The attention module: ``name`` from the attention registry, ``score`` from the
+    score registry (additive is the paper's MLP), ``dim`` the attention space."""
+
+    name: str = "soft"
+    score: str = "additive"
+    dim: int = 512
+
+    def __post_init__(self) -> None:
+        _check(self.dim >= 1, "dim", f"must be >= 1; got {self.dim}")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The LSTM decoder (Section 3.1.2 of the paper).
+
+    Attributes:
+        beta_gate: scale the context by the scalar gate sigma(f_beta(h_{t-1})) (Section 4.2.1).
+        deep_output: logits from E y_{t-1} + L_h h_t + L_z z_t (eq. 7) instead of from h_t alone.
+    """
+
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    dropout: float = 0.5
+    beta_gate: bool = True
+    deep_output: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.embed_dim >= 1, "embed_dim", f"must be >= 1; got {self.embed_dim}")
+        _check(self.hidden_dim >= 1, "hidden_dim", f"must be >= 1; got {self.hidden_dim}")
+        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1); got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: EncoderConfig = EncoderConfig()
+    attention: AttentionConfig = AttentionConfig()
+    decoder: DecoderConfig = DecoderConfig()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+        alpha_c: weight lambda of the doubly stochastic regularisation (eq. 14).
+        scheduler: plateau (decay ``lr_decay`` when validation stalls ``lr_patience`` epochs),
+            cosine, step (decay every ``lr_patience`` epochs) or none.
+        patience: stop after this many epochs without a better validation score (0: never).
+        val_images: validate on at most this many images (0: all).
+        max_minutes: stop after this much wall time, checkpointing first (0: no limit).
+        cache_features: with a frozen encoder, encode each image once and train on the
+            stored features.
+        out_dir: the run folder; ``{name}`` is replaced by the config's name.
+        resume: a checkpoint to resume from ("" : none; "auto": the run folder's last.pt if any).
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 4e-4
+    encoder_lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    scheduler: str = "plateau"
+    lr_decay: float = 0.8
+    lr_patience: int = 2
+    alpha_c: float = 1.0
+    patience: int = 10
+    val_images: int = 500
+    max_minutes: float = 0.0
+    cache_features: bool = True
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs/{name}"
+    resume: str = ""
+    log_every: int = 50
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "log_every"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1; got {getattr(self, key)}")
+        for key in ("lr", "encoder_lr"):
+            _check(getattr(self, key) > 0, key, f"must be > 0; got {getattr(self, key)}")
+        for key in ("weight_decay", "grad_clip", "alpha_c", "max_minutes", "patience", "val_images"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
+        _check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1]; got {self.lr_decay}")
+        _choice(self.optimizer, "optimizer", ("adam", "adamw", "rmsprop", "sgd"))
+        _choice(self.scheduler, "scheduler", ("plateau", "cosine", "step", "none"))
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Decoding for validation and captioning: greedy up to ``max_len`` words."""
+
+    max_len: int = 20
+
+    def __post_init__(self) -> None:
+        _check(self.max_len >= 1, "max_len", f"must be >= 1; got {self.max_len}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole experiment; saved next to every run and inside every checkpoint."""
+
+    name: str = "captioner"
+    data: DataConfig = DataConfig()
+    vocab: VocabConfig = VocabConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert the few safe cases."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} must be {_type_name(tp)}; got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields; got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint} (valid: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{err}") from None
+
+
+def config_from_dict(values: dict) -> Config:
+    """Build a :class:`Config` from plain data (a merged YAML tree or a checkpoint's copy)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping; got {type(values).__name__}")
+    return _build(Config, values, "")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dicts, as saved in run folders and checkpoints."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ files include each other in a loop")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys; got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _read_yaml(path.parent / base, (*seen, path)))
+    return _merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` -> (["train", "lr"], 0.001-ish YAML value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (with its ``_base_`` files) and apply ``key=value`` overrides.
+
+    Args:
+        path: the YAML file; None starts from the defaults.
+        overrides: ``section.key=value`` strings, applied in order.
+
+    Raises:
+        ConfigError: a missing or malformed file, an unknown key, a wrong type or value.
+    """
+    values = _read_yaml(Path(path)) if path is not None else {}
+    if path is not None:
+        values.setdefault("name", Path(path).stem)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            if not isinstance(node.get(key, {}), dict):
+                raise ConfigError(f"override {text!r}: {key!r} is not a section")
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return config_from_dict(values)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable with :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` re-exported for frozen configs."""
+    return dataclasses.replace(cfg, **changes)
+
+
+__all__ = [
+    "AttentionConfig", "Config", "DataConfig", "DecodeConfig", "DecoderConfig", "EncoderConfig",
+    "ModelConfig", "ShapesConfig", "SplitConfig", "TrainConfig", "VocabConfig",
+    "config_from_dict", "config_to_dict", "load_config", "save_config", "parse_override", "field",
+]
