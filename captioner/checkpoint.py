@@ -1,0 +1,69 @@
+"""Checkpoints: plain dicts of tensors and plain data, written atomically, loaded with
+``torch.load(..., weights_only=True)`` (no pickled code ever runs on load).
+
+Keys: ``format_version``, ``config`` (nested dict), ``vocab`` (dict), ``model`` (state
+dict), and optionally ``optimizer``, ``scheduler``, ``trainer`` (epoch, step, best score,
+RNG states, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from captioner.errors import CheckpointError
+
+FORMAT_VERSION = 1
+REQUIRED = ("format_version", "config", "vocab", "model")
+
+
+def save_checkpoint(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` (plus the format version) to ``path`` atomically: a temporary file in
+    the same folder, flushed to disk, then renamed over the target. A crash mid-write leaves
+    the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **data}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely on the CPU.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupted file, a file holding code objects,
+            not a captioner checkpoint, or from a newer format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused: it is not plain tensors and data ({first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {str(err)[:200]}") from None
+    if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
+        raise CheckpointError(f"{path}: not a captioner checkpoint (expected keys {', '.join(REQUIRED)})")
+    version = data["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is newer than this captioner's "
+            f"({FORMAT_VERSION}); upgrade captioner"
+        )
+    return data

@@ -1,0 +1,51 @@
+"""Data: loaders for the official layouts, the generated shapes set, datasets and collate.
+
+:func:`load_split` is the one entry point the trainer uses: it reads ``cfg.format`` and
+returns the split's :class:`~captioner.data.records.ImageRecord` list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from captioner.config import DataConfig
+from captioner.data.records import Caption, ImageRecord
+from captioner.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+def load_split(cfg: DataConfig, split: str) -> list[ImageRecord]:
+    """The records of one split of the configured data set.
+
+    ``shapes`` generates the set under ``cfg.root`` first if it is not there yet.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    root = Path(cfg.root)
+    spec = getattr(cfg, split)
+    if cfg.format == "shapes":
+        from captioner.data.shapes import ensure_shapes
+
+        ensure_shapes(root, n=cfg.shapes.n, seed=cfg.shapes.seed, image_size=cfg.shapes.image_size, progress=True)
+    if cfg.format in ("shapes", "coco"):
+        from captioner.data.coco import load_coco
+
+        records = load_coco(root / spec.captions, root / spec.images, split=split)
+    elif cfg.format == "karpathy":
+        from captioner.data.karpathy import load_karpathy
+
+        records = load_karpathy(root / cfg.annotations, root / spec.images, split=split,
+                                restval_in_train=cfg.restval_in_train)
+    elif cfg.format == "flickr8k":
+        from captioner.data.flickr import load_flickr8k
+
+        records = load_flickr8k(root / cfg.annotations, root / spec.captions, root / spec.images, split=split)
+    else:  # folder
+        from captioner.data.folder import load_folder
+
+        records = load_folder(root / spec.captions, root / spec.images, split=split)
+    return records[: cfg.max_images] if cfg.max_images else records
+
+
+__all__ = ["Caption", "ImageRecord", "SPLITS", "load_split"]

@@ -1,0 +1,211 @@
+"""The CNN encoder: a torchvision backbone cut at a convolutional layer.
+
+An image (B, 3, S, S) becomes L = h * w annotation vectors of C channels (Section 3.1.1
+of the paper: "we extract features from a lower convolutional layer ... which allows the
+decoder to selectively focus on certain parts of an image"). The grid is the layer's real
+output size at the chosen input size: nothing is pooled or stretched to a fixed 14 x 14.
+
+Letters: B batch, C channels, h x w grid, L = h * w locations, S input side.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.transforms import v2 as T
+
+from captioner.config import EncoderConfig
+from captioner.errors import ConfigError, CaptionerError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def backbone_names() -> list[str]:
+    """All torchvision classification models."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _resolve_weights(backbone: str, weights: str | None):
+    if weights is None:
+        return None
+    enum = torchvision.models.get_model_weights(backbone)
+    try:
+        return enum[weights]
+    except KeyError:
+        raise ConfigError(
+            f"model.encoder.weights: {backbone} has no weights {weights!r}; "
+            f"valid: {', '.join(enum.__members__)} or null"
+        ) from None
+
+
+def _load_backbone(backbone: str, weights) -> nn.Module:
+    if backbone not in backbone_names():
+        raise ConfigError(
+            f"model.encoder.backbone: unknown backbone {backbone!r}; valid: {', '.join(backbone_names())}"
+        )
+    try:
+        return torchvision.models.get_model(backbone, weights=weights)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        if weights is None:
+            raise
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise CaptionerError(
+            f"could not load the {backbone} weights {weights.name} ({type(err).__name__}: {err}). "
+            f"Without network, download {weights.url} elsewhere and place it at {target}, "
+            f"or set model.encoder.weights=null to train the encoder from scratch"
+        ) from None
+
+
+def default_layer(model: nn.Module) -> str:
+    """The last convolutional stage: ResNet ``layer4``, VGG conv5_4 after its ReLU
+    (the paper's 14 x 14 x 512 at 224 px), ``features.<last>`` for other CNNs."""
+    if hasattr(model, "layer4"):
+        return "layer4"
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        if isinstance(features[-1], nn.MaxPool2d):  # VGG: skip the last pooling
+            return f"features.{len(features) - 2}"
+        return f"features.{len(features) - 1}"
+    if hasattr(model, "trunk_output"):  # RegNet
+        return "trunk_output"
+    raise ConfigError("model.encoder.layer: cannot guess the feature layer of this backbone; name one")
+
+
+def _stage_key(param_name: str) -> str:
+    """Group parameters into stages: ``layer3.1.conv1.weight`` -> ``layer3``;
+    ``features.12.0.weight`` -> ``features.12``."""
+    parts = param_name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("features", "trunk_output") else parts[0]
+
+
+def image_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """PIL image -> normalised (3, S, S) float tensor. Images are resized to a square
+    (no crop: a caption may be about anything in the frame)."""
+    return T.Compose([
+        T.ToImage(),
+        T.Resize((image_size, image_size), antialias=True),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+class Encoder(nn.Module):
+    """A torchvision backbone truncated at ``layer``.
+
+    Args:
+        backbone: torchvision model name (resnet101, vgg19, mobilenet_v2, ...).
+        weights: torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``) or None.
+        layer: feature node name; None picks :func:`default_layer`.
+        image_size: side of the square input; fixes the grid.
+        fine_tune: number of last stages to train (0 frozen, -1 all).
+        load_weights: False builds the architecture only (a checkpoint supplies the weights).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str,
+        weights: str | None = None,
+        layer: str | None = None,
+        image_size: int = 224,
+        fine_tune: int = 0,
+        load_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        w = _resolve_weights(backbone, weights)
+        # load_weights=False: the weights come later from a checkpoint; only their preprocessing is used.
+        model = _load_backbone(backbone, w if load_weights else None)
+        layer = layer or default_layer(model)
+        try:
+            self.body = create_feature_extractor(model, return_nodes={layer: "features"})
+        except (ValueError, KeyError) as err:
+            raise ConfigError(f"model.encoder.layer: {backbone} has no node {layer!r} ({err})") from None
+        self.backbone, self.layer, self.image_size = backbone, layer, image_size
+        tf = w.transforms() if w is not None else None
+        self.mean = tuple(getattr(tf, "mean", IMAGENET_MEAN))
+        self.std = tuple(getattr(tf, "std", IMAGENET_STD))
+
+        # Which stages train: the last `fine_tune` groups of parameters (in forward order).
+        stages = list(dict.fromkeys(_stage_key(n) for n, _ in self.body.named_parameters()))
+        trainable = set(stages if fine_tune < 0 else stages[len(stages) - fine_tune:] if fine_tune else [])
+        for name, p in self.body.named_parameters():
+            p.requires_grad_(_stage_key(name) in trainable)
+        self.frozen = not trainable
+        self._frozen_modules = [  # leaves only: train(False) on a container would reach its children
+            m for n, m in self.body.named_modules()
+            if n and not any(True for _ in m.children()) and _stage_key(n + ".x") not in trainable
+        ]
+
+        with torch.no_grad():  # the real grid at this input size
+            was = self.body.training
+            self.body.eval()
+            out = self.body(torch.zeros(1, 3, image_size, image_size))["features"]
+            self.body.train(was)
+        if out.dim() != 4:
+            raise ConfigError(f"model.encoder.layer: {layer!r} gives a {out.dim()}-d output, not a feature map")
+        self.feature_dim: int = out.shape[1]
+        self.grid: tuple[int, int] = (out.shape[2], out.shape[3])
+        self.train(False)
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig, *, load_weights: bool = True) -> "Encoder":
+        return cls(backbone=cfg.backbone, weights=cfg.weights, layer=cfg.layer,
+                   image_size=cfg.image_size, fine_tune=cfg.fine_tune, load_weights=load_weights)
+
+    @property
+    def num_locations(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def transform(self) -> T.Compose:
+        """The preprocessing that matches this encoder's weights and input size."""
+        return image_transform(self.image_size, self.mean, self.std)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(mode)
+        for m in self._frozen_modules:  # frozen BatchNorm keeps its running statistics
+            m.train(False)
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) -> annotation vectors (B, L, C), row-major over the grid."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            fmap = self.body(images)["features"]  # (B, C, h, w)
+        return fmap.flatten(2).transpose(1, 2)  # (B, L, C)
+
+
+class PositionEmbedding2D(nn.Module):
+    """A learned 2-D position embedding added to the annotation vectors: a row vector plus
+    a column vector per location (Section "Grid, position" of DESIGN.md). Starts at zero, so
+    a fresh model equals the paper's."""
+
+    def __init__(self, *, grid: tuple[int, int], dim: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.rows = nn.Parameter(torch.zeros(grid[0], 1, dim))
+        self.cols = nn.Parameter(torch.zeros(1, grid[1], dim))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, L, C) -> (B, L, C)"""
+        pos = (self.rows + self.cols).flatten(0, 1)  # (L, C)
+        return features + pos
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB; a missing or unreadable file is a DataError naming it."""
+    from captioner.errors import DataError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from None

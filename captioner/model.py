@@ -1,0 +1,155 @@
+"""The captioner: encoder + (optional position embedding) + decoder + vocabulary.
+
+``Captioner.from_checkpoint(path).caption(image)`` is the Python API for captioning;
+everything needed (config, vocabulary, weights) comes from the checkpoint.
+
+Letters: B batch, T steps, L locations, C channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from captioner.checkpoint import load_checkpoint
+from captioner.config import Config, config_from_dict
+from captioner.decoder import Decoder, DecoderOutput
+from captioner.decoding import Decoded, greedy
+from captioner.encoder import Encoder, PositionEmbedding2D, load_image
+from captioner.errors import CheckpointError, ConfigError
+from captioner.vocab import Vocabulary
+
+ImageLike = Image.Image | str | Path
+
+
+@dataclass
+class CaptionResult:
+    """One image's caption.
+
+    Attributes:
+        words: the caption's words (no specials).
+        alphas: (len(words) + 1, L) the attention map of each word and of ``<end>``.
+        betas: (len(words) + 1,) the gate of each word and of ``<end>``.
+        grid: (h, w): reshape an alpha row to this to get the map over the image.
+        score: the caption's log-probability.
+    """
+
+    words: list[str]
+    alphas: Tensor
+    betas: Tensor
+    grid: tuple[int, int]
+    score: float
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+class Captioner(nn.Module):
+    """Encoder + decoder + vocabulary.
+
+    Args:
+        encoder: image -> raw annotation vectors.
+        decoder: the attention LSTM.
+        vocab: the words.
+        position: an optional module added to the raw features (learned 2-D positions).
+        config: the config that built it (saved in checkpoints).
+    """
+
+    def __init__(self, *, encoder: Encoder, decoder: Decoder, vocab: Vocabulary,
+                 position: nn.Module | None = None, config: Config | None = None) -> None:
+        super().__init__()
+        self.encoder, self.decoder, self.position = encoder, decoder, position
+        self.vocab, self.config = vocab, config
+
+    @classmethod
+    def from_config(cls, cfg: Config, vocab: Vocabulary, *, load_weights: bool = True) -> "Captioner":
+        encoder = Encoder.from_config(cfg.model.encoder, load_weights=load_weights)
+        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=encoder.feature_dim)
+        position = (PositionEmbedding2D(grid=encoder.grid, dim=encoder.feature_dim)
+                    if cfg.model.encoder.positional else None)
+        return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, config=cfg)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "Captioner":
+        """Rebuild the model saved at ``path`` (no weight download: the checkpoint has them)."""
+        data = load_checkpoint(path)
+        try:
+            cfg = config_from_dict(data["config"])
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: its config does not fit this captioner version: {err}") from None
+        vocab = Vocabulary.from_dict(data["vocab"])
+        model = cls.from_config(cfg, vocab, load_weights=False)
+        model.load_model_state(data["model"], source=str(path))
+        return model.to(device).eval()
+
+    def load_model_state(self, state: dict, *, source: str) -> None:
+        """load_state_dict with a clear error when the weights do not fit (another vocabulary,
+        another backbone or size)."""
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())[:300]
+            raise CheckpointError(
+                f"{source}: the saved weights do not fit this model (another vocabulary or "
+                f"architecture?): {detail}"
+            ) from None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def features(self, raw: Tensor) -> Tensor:
+        """Raw encoder output (B, L, C) -> annotation vectors the decoder attends over."""
+        return self.position(raw) if self.position is not None else raw
+
+    def encode(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) -> annotation vectors (B, L, C)."""
+        return self.features(self.encoder(images))
+
+    def forward(self, captions: Tensor, *, images: Tensor | None = None, raw_features: Tensor | None = None) -> DecoderOutput:
+        """Teacher-forced pass from pixels or from cached raw encoder features."""
+        feats = self.features(raw_features) if raw_features is not None else self.encode(images)
+        return self.decoder(feats, captions)
+
+    @torch.no_grad()
+    def generate(self, *, images: Tensor | None = None, raw_features: Tensor | None = None,
+                 max_len: int = 20) -> Decoded:
+        """Greedy captions for a batch of pixels or cached raw features."""
+        feats = self.features(raw_features) if raw_features is not None else self.encode(images)
+        v = self.vocab
+        return greedy(self.decoder, feats, max_len=max_len, start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id)
+
+    @torch.no_grad()
+    def caption(self, images: ImageLike | Sequence[ImageLike], *, max_len: int | None = None,
+                batch_size: int = 16) -> CaptionResult | list[CaptionResult]:
+        """Caption one image (PIL image or path) or a list of them.
+
+        Returns a :class:`CaptionResult` for one image, a list for a list.
+        """
+        single = isinstance(images, (Image.Image, str, Path))
+        items = [images] if single else list(images)
+        max_len = max_len or (self.config.decode.max_len if self.config else 20)
+        was_training = self.training
+        self.eval()
+        tf = self.encoder.transform()
+        results: list[CaptionResult] = []
+        for k in range(0, len(items), batch_size):
+            chunk = items[k:k + batch_size]
+            pixels = torch.stack([tf(im.convert("RGB") if isinstance(im, Image.Image) else load_image(im)) for im in chunk])
+            dec = self.generate(images=pixels.to(self.device), max_len=max_len)
+            for i in range(len(chunk)):
+                n = int(dec.lengths[i])
+                steps = min(n + 1, dec.tokens.shape[1])
+                results.append(CaptionResult(
+                    words=self.vocab.decode(dec.tokens[i, :n].tolist()),
+                    alphas=dec.alphas[i, :steps].cpu(), betas=dec.betas[i, :steps].cpu(),
+                    grid=self.encoder.grid, score=float(dec.scores[i]),
+                ))
+        self.train(was_training)
+        return results[0] if single else results

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from captioner.config import ModelConfig, load_config
+from captioner.decoder import Decoder
+from captioner.losses import caption_loss, doubly_stochastic, masked_cross_entropy
+
+B, L, C, V = 3, 10, 8, 20
+
+
+def make_decoder(*overrides):
+    cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
+                             "model.decoder.dropout=0.0", *overrides]).model
+    torch.manual_seed(0)
+    return Decoder.from_config(cfg, vocab_size=V, feature_dim=C).eval()
+
+
+def test_forward_shapes():
+    dec = make_decoder()
+    out = dec(torch.randn(B, L, C), torch.randint(4, V, (B, 6)))
+    assert out.logits.shape == (B, 5, V) and out.alphas.shape == (B, 5, L) and out.betas.shape == (B, 5)
+    assert ((out.betas > 0) & (out.betas < 1)).all()  # a scalar gate per step
+    assert out.log_probs is None
+
+
+def test_padding_does_not_change_results():
+    dec = make_decoder()
+    feats = torch.randn(2, L, C)
+    short = torch.tensor([[1, 5, 6, 2]])
+    batch = torch.tensor([[1, 5, 6, 2, 0, 0, 0], [1, 7, 8, 9, 10, 11, 2]])
+    alone = dec(feats[:1], short)
+    together = dec(feats, batch)
+    torch.testing.assert_close(together.logits[0, :3], alone.logits[0])
+    torch.testing.assert_close(together.alphas[0, :3], alone.alphas[0])
+    mask = batch[:, 1:] != 0
+    loss_together, per_caption = masked_cross_entropy(together.logits, batch[:, 1:], mask.float())
+    _, per_caption_alone = masked_cross_entropy(alone.logits, short[:, 1:], torch.ones(1, 3))
+    torch.testing.assert_close(per_caption[0], per_caption_alone[0])
+
+
+def test_step_matches_teacher_forcing():
+    dec = make_decoder()
+    feats, caps = torch.randn(B, L, C), torch.randint(4, V, (B, 5))
+    full = dec(feats, caps)
+    state, projected = dec.init_state(feats), dec.precompute(feats)
+    for t in range(4):
+        out = dec.step(caps[:, t], state, feats, projected)
+        torch.testing.assert_close(out.logits, full.logits[:, t])
+        torch.testing.assert_close(out.attention.alpha, full.alphas[:, t])
+        state = out.state
+
+
+@pytest.mark.parametrize("flags", [[], ["model.decoder.beta_gate=false"], ["model.decoder.deep_output=false"]])
+def test_gradients_reach_every_parameter(flags):
+    dec = make_decoder(*flags).train()
+    caps = torch.randint(4, V, (B, 6))
+    out = dec(torch.randn(B, L, C), caps)
+    caption_loss(out, caps[:, 1:], torch.ones(B, 5, dtype=torch.bool), alpha_c=1.0).total.backward()
+    for name, p in dec.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_initial_state_comes_from_mean_annotation():
+    dec = make_decoder()
+    feats = torch.randn(B, L, C)
+    shuffled = feats[:, torch.randperm(L)]
+    torch.testing.assert_close(dec.init_state(feats).h, dec.init_state(shuffled).h)
+
+
+def test_masked_cross_entropy_by_hand():
+    logits = torch.zeros(1, 2, 4)
+    logits[0, 0, 1] = 10.0
+    targets = torch.tensor([[1, 3]])
+    mean, per_caption = masked_cross_entropy(logits, targets, torch.tensor([[1.0, 0.0]]))
+    expected = -torch.log_softmax(logits[0, 0], -1)[1]
+    torch.testing.assert_close(mean, expected)
+    torch.testing.assert_close(per_caption, expected.unsqueeze(0))
+
+
+def test_doubly_stochastic_by_hand_and_only_over_real_steps():
+    alphas = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])  # (B=1, T=3, L=2)
+    torch.testing.assert_close(doubly_stochastic(alphas, torch.tensor([[1.0, 1.0, 0.0]])), torch.tensor([0.0]))
+    torch.testing.assert_close(doubly_stochastic(alphas, torch.tensor([[1.0, 1.0, 1.0]])), torch.tensor([1.0]))

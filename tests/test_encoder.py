@@ -1,0 +1,85 @@
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from captioner.encoder import Encoder, PositionEmbedding2D, image_transform
+from captioner.errors import CaptionerError, ConfigError
+
+
+@pytest.mark.parametrize("backbone, layer, size, grid, channels", [
+    ("resnet18", None, 224, (7, 7), 512),
+    ("resnet18", "layer3", 224, (14, 14), 256),
+    ("resnet50", None, 448, (14, 14), 2048),
+    ("vgg16", None, 224, (14, 14), 512),  # the paper's conv5 (VGG-19 is the same grid, slower to build)
+    ("mobilenet_v2", None, 160, (5, 5), 1280),
+])
+def test_real_grid_and_shapes(backbone, layer, size, grid, channels):
+    enc = Encoder(backbone=backbone, weights=None, layer=layer, image_size=size)
+    feats = enc(torch.randn(2, 3, size, size))
+    assert enc.grid == grid and enc.feature_dim == channels
+    assert feats.shape == (2, grid[0] * grid[1], channels)
+
+
+def test_vgg_default_layer_is_conv5_4_relu():
+    enc = Encoder(backbone="vgg19", weights=None, image_size=224)
+    assert enc.layer == "features.35" and enc.grid == (14, 14) and enc.feature_dim == 512
+
+
+def test_frozen_by_default_and_fine_tune_last_stage():
+    frozen = Encoder(backbone="resnet18", weights=None, layer="layer2", image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    assert frozen.frozen and not frozen(x).requires_grad
+    tuned = Encoder(backbone="resnet18", weights=None, layer="layer2", image_size=64, fine_tune=1)
+    trainable = {n.split(".")[1] for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2"}
+    tuned.train()
+    assert not tuned.body.bn1.training  # frozen BatchNorm keeps its statistics
+    assert getattr(tuned.body.layer2, "0").bn1.training
+    tuned(x).sum().backward()
+    assert getattr(tuned.body.layer2, "0").conv1.weight.grad is not None and tuned.body.conv1.weight.grad is None
+
+
+def test_row_major_layout_matches_feature_map():
+    enc = Encoder(backbone="resnet18", weights=None, layer="layer1", image_size=32)
+    x = torch.randn(1, 3, 32, 32)
+    fmap = enc.body(x)["features"]  # (1, C, h, w)
+    feats = enc(x)
+    assert torch.equal(feats[0, 1 * enc.grid[1] + 3], fmap[0, :, 1, 3])
+
+
+def test_unknown_backbone_weights_and_layer():
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet1000'.*resnet101"):
+        Encoder(backbone="resnet1000", weights=None)
+    with pytest.raises(ConfigError, match="no weights 'IMAGENET9K'.*IMAGENET1K_V1"):
+        Encoder(backbone="resnet18", weights="IMAGENET9K")
+    with pytest.raises(ConfigError, match="no node 'layer9'"):
+        Encoder(backbone="resnet18", weights=None, layer="layer9")
+
+
+def test_missing_weights_offline_says_how_to_get_them(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(CaptionerError) as info:
+        Encoder(backbone="resnet18", weights="IMAGENET1K_V1")
+    msg = str(info.value)
+    assert "resnet18-f37072fd.pth" in msg and "checkpoints" in msg and "weights=null" in msg
+
+
+def test_position_embedding_adds_per_location():
+    pos = PositionEmbedding2D(grid=(2, 3), dim=4)
+    with torch.no_grad():
+        pos.rows[1] = 1.0
+        pos.cols[0, 2] = 10.0
+    out = pos(torch.zeros(1, 6, 4))
+    assert out[0, 5, 0] == 11.0 and out[0, 0, 0] == 0.0 and out[0, 2, 0] == 10.0
+
+
+def test_transform_resizes_any_image_to_square():
+    from PIL import Image
+
+    tf = image_transform(32)
+    assert tf(Image.new("RGB", (100, 7))).shape == (3, 32, 32)
