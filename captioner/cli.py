@@ -1,0 +1,131 @@
+"""The ``captioner`` command.
+
+    captioner data shapes --out DIR --n N --seed S     generate the built-in shapes set
+    captioner train CONFIG [key=value ...]              train (e.g. configs/shapes_soft.yaml)
+    captioner caption IMAGE... --checkpoint CKPT       print one caption per image
+
+A mistake in the user's input (a file, a key, a value) prints one line, ``error: ...``,
+and exits with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from captioner.errors import CaptionerError
+
+EXAMPLES = """examples:
+  captioner train configs/shapes_soft.yaml
+  captioner train configs/shapes_soft.yaml train.epochs=5 train.lr=1e-3
+  captioner caption photo.jpg --checkpoint runs/shapes_soft/best.pt
+  captioner data shapes --out data/shapes --n 3000 --seed 0
+"""
+
+
+def _cmd_shapes(args: argparse.Namespace) -> int:
+    from captioner.data.shapes import generate_shapes
+
+    if args.n < 3:
+        raise CaptionerError(f"--n must be at least 3 (one image per split); got {args.n}")
+    summary = generate_shapes(args.out, n=args.n, seed=args.seed, image_size=args.image_size,
+                              workers=args.workers, progress=True)
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    print(f"wrote {summary['n']} images ({splits}) to {args.out} in {summary['seconds']:.1f} s")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from captioner.config import load_config
+    from captioner.train import fit
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    result = fit(cfg, quiet=args.quiet)
+    print(f"best val BLEU-4 {result.best_score:.4f} (most-common-caption baseline {result.baseline_score:.4f}); "
+          f"run folder {result.run_dir}")
+    return 0
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from captioner.model import Captioner
+
+    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise CaptionerError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    results = model.caption(list(args.images), max_len=args.max_len)
+    for path, res in zip(args.images, results):
+        print(f"{path}\t{res.text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="captioner", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Show, Attend and Tell: image captioning with visual attention.", epilog=EXAMPLES)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="make or prepare data sets")
+    data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    shapes = data_sub.add_parser("shapes", help="generate the built-in shapes captioning set (COCO layout)",
+                                 description="Generate images of 1-4 coloured shapes with 5 captions each, "
+                                             "COCO captions/instances json and word-to-object grounding.")
+    shapes.add_argument("--out", required=True, help="output folder")
+    shapes.add_argument("--n", type=int, default=3000, help="number of images over all splits (default 3000)")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed (the set is deterministic for a seed)")
+    shapes.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    shapes.add_argument("--workers", type=int, default=0, help="worker processes (default 0: in-process)")
+    shapes.set_defaults(func=_cmd_shapes)
+
+    train = sub.add_parser("train", help="train a captioner from a YAML config",
+                           description="Train a captioner. CONFIG is a YAML file (configs/*.yaml); key=value "
+                                       "arguments override it, e.g. train.epochs=5 model.attention.name=soft. "
+                                       "The run folder (train.out_dir) gets config.yaml, vocab.json, "
+                                       "metrics.jsonl, last.pt and best.pt.")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    train.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint ('auto': the run's last.pt)")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.set_defaults(func=_cmd_train)
+
+    cap = sub.add_parser("caption", help="caption images with a trained checkpoint",
+                         description="Print 'IMAGE<TAB>caption' for each image (greedy decoding).")
+    cap.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    cap.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by captioner train")
+    cap.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
+    cap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    cap.set_defaults(func=_cmd_caption)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    """A DataLoader worker wraps errors with the worker's traceback: keep the message only."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CaptionerError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The training loop: fit, validate by real decoding, checkpoint, resume, stop early.
+
+``fit(cfg)`` is the whole job behind ``captioner train``. With a frozen encoder (the
+paper's setting) each image is encoded once, before the first epoch, and the epochs run on
+the stored features; with a fine-tuned encoder every batch is encoded anew.
+
+Validation decodes greedily (no teacher forcing) and scores corpus BLEU-4; the best
+checkpoint is kept as ``best.pt``, the latest as ``last.pt``; metrics go to
+``metrics.jsonl``, one JSON object a line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.config import Config, config_to_dict, save_config
+from captioner.data import load_split
+from captioner.data.dataset import CaptionDataset, ImageDataset, collate_captions, collate_images
+from captioner.data.records import ImageRecord
+from captioner.errors import CaptionerError, CheckpointError
+from captioner.losses import caption_loss
+from captioner.metrics import bleu
+from captioner.model import Captioner
+from captioner.vocab import Vocabulary, tokenize
+
+
+class TrainingError(CaptionerError):
+    """Training cannot go on (a non-finite loss, say)."""
+
+
+@dataclass
+class FitResult:
+    """What a run produced."""
+
+    run_dir: Path
+    best_score: float
+    baseline_score: float
+    epochs: int
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CaptionerError(f"train.device: unknown device {name!r} (use auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CaptionerError(f"train.device={name!r} but no CUDA GPU is available; use train.device=cpu")
+    return device
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.train.out_dir.format(name=cfg.name))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def encode_records(model: Captioner, records: Sequence[ImageRecord], *, batch_size: int = 64,
+                   num_workers: int = 0, progress: bool = False, desc: str = "encode") -> Tensor:
+    """Run the (frozen) encoder once over ``records``: -> raw features (N, L, C) on the CPU."""
+    loader = DataLoader(ImageDataset(records, model.encoder.transform()), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_images)
+    was = model.encoder.training
+    model.encoder.eval()
+    out = torch.empty(len(records), model.encoder.num_locations, model.encoder.feature_dim)
+    for index, images in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        out[index] = model.encoder(images.to(model.device)).float().cpu()
+    model.encoder.train(was)
+    return out
+
+
+def references_of(records: Sequence[ImageRecord]) -> list[list[list[str]]]:
+    return [[tokenize(c.text) for c in r.captions] for r in records]
+
+
+def most_common_caption(records: Sequence[ImageRecord]) -> list[str]:
+    """The baseline caption: the most frequent training caption (after tokenization)."""
+    counts = Counter(" ".join(tokenize(c.text)) for r in records for c in r.captions)
+    return counts.most_common(1)[0][0].split()
+
+
+@torch.no_grad()
+def decode_records(model: Captioner, records: Sequence[ImageRecord], *, max_len: int,
+                   features: Tensor | None = None, batch_size: int = 64, num_workers: int = 0,
+                   progress: bool = False) -> list[list[str]]:
+    """Greedy captions (word lists) for ``records``, from cached raw features when given."""
+    was = model.training
+    model.eval()
+    hyps: list[list[str]] = []
+    if features is not None:
+        batches = ((None, features[k:k + batch_size]) for k in range(0, len(records), batch_size))
+    else:
+        loader = DataLoader(ImageDataset(records, model.encoder.transform()), batch_size=batch_size,
+                            num_workers=num_workers, collate_fn=collate_images)
+        batches = ((images, None) for _, images in loader)
+    for images, feats in tqdm(batches, desc="decode", disable=not progress, leave=False,
+                              total=math.ceil(len(records) / batch_size)):
+        dec = model.generate(images=None if images is None else images.to(model.device),
+                             raw_features=None if feats is None else feats.to(model.device), max_len=max_len)
+        hyps += [model.vocab.decode(dec.tokens[i, : int(dec.lengths[i])].tolist()) for i in range(len(dec.tokens))]
+    model.train(was)
+    return hyps
+
+
+def _optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad],
+               "lr": t.lr}]
+    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": t.encoder_lr})
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, momentum=0.9, weight_decay=t.weight_decay)
+
+
+def _scheduler(cfg: Config, opt: torch.optim.Optimizer):
+    t = cfg.train
+    if t.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=t.lr_decay, patience=t.lr_patience)
+    if t.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    if t.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, t.lr_patience), gamma=t.lr_decay)
+    return None
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+class _Log:
+    """Writes progress lines (through tqdm) and metrics as JSON lines."""
+
+    def __init__(self, path: Path, quiet: bool) -> None:
+        self.path, self.quiet = path, quiet
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            tqdm.write(msg)
+
+    def record(self, entry: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
+    """Train a captioner as ``cfg`` says; returns where the run is and how it scored."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    device = resolve_device(t.device)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log = _Log(run_dir / "metrics.jsonl", quiet)
+    progress = t.progress and not quiet
+
+    train_records = load_split(cfg.data, "train")
+    val_records = load_split(cfg.data, "val")
+    if t.val_images:
+        val_records = val_records[: t.val_images]
+    vocab = Vocabulary.build((c.text for r in train_records for c in r.captions), min_count=cfg.vocab.min_count)
+
+    resume = t.resume
+    if resume == "auto":
+        resume = str(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else ""
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        saved = Vocabulary.from_dict(ckpt["vocab"])
+        if saved != vocab:
+            raise CheckpointError(
+                f"{resume}: the checkpoint's vocabulary ({len(saved)} words) differs from the one built "
+                f"from this training data ({len(vocab)} words); resume on the data it was trained on"
+            )
+    (run_dir / "vocab.json").write_text(json.dumps(vocab.to_dict()), encoding="utf-8")
+
+    model = Captioner.from_config(cfg, vocab, load_weights=ckpt is None).to(device)
+    opt = _optimizer(cfg, model)
+    sched = _scheduler(cfg, opt)
+    start_epoch, step, best, bad_epochs, history = 0, 0, -1.0, 0, []
+    if ckpt is not None:
+        model.load_model_state(ckpt["model"], source=resume)
+        opt.load_state_dict(ckpt["optimizer"])
+        if sched is not None and ckpt.get("scheduler") is not None:
+            sched.load_state_dict(ckpt["scheduler"])
+        tr = ckpt["trainer"]
+        start_epoch, step, best, bad_epochs = tr["epoch"], tr["step"], tr["best_score"], tr["bad_epochs"]
+        history = list(tr.get("history", []))
+        _set_rng_state(tr["rng"])
+        log.say(f"resumed from {resume} at epoch {start_epoch}")
+
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.say(f"run {run_dir}: {len(train_records)} train / {len(val_records)} val images, "
+            f"{len(vocab)} words, grid {model.encoder.grid}, {n_params / 1e6:.2f}M trainable parameters, {device}")
+
+    cached = model.encoder.frozen and t.cache_features
+    train_feats = val_feats = None
+    if cached:
+        train_feats = encode_records(model, train_records, num_workers=cfg.data.num_workers, progress=progress,
+                                     desc="encode train")
+        val_feats = encode_records(model, val_records, num_workers=cfg.data.num_workers, progress=progress,
+                                   desc="encode val")
+    dataset = CaptionDataset(train_records, vocab, max_len=cfg.vocab.max_len,
+                             transform=None if cached else model.encoder.transform())
+
+    refs = references_of(val_records)
+    baseline = bleu([most_common_caption(train_records)] * len(val_records), refs)["bleu4"]
+    log.say(f"baseline (most common training caption for every image): val BLEU-4 {baseline:.4f}")
+
+    started = time.monotonic()
+    out_of_time = False
+    epoch = start_epoch
+    for epoch in range(start_epoch, t.epochs):
+        model.train()
+        order = torch.Generator().manual_seed(t.seed * 100_003 + epoch)  # data order depends on (seed, epoch) only
+        loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, generator=order,
+                            num_workers=0 if cached else cfg.data.num_workers, collate_fn=collate_captions,
+                            drop_last=False)
+        sums = Counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            batch = batch.to(device)
+            if cached:
+                out = model(batch.captions, raw_features=train_feats[batch.index.cpu()].to(device))
+            else:
+                out = model(batch.captions, images=batch.images)
+            loss = caption_loss(out, batch.captions[:, 1:], batch.mask[:, 1:], alpha_c=t.alpha_c)
+            if not torch.isfinite(loss.total):
+                raise TrainingError(f"the loss became {loss.total.item()} at step {step} (epoch {epoch + 1}); "
+                                    f"lower train.lr or check the data. The last good checkpoint is kept.")
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            step += 1
+            sums.update(n=1, loss=loss.total.item(), xent=loss.xent.item(), dsr=loss.dsr.item())
+            if step % t.log_every == 0:
+                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}")
+                log.record({"step": step, "epoch": epoch + 1, "loss": loss.total.item(), "xent": loss.xent.item(),
+                            "dsr": loss.dsr.item(), "lr": opt.param_groups[0]["lr"]})
+            if t.max_minutes and time.monotonic() - started > 60 * t.max_minutes:
+                out_of_time = True
+                break
+
+        hyps = decode_records(model, val_records, max_len=cfg.decode.max_len, features=val_feats,
+                              num_workers=cfg.data.num_workers, progress=progress)
+        scores = bleu(hyps, refs)
+        score = scores["bleu4"]
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(score)
+        elif sched is not None:
+            sched.step()
+        improved = score > best
+        best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
+        n = max(sums["n"], 1)
+        entry = {"epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / n, "train_xent": sums["xent"] / n,
+                 "val_bleu4": score, **{f"val_{k}": v for k, v in scores.items() if k != "bleu4"},
+                 "baseline_bleu4": baseline, "lr": opt.param_groups[0]["lr"],
+                 "minutes": (time.monotonic() - started) / 60, "example": " ".join(hyps[0]) if hyps else ""}
+        history.append(entry)
+        log.record(entry)
+        log.say(f"epoch {epoch + 1}: loss {entry['train_loss']:.3f}  val BLEU-4 {score:.4f}"
+                f"{' (best)' if improved else ''}  e.g. \"{entry['example']}\"")
+
+        state = {
+            "config": config_to_dict(cfg), "vocab": vocab.to_dict(), "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+            "trainer": {"epoch": epoch + 1, "step": step, "best_score": best, "bad_epochs": bad_epochs,
+                        "history": history, "rng": _rng_state()},
+        }
+        save_checkpoint(run_dir / "last.pt", state)
+        if improved:
+            save_checkpoint(run_dir / "best.pt", state)
+        if out_of_time:
+            log.say(f"stopping: train.max_minutes={t.max_minutes} reached")
+            break
+        if t.patience and bad_epochs >= t.patience:
+            log.say(f"stopping early: no better val BLEU-4 for {bad_epochs} epochs")
+            break
+
+    log.say(f"done: best val BLEU-4 {best:.4f} (baseline {baseline:.4f}); checkpoint {run_dir / 'best.pt'}")
+    return FitResult(run_dir=run_dir, best_score=best, baseline_score=baseline, epochs=epoch + 1, history=history)

@@ -1,0 +1,72 @@
+"""End to end on a tiny shapes set: train, checkpoint, caption, resume."""
+
+import json
+
+import pytest
+import torch
+
+from captioner.checkpoint import load_checkpoint
+from captioner.errors import CheckpointError
+from captioner.model import Captioner
+from captioner.train import fit, most_common_caption
+from captioner.data.records import Caption, ImageRecord
+
+pytestmark = pytest.mark.slow
+
+
+def test_fit_writes_a_run_and_the_checkpoint_captions(tiny_config, shapes_root):
+    cfg = tiny_config()
+    result = fit(cfg, quiet=True)
+    run = result.run_dir
+    for name in ("config.yaml", "vocab.json", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_bleu4" in line]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] + 1.0  # it trains, and nothing blows up
+    assert 0.0 <= result.best_score <= 1.0
+
+    model = Captioner.from_checkpoint(run / "best.pt")
+    images = sorted((shapes_root / "test").glob("*.png"))[:3]
+    results = model.caption(images)
+    assert len(results) == 3
+    for res in results:
+        assert all(w in model.vocab for w in res.words)
+        assert res.alphas.shape == (len(res.words) + 1, 16 * 16) and res.grid == (16, 16)
+        torch.testing.assert_close(res.alphas.sum(-1), torch.ones(len(res.words) + 1))
+    assert model.caption(images[0]).words == results[0].words  # one image or a list: same answer
+
+
+def test_frozen_cache_and_pixels_give_the_same_training(tiny_config):
+    """The feature cache is an optimisation only: one epoch from cached features equals one from pixels."""
+    a = fit(tiny_config("train.epochs=1", "train.cache_features=true"), quiet=True)
+    state_a = load_checkpoint(a.run_dir / "last.pt")["model"]
+    b = fit(tiny_config("train.epochs=1", "train.cache_features=false", f"train.out_dir={a.run_dir}_pixels"),
+            quiet=True)
+    state_b = load_checkpoint(b.run_dir / "last.pt")["model"]
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_resume_continues_where_it_stopped(tiny_config):
+    first = fit(tiny_config("train.epochs=1"), quiet=True)
+    resumed = fit(tiny_config("train.epochs=2", f"train.resume={first.run_dir / 'last.pt'}"), quiet=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert load_checkpoint(resumed.run_dir / "last.pt")["trainer"]["epoch"] == 2
+    # a straight 2-epoch run ends at the same weights (same data order and RNG)
+    straight = fit(tiny_config("train.epochs=2", f"train.out_dir={first.run_dir}_straight"), quiet=True)
+    a = load_checkpoint(resumed.run_dir / "last.pt")["model"]
+    b = load_checkpoint(straight.run_dir / "last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_resume_on_other_data_is_refused(tiny_config):
+    first = fit(tiny_config("train.epochs=1"), quiet=True)
+    with pytest.raises(CheckpointError, match="vocabulary"):
+        fit(tiny_config("vocab.min_count=3", f"train.resume={first.run_dir / 'last.pt'}"), quiet=True)
+
+
+def test_most_common_caption_baseline():
+    recs = [ImageRecord(1, None, (Caption("A red circle."), Caption("a blue square")), "train"),
+            ImageRecord(2, None, (Caption("a red circle"),), "train")]
+    assert most_common_caption(recs) == ["a", "red", "circle"]
