@@ -2,7 +2,8 @@
 
 Call contract of every variant registered in :data:`ATTENTIONS`:
 
-- ``Variant.from_config(cfg: AttentionConfig, *, feature_dim, hidden_dim)`` builds it.
+- ``Variant.from_config(cfg: AttentionConfig, *, feature_dim, hidden_dim, grid)`` builds it
+  (``grid`` is the (h, w) shape of the L = h * w locations, row-major).
 - ``precompute(features) -> projected``: all that depends on the image alone (the paper's
   W_a a_i), computed once per image, outside the time loop. Opaque to the caller.
 - ``forward(features, projected, hidden, mask=None) -> AttentionOutput``.
@@ -144,13 +145,16 @@ class SoftAttention(nn.Module):
         feature_dim: C. hidden_dim: H. dim: A. score: a name in :data:`SCORES`.
     """
 
-    def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive") -> None:
+    def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
+                 activation: str = "tanh") -> None:
         super().__init__()
-        self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim)
+        self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
 
     @classmethod
-    def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int) -> "SoftAttention":
-        return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score)
+    def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
+                    grid: tuple[int, int]) -> "SoftAttention":
+        return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
+                   activation=cfg.activation)
 
     def precompute(self, features: Tensor) -> Tensor:
         return self.score.precompute(features)
@@ -169,7 +173,8 @@ class NoAttention(nn.Module):
         super().__init__()
 
     @classmethod
-    def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int) -> "NoAttention":
+    def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
+                    grid: tuple[int, int]) -> "NoAttention":
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim)
 
     def precompute(self, features: Tensor) -> Tensor:
@@ -184,6 +189,127 @@ class NoAttention(nn.Module):
         return AttentionOutput(context=attend(alpha, features), alpha=alpha)
 
 
-def build_attention(cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int) -> nn.Module:
+@dataclass
+class HardProjected:
+    """What ``HardAttention.precompute`` returns: the projected keys and, per caption,
+    whether this pass samples a location (True) or uses the expectation (False)."""
+
+    keys: Tensor
+    sample: Tensor
+
+
+@ATTENTIONS.register("hard")
+class HardAttention(nn.Module):
+    """Stochastic hard attention (Section 4.1): s_t ~ Multinoulli(alpha_t), z_t = a_{s_t}.
+
+    Trained through the variational lower bound with REINFORCE: the location is not
+    differentiable, so the attention learns from ``log_prob`` (and ``entropy``), which the
+    loss weighs by the baseline-corrected log-likelihood of the caption. With probability
+    ``mix_prob`` a caption (or the whole batch) uses the expected context instead (Section
+    4.1: "we use the expectation ... with probability 0.5"), which is differentiable.
+
+    Args:
+        feature_dim: C. hidden_dim: H. dim: A. score: a name in :data:`SCORES`.
+        mix_prob: probability of the expected context in training.
+        mix_per: "caption" or "batch": how often that choice is drawn.
+        inference: "argmax", "expectation" or "sample": the location at test time.
+    """
+
+    def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
+                 activation: str = "tanh", mix_prob: float = 0.5, mix_per: str = "caption",
+                 inference: str = "argmax") -> None:
+        super().__init__()
+        self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
+        self.mix_prob, self.mix_per, self.inference = mix_prob, mix_per, inference
+
+    @classmethod
+    def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
+                    grid: tuple[int, int]) -> "HardAttention":
+        h = cfg.hard
+        return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
+                   activation=cfg.activation, mix_prob=h.mix_prob, mix_per=h.mix_per, inference=h.inference)
+
+    def precompute(self, features: Tensor) -> HardProjected:
+        B = features.shape[0]
+        if self.training:  # drawn once per pass, so a caption keeps its choice over all steps
+            draws = B if self.mix_per == "caption" else 1
+            sample = (torch.rand(draws, device=features.device) >= self.mix_prob).expand(B)
+        else:
+            sample = torch.full((B,), self.inference != "expectation", device=features.device)
+        return HardProjected(self.score.precompute(features), sample)
+
+    def forward(self, features: Tensor, projected: HardProjected, hidden: Tensor,
+                mask: Tensor | None = None) -> AttentionOutput:
+        probs = masked_softmax(self.score(projected.keys, hidden), mask)  # (B, L)
+        if self.training or self.inference == "sample":
+            loc = torch.multinomial(probs.detach().float(), 1).squeeze(1)  # (B,)
+        else:
+            loc = probs.argmax(dim=-1)
+        onehot = F.one_hot(loc, probs.shape[-1]).to(probs.dtype)  # (B, L)
+        use = projected.sample.unsqueeze(1)  # (B, 1)
+        alpha = torch.where(use, onehot, probs)  # the weights actually used
+        log_prob = torch.log(probs.gather(1, loc.unsqueeze(1)).squeeze(1).clamp_min(1e-12))
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        return AttentionOutput(context=attend(alpha, features), alpha=alpha,
+                               log_prob=log_prob * projected.sample.to(log_prob.dtype),  # 0 where expectation
+                               entropy=entropy)
+
+
+@ATTENTIONS.register("local")
+class LocalAttention(nn.Module):
+    """Local attention (Luong et al., 2015, "local-p") carried to a 2-D grid.
+
+    From h_{t-1} it predicts a centre p_t = (h - 1, w - 1) * sigmoid(v_p^T tanh(W_p h_{t-1}))
+    on the grid, and weighs the alignment softmax(f(a_i, h_{t-1})) by a Gaussian
+    exp(-|i - p_t|^2 / (2 sigma^2)) around it, renormalised so alpha sums to 1 (the same as
+    softmax(score + log Gaussian)). With ``restrict`` only the (2D+1)^2 cells of the window
+    around the rounded centre take part. Differentiable almost everywhere: the centre gets
+    gradients through the Gaussian.
+
+    Args:
+        feature_dim: C. hidden_dim: H. dim: A. score: a name in :data:`SCORES`.
+        grid: (h, w) of the L = h * w locations (row-major).
+        window: D. sigma: the Gaussian's width in cells (0: D / 2). restrict: see above.
+    """
+
+    def __init__(self, *, feature_dim: int, hidden_dim: int, grid: tuple[int, int], dim: int = 512,
+                 score: str = "additive", activation: str = "tanh", window: int = 3, sigma: float = 0.0,
+                 restrict: bool = True) -> None:
+        super().__init__()
+        self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
+        self.centre = nn.Sequential(nn.Linear(hidden_dim, dim), nn.Tanh(), nn.Linear(dim, 2))  # W_p, v_p
+        self.window, self.restrict = window, restrict
+        self.sigma = sigma or max(window / 2, 0.5)
+        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+        self.register_buffer("coords", torch.stack([rows, cols], -1).flatten(0, 1).float(), persistent=False)  # (L, 2)
+        self.register_buffer("extent", torch.tensor([grid[0] - 1, grid[1] - 1], dtype=torch.float), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
+                    grid: tuple[int, int]) -> "LocalAttention":
+        o = cfg.local
+        return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, grid=grid, dim=cfg.dim, score=cfg.score,
+                   activation=cfg.activation, window=o.window, sigma=o.sigma, restrict=o.restrict)
+
+    def precompute(self, features: Tensor) -> Tensor:
+        return self.score.precompute(features)
+
+    def predict_centre(self, hidden: Tensor) -> Tensor:
+        """p_t: (B, H) -> (B, 2) (row, column) in grid cells."""
+        return torch.sigmoid(self.centre(hidden)) * self.extent
+
+    def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mask: Tensor | None = None) -> AttentionOutput:
+        centre = self.predict_centre(hidden)  # (B, 2)
+        offset = self.coords.unsqueeze(0) - centre.unsqueeze(1)  # (B, L, 2)
+        log_gauss = -(offset ** 2).sum(-1) / (2 * self.sigma ** 2)  # (B, L)
+        if self.restrict:
+            inside = ((self.coords.unsqueeze(0) - centre.detach().round().unsqueeze(1)).abs() <= self.window).all(-1)
+            mask = inside if mask is None else mask & inside
+        alpha = masked_softmax(self.score(projected, hidden) + log_gauss, mask)  # (B, L)
+        return AttentionOutput(context=attend(alpha, features), alpha=alpha)
+
+
+def build_attention(cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
+                    grid: tuple[int, int] = (1, 1)) -> nn.Module:
     """The attention module named by ``cfg.name`` (an unknown name lists the valid ones)."""
-    return ATTENTIONS.get(cfg.name).from_config(cfg, feature_dim=feature_dim, hidden_dim=hidden_dim)
+    return ATTENTIONS.get(cfg.name).from_config(cfg, feature_dim=feature_dim, hidden_dim=hidden_dim, grid=grid)

@@ -98,13 +98,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class VocabConfig:
-    """Vocabulary: words seen fewer than ``min_count`` times become ``<unk>``;
-    training captions are cut to ``max_len`` words."""
+    """Vocabulary: words seen fewer than ``min_count`` times become ``<unk>``, and only the
+    ``max_size`` most frequent are kept (0: no limit; the paper used 10,000); training
+    captions are cut to ``max_len`` words."""
 
     min_count: int = 5
+    max_size: int = 0
     max_len: int = 20
 
     def __post_init__(self) -> None:
+        _check(self.max_size >= 0, "max_size", f"must be >= 0 (0: no limit); got {self.max_size}")
         _check(self.min_count >= 1, "min_count", f"must be >= 1; got {self.min_count}")
         _check(self.max_len >= 1, "max_len", f"must be >= 1; got {self.max_len}")
 
@@ -136,16 +139,63 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
+class HardAttentionConfig:
+    """Options of ``hard`` attention (Section 4.1).
+
+    Attributes:
+        mix_prob: probability of using the expected (soft) context instead of a sampled
+            location during training (the paper's 0.5).
+        mix_per: draw that choice per ``caption`` or once per ``batch`` (the authors' code).
+        inference: at test time attend the ``argmax`` location, the ``expectation`` (soft),
+            or ``sample`` a location.
+    """
+
+    mix_prob: float = 0.5
+    mix_per: str = "caption"
+    inference: str = "argmax"
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.mix_prob <= 1.0, "mix_prob", f"must be in [0, 1]; got {self.mix_prob}")
+        _choice(self.mix_per, "mix_per", ("caption", "batch"))
+        _choice(self.inference, "inference", ("argmax", "expectation", "sample"))
+
+
+@dataclass(frozen=True)
+class LocalAttentionConfig:
+    """Options of ``local`` attention (Luong et al., 2015, local-p, on a 2-D grid).
+
+    Attributes:
+        window: D: the window spans D cells on each side of the predicted centre.
+        sigma: the Gaussian's standard deviation in cells (0: D / 2, Luong's choice).
+        restrict: attend only inside the (2D+1) x (2D+1) window (else the whole grid,
+            weighted by the Gaussian alone).
+    """
+
+    window: int = 3
+    sigma: float = 0.0
+    restrict: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 0, "window", f"must be >= 0; got {self.window}")
+        _check(self.sigma >= 0, "sigma", f"must be >= 0 (0: window / 2); got {self.sigma}")
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
-    """The attention module: ``name`` from the attention registry, ``score`` from the
-    score registry (additive is the paper's MLP), ``dim`` the attention space."""
+    """The attention module: ``name`` from the attention registry (soft, hard, local,
+    none), ``score`` from the score registry (additive is the paper's MLP; dot, general,
+    scaled_dot), ``dim`` the attention space, ``activation`` of the additive score."""
 
     name: str = "soft"
     score: str = "additive"
     dim: int = 512
+    activation: str = "tanh"
+    hard: HardAttentionConfig = HardAttentionConfig()
+    local: LocalAttentionConfig = LocalAttentionConfig()
 
     def __post_init__(self) -> None:
         _check(self.dim >= 1, "dim", f"must be >= 1; got {self.dim}")
+        _choice(self.activation, "activation", ("tanh", "relu"))
 
 
 @dataclass(frozen=True)
@@ -182,6 +232,10 @@ class TrainConfig:
 
     Attributes:
         alpha_c: weight lambda of the doubly stochastic regularisation (eq. 14).
+        reinforce_weight: lambda_r of the REINFORCE term of stochastic attention (eq. 12).
+        entropy_weight: lambda_e of the entropy bonus of stochastic attention (eq. 12).
+        baseline_decay: decay of the moving-average baseline of the log-likelihood (0.9).
+        momentum: of rmsprop and sgd (the authors' RMSProp used 0.9).
         scheduler: plateau (decay ``lr_decay`` when validation stalls ``lr_patience`` epochs),
             cosine, step (decay every ``lr_patience`` epochs) or none.
         patience: stop after this many epochs without a better validation score (0: never).
@@ -198,12 +252,16 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 4e-4
     encoder_lr: float = 1e-4
+    momentum: float = 0.9
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     scheduler: str = "plateau"
     lr_decay: float = 0.8
     lr_patience: int = 2
     alpha_c: float = 1.0
+    reinforce_weight: float = 1.0
+    entropy_weight: float = 0.002
+    baseline_decay: float = 0.9
     patience: int = 10
     val_images: int = 500
     max_minutes: float = 0.0
@@ -220,9 +278,12 @@ class TrainConfig:
             _check(getattr(self, key) >= 1, key, f"must be >= 1; got {getattr(self, key)}")
         for key in ("lr", "encoder_lr"):
             _check(getattr(self, key) > 0, key, f"must be > 0; got {getattr(self, key)}")
-        for key in ("weight_decay", "grad_clip", "alpha_c", "max_minutes", "patience", "val_images"):
+        for key in ("momentum", "weight_decay", "grad_clip", "alpha_c", "max_minutes", "patience", "val_images"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1]; got {self.lr_decay}")
+        _check(0 <= self.baseline_decay < 1, "baseline_decay", f"must be in [0, 1); got {self.baseline_decay}")
+        for key in ("reinforce_weight", "entropy_weight"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _choice(self.optimizer, "optimizer", ("adam", "adamw", "rmsprop", "sgd"))
         _choice(self.scheduler, "scheduler", ("plateau", "cosine", "step", "none"))
 
@@ -407,7 +468,7 @@ def replace(cfg: Any, **changes: Any) -> Any:
 
 
 __all__ = [
-    "AttentionConfig", "Config", "DataConfig", "DecodeConfig", "DecoderConfig", "EncoderConfig",
+    "AttentionConfig", "HardAttentionConfig", "LocalAttentionConfig", "Config", "DataConfig", "DecodeConfig", "DecoderConfig", "EncoderConfig",
     "ModelConfig", "ShapesConfig", "SplitConfig", "TrainConfig", "VocabConfig",
     "config_from_dict", "config_to_dict", "load_config", "save_config", "parse_override", "field",
 ]

@@ -118,9 +118,10 @@ class Decoder(nn.Module):
             self.gate_embed.bias[self.hidden_dim:2 * self.hidden_dim] = 1.0
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, *, vocab_size: int, feature_dim: int) -> "Decoder":
+    def from_config(cls, cfg: ModelConfig, *, vocab_size: int, feature_dim: int,
+                    grid: tuple[int, int] = (1, 1)) -> "Decoder":
         d = cfg.decoder
-        attention = build_attention(cfg.attention, feature_dim=feature_dim, hidden_dim=d.hidden_dim)
+        attention = build_attention(cfg.attention, feature_dim=feature_dim, hidden_dim=d.hidden_dim, grid=grid)
         return cls(vocab_size=vocab_size, feature_dim=feature_dim, attention=attention,
                    embed_dim=d.embed_dim, hidden_dim=d.hidden_dim, dropout=d.dropout,
                    beta_gate=d.beta_gate, deep_output=d.deep_output)
@@ -132,12 +133,12 @@ class Decoder(nn.Module):
         mean = features.mean(dim=1)  # (B, C)
         return DecoderState(torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
 
-    def precompute(self, features: Tensor) -> Tensor:
-        """The attention's per-image work (W_a a_i), once before the time loop."""
+    def precompute(self, features: Tensor):
+        """The attention's per-image work (W_a a_i), once before the time loop (opaque here)."""
         return self.attention.precompute(features)
 
     def _advance(self, gates_embed: Tensor, state: DecoderState, features: Tensor,
-                 projected: Tensor, mask: Tensor | None) -> tuple[DecoderState, AttentionOutput, Tensor, Tensor]:
+                 projected, mask: Tensor | None) -> tuple[DecoderState, AttentionOutput, Tensor, Tensor]:
         """Attend with h_{t-1}, gate, and run the LSTM cell. Returns (state, attention, z_t, beta_t)."""
         att = self.attention(features, projected, state.h, mask)
         beta = torch.sigmoid(self.f_beta(state.h)) if self.f_beta is not None else None  # (B, 1)
@@ -157,7 +158,7 @@ class Decoder(nn.Module):
             pre = h
         return self.out(self.dropout(pre))
 
-    def step(self, tokens: Tensor, state: DecoderState, features: Tensor, projected: Tensor,
+    def step(self, tokens: Tensor, state: DecoderState, features: Tensor, projected,
              mask: Tensor | None = None) -> StepOutput:
         """One decoding step: previous words (B,) -> logits (B, V) for the next."""
         emb = self.embed(tokens)  # (B, E)

@@ -2,11 +2,15 @@
 
 - token cross-entropy over real (unpadded) words;
 - the doubly stochastic regularisation lambda * sum_i (1 - sum_t alpha_ti)^2 (eq. 14),
-  with the sum over t running over real steps only.
+  with the sum over t running over real steps only;
+- for stochastic attention (whenever the decoder output carries ``log_probs``), the
+  REINFORCE terms of the variational lower bound (Section 4.1, eq. 12):
+  lambda_r (log p(y|s,a) - b) grad log p(s|a) + lambda_e grad H[s], with b a moving
+  average of the per-caption log-likelihood (decay 0.9 as in the paper).
 
-The paper's objective is per caption: -log p(y|a) + lambda * penalty. We sum it over the
-batch and divide by the number of real words, so the loss reads as nats per word and
-lambda keeps the paper's meaning whatever the caption lengths.
+The paper's objective is per caption. We sum it over the batch and divide by the number of
+real words, so the loss reads as nats per word and the lambdas keep the paper's meaning
+whatever the caption lengths.
 
 Letters: B batch, T steps, L locations, V vocabulary.
 """
@@ -17,31 +21,36 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from captioner.config import TrainConfig
 from captioner.decoder import DecoderOutput
 
 
 @dataclass
 class LossOutput:
-    """total is what is minimised; the parts are detached floats-as-tensors for logging.
+    """``total`` is what is minimised; the parts are detached, for logging.
 
     Attributes:
         total: scalar to backpropagate.
         xent: mean token cross-entropy (nats per word).
         dsr: the doubly stochastic term, weighted by lambda, per word.
-        nll: (B,) per-caption negative log-likelihood, summed over words (detached).
+        reinforce: the REINFORCE surrogate, weighted, per word (0 without stochastic attention).
+        entropy: mean entropy of the location distribution per word (0 without).
+        nll: (B,) per-caption negative log-likelihood, summed over words.
     """
 
     total: Tensor
     xent: Tensor
     dsr: Tensor
+    reinforce: Tensor
+    entropy: Tensor
     nll: Tensor
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """logits (B, T, V), targets (B, T), mask (B, T) -> (mean per real token, per-caption sum (B,))."""
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask  # (B, T)
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none") * mask  # (B, T)
     return nll.sum() / mask.sum().clamp(min=1), nll.sum(dim=1)
 
 
@@ -51,17 +60,68 @@ def doubly_stochastic(alphas: Tensor, mask: Tensor) -> Tensor:
     return ((1.0 - coverage) ** 2).sum(dim=1)
 
 
-def caption_loss(out: DecoderOutput, targets: Tensor, mask: Tensor, *, alpha_c: float = 1.0) -> LossOutput:
+class MovingAverage(nn.Module):
+    """b <- decay * b + (1 - decay) * mean(x), starting at the first batch's mean. A buffer,
+    so it is saved and restored with the module's state."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("value", torch.zeros(()))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        mean = x.float().mean()
+        self.value.copy_(torch.where(self.started, self.decay * self.value + (1 - self.decay) * mean, mean))
+        self.started.fill_(True)
+
+
+class CaptionLoss(nn.Module):
     """The training objective for a teacher-forced pass.
 
     Args:
-        out: the decoder's output for T steps.
-        targets: (B, T) the words to predict (captions[:, 1:]).
-        mask: (B, T) True on real words (``<end>`` included), False on padding.
         alpha_c: lambda of the doubly stochastic term (0 turns it off).
+        reinforce_weight: lambda_r of the REINFORCE term.
+        entropy_weight: lambda_e of the entropy bonus.
+        baseline_decay: decay of the moving-average baseline b.
     """
-    mask = mask.to(out.logits.dtype)
-    xent, nll = masked_cross_entropy(out.logits, targets, mask)
-    words = mask.sum().clamp(min=1)
-    dsr = alpha_c * doubly_stochastic(out.alphas, mask).sum() / words if alpha_c > 0 else xent.new_zeros(())
-    return LossOutput(total=xent + dsr, xent=xent.detach(), dsr=dsr.detach(), nll=nll.detach())
+
+    def __init__(self, *, alpha_c: float = 1.0, reinforce_weight: float = 1.0, entropy_weight: float = 0.002,
+                 baseline_decay: float = 0.9) -> None:
+        super().__init__()
+        self.alpha_c, self.reinforce_weight, self.entropy_weight = alpha_c, reinforce_weight, entropy_weight
+        self.baseline = MovingAverage(baseline_decay)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "CaptionLoss":
+        return cls(alpha_c=cfg.alpha_c, reinforce_weight=cfg.reinforce_weight,
+                   entropy_weight=cfg.entropy_weight, baseline_decay=cfg.baseline_decay)
+
+    def forward(self, out: DecoderOutput, targets: Tensor, mask: Tensor) -> LossOutput:
+        """out: the decoder's T steps; targets (B, T) = captions[:, 1:]; mask (B, T) True on real words."""
+        mask = mask.to(out.alphas.dtype)
+        words = mask.sum().clamp(min=1)
+        xent, nll = masked_cross_entropy(out.logits, targets, mask)
+        total = xent
+        zero = xent.new_zeros(())
+        dsr = self.alpha_c * doubly_stochastic(out.alphas.float(), mask).sum() / words if self.alpha_c > 0 else zero
+        total = total + dsr
+        reinforce = entropy = zero
+        if out.log_probs is not None:
+            reward = -nll.detach()  # log p(y | s, a) per caption
+            advantage = reward - self.baseline.value if bool(self.baseline.started) else torch.zeros_like(reward)
+            log_p_s = (out.log_probs * mask).sum(dim=1)  # (B,) log p(s | a) of the sampled path
+            # Minimising -(advantage * log p(s)) gives the REINFORCE gradient (eq. 12).
+            reinforce = -self.reinforce_weight * (advantage * log_p_s).sum() / words
+            entropy = (out.entropies * mask).sum() / words
+            total = total + reinforce - self.entropy_weight * entropy
+            if self.training:
+                self.baseline.update(reward)
+        return LossOutput(total=total, xent=xent.detach(), dsr=dsr.detach(), reinforce=reinforce.detach(),
+                          entropy=entropy.detach(), nll=nll.detach())
+
+
+def caption_loss(out: DecoderOutput, targets: Tensor, mask: Tensor, *, alpha_c: float = 1.0) -> LossOutput:
+    """The objective without stochastic-attention state (cross-entropy + doubly stochastic)."""
+    return CaptionLoss(alpha_c=alpha_c).eval()(out, targets, mask)

@@ -50,6 +50,18 @@ class CaptionResult:
         return " ".join(self.words)
 
 
+def check_names(cfg: Config) -> None:
+    """Fail fast, before any data is read, on unknown attention, score or backbone names."""
+    from captioner.attention import ATTENTIONS, SCORES
+    from captioner.encoder import backbone_names
+
+    ATTENTIONS.get(cfg.model.attention.name)
+    SCORES.get(cfg.model.attention.score)
+    if cfg.model.encoder.backbone not in backbone_names():
+        raise ConfigError(f"model.encoder.backbone: unknown backbone {cfg.model.encoder.backbone!r}; "
+                          f"valid: {', '.join(backbone_names())}")
+
+
 class Captioner(nn.Module):
     """Encoder + decoder + vocabulary.
 
@@ -70,7 +82,8 @@ class Captioner(nn.Module):
     @classmethod
     def from_config(cls, cfg: Config, vocab: Vocabulary, *, load_weights: bool = True) -> "Captioner":
         encoder = Encoder.from_config(cfg.model.encoder, load_weights=load_weights)
-        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=encoder.feature_dim)
+        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=encoder.feature_dim,
+                                      grid=encoder.grid)
         position = (PositionEmbedding2D(grid=encoder.grid, dim=encoder.feature_dim)
                     if cfg.model.encoder.positional else None)
         return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, config=cfg)

@@ -31,9 +31,9 @@ from captioner.data import load_split
 from captioner.data.dataset import CaptionDataset, ImageDataset, collate_captions, collate_images
 from captioner.data.records import ImageRecord
 from captioner.errors import CaptionerError, CheckpointError
-from captioner.losses import caption_loss
+from captioner.losses import CaptionLoss
 from captioner.metrics import bleu
-from captioner.model import Captioner
+from captioner.model import Captioner, check_names
 from captioner.vocab import Vocabulary, tokenize
 
 
@@ -131,8 +131,8 @@ def _optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
     if t.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, weight_decay=t.weight_decay)
-    return torch.optim.SGD(groups, momentum=0.9, weight_decay=t.weight_decay)
+        return torch.optim.RMSprop(groups, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def _scheduler(cfg: Config, opt: torch.optim.Optimizer):
@@ -176,6 +176,7 @@ class _Log:
 def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     """Train a captioner as ``cfg`` says; returns where the run is and how it scored."""
     t = cfg.train
+    check_names(cfg)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     device = resolve_device(t.device)
@@ -185,11 +186,12 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     log = _Log(run_dir / "metrics.jsonl", quiet)
     progress = t.progress and not quiet
 
-    train_records = load_split(cfg.data, "train")
+    train_records = load_split(cfg.data, "train", progress=progress)
     val_records = load_split(cfg.data, "val")
     if t.val_images:
         val_records = val_records[: t.val_images]
-    vocab = Vocabulary.build((c.text for r in train_records for c in r.captions), min_count=cfg.vocab.min_count)
+    vocab = Vocabulary.build((c.text for r in train_records for c in r.captions), min_count=cfg.vocab.min_count,
+                             max_size=cfg.vocab.max_size)
 
     resume = t.resume
     if resume == "auto":
@@ -205,11 +207,13 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     (run_dir / "vocab.json").write_text(json.dumps(vocab.to_dict()), encoding="utf-8")
 
     model = Captioner.from_config(cfg, vocab, load_weights=ckpt is None).to(device)
+    criterion = CaptionLoss.from_config(t).to(device)  # holds the REINFORCE baseline
     opt = _optimizer(cfg, model)
     sched = _scheduler(cfg, opt)
     start_epoch, step, best, bad_epochs, history = 0, 0, -1.0, 0, []
     if ckpt is not None:
         model.load_model_state(ckpt["model"], source=resume)
+        criterion.load_state_dict(ckpt["loss"])
         opt.load_state_dict(ckpt["optimizer"])
         if sched is not None and ckpt.get("scheduler") is not None:
             sched.load_state_dict(ckpt["scheduler"])
@@ -242,6 +246,7 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     epoch = start_epoch
     for epoch in range(start_epoch, t.epochs):
         model.train()
+        criterion.train()
         order = torch.Generator().manual_seed(t.seed * 100_003 + epoch)  # data order depends on (seed, epoch) only
         loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, generator=order,
                             num_workers=0 if cached else cfg.data.num_workers, collate_fn=collate_captions,
@@ -254,7 +259,7 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
                 out = model(batch.captions, raw_features=train_feats[batch.index.cpu()].to(device))
             else:
                 out = model(batch.captions, images=batch.images)
-            loss = caption_loss(out, batch.captions[:, 1:], batch.mask[:, 1:], alpha_c=t.alpha_c)
+            loss = criterion(out, batch.captions[:, 1:], batch.mask[:, 1:])
             if not torch.isfinite(loss.total):
                 raise TrainingError(f"the loss became {loss.total.item()} at step {step} (epoch {epoch + 1}); "
                                     f"lower train.lr or check the data. The last good checkpoint is kept.")
@@ -268,7 +273,9 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
             if step % t.log_every == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}")
                 log.record({"step": step, "epoch": epoch + 1, "loss": loss.total.item(), "xent": loss.xent.item(),
-                            "dsr": loss.dsr.item(), "lr": opt.param_groups[0]["lr"]})
+                            "dsr": loss.dsr.item(), "reinforce": loss.reinforce.item(),
+                            "entropy": loss.entropy.item(), "baseline": criterion.baseline.value.item(),
+                            "lr": opt.param_groups[0]["lr"]})
             if t.max_minutes and time.monotonic() - started > 60 * t.max_minutes:
                 out_of_time = True
                 break
@@ -295,7 +302,7 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
 
         state = {
             "config": config_to_dict(cfg), "vocab": vocab.to_dict(), "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+            "loss": criterion.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
             "trainer": {"epoch": epoch + 1, "step": step, "best_score": best, "bad_epochs": bad_epochs,
                         "history": history, "rng": _rng_state()},
         }

@@ -48,11 +48,12 @@ class Vocabulary:
     pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
 
     @classmethod
-    def build(cls, captions: Iterable[str], *, min_count: int = 1) -> "Vocabulary":
-        """Words seen at least ``min_count`` times, most frequent first (ties: alphabetical)."""
+    def build(cls, captions: Iterable[str], *, min_count: int = 1, max_size: int = 0) -> "Vocabulary":
+        """Words seen at least ``min_count`` times, most frequent first (ties: alphabetical),
+        at most ``max_size`` of them (0: all)."""
         counts = Counter(w for c in captions for w in tokenize(c))
         words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
-        return cls(words)
+        return cls(words[:max_size] if max_size else words)
 
     def __len__(self) -> int:
         return len(self.itos)

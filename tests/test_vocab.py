@@ -17,6 +17,7 @@ def test_build_counts_and_min_count():
     assert v.itos[: len(SPECIALS)] == list(SPECIALS)
     assert v.itos[len(SPECIALS):] == ["a", "circle", "red"]  # most frequent first, ties alphabetical
     assert "blue" not in v
+    assert Vocabulary.build(["a red circle", "a blue circle", "a red square"], max_size=2).itos[4:] == ["a", "circle"]
 
 
 def test_encode_decode_and_unknown_words():

@@ -1,0 +1,216 @@
+"""Hard and local attention specifics, the REINFORCE terms, and the toy task that every
+attention variant must learn."""
+
+import pytest
+import torch
+
+from captioner.attention import ATTENTIONS, HardAttention, LocalAttention, build_attention
+from captioner.config import load_config
+from captioner.decoder import Decoder
+from captioner.losses import CaptionLoss, MovingAverage
+
+B, C, H = 4, 8, 10
+GRID = (4, 5)
+L = GRID[0] * GRID[1]
+
+
+def attention(name, *overrides):
+    cfg = load_config(None, [f"model.attention.name={name}", "model.attention.dim=6", *overrides]).model.attention
+    torch.manual_seed(0)
+    return build_attention(cfg, feature_dim=C, hidden_dim=H, grid=GRID)
+
+
+def test_hard_sample_is_one_hot_and_log_prob_matches_the_distribution():
+    att = attention("hard", "model.attention.hard.mix_prob=0.0").train()
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    out = att(feats, att.precompute(feats), h)
+    assert ((out.alpha == 0) | (out.alpha == 1)).all() and (out.alpha.sum(-1) == 1).all()
+    loc = out.alpha.argmax(-1)
+    torch.testing.assert_close(out.context, feats[torch.arange(B), loc])  # z_t = a_{s_t}
+    probs = torch.softmax(att.score(att.score.precompute(feats), h), -1)
+    torch.testing.assert_close(out.log_prob, probs[torch.arange(B), loc].log())
+    torch.testing.assert_close(out.entropy, -(probs * probs.log()).sum(-1))
+
+
+def test_hard_samples_follow_the_distribution():
+    att = attention("hard", "model.attention.hard.mix_prob=0.0").train()
+    feats, h = torch.randn(1, L, C).expand(4000, L, C), torch.randn(1, H).expand(4000, H)
+    counts = att(feats, att.precompute(feats), h).alpha.sum(0) / 4000
+    probs = torch.softmax(att.score(att.score.precompute(feats[:1]), h[:1]), -1)[0]
+    assert (counts - probs).abs().max() < 0.04
+
+
+@pytest.mark.parametrize("per, rate", [("caption", 0.5), ("caption", 0.2), ("batch", 0.5)])
+def test_expected_context_mixing_happens_at_the_configured_rate(per, rate):
+    att = attention("hard", f"model.attention.hard.mix_prob={rate}", f"model.attention.hard.mix_per={per}").train()
+    torch.manual_seed(1)
+    feats = torch.randn(8, L, C)
+    draws = torch.stack([att.precompute(feats).sample for _ in range(2000)])  # (2000, 8): True = sampled
+    expected_share = (~draws).float().mean()
+    assert abs(expected_share - rate) < 0.03
+    if per == "batch":
+        assert (draws == draws[:, :1]).all()  # one choice for the whole batch
+    else:
+        assert not (draws == draws[:, :1]).all()
+    # a caption that uses the expectation gets the soft context and no REINFORCE term
+    projected = att.precompute(feats)
+    projected.sample[:] = False
+    out = att(feats, projected, torch.randn(8, H))
+    assert (out.log_prob == 0).all() and torch.allclose(out.alpha.sum(-1), torch.ones(8))
+    assert (out.alpha > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["argmax", "expectation"])
+def test_hard_inference_modes(mode):
+    att = attention("hard", f"model.attention.hard.inference={mode}").eval()
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    out1 = att(feats, att.precompute(feats), h)
+    out2 = att(feats, att.precompute(feats), h)
+    torch.testing.assert_close(out1.alpha, out2.alpha)  # deterministic at test time
+    probs = torch.softmax(att.score(att.score.precompute(feats), h), -1)
+    if mode == "argmax":
+        assert (out1.alpha.argmax(-1) == probs.argmax(-1)).all() and (out1.alpha.max(-1).values == 1).all()
+    else:
+        torch.testing.assert_close(out1.alpha, probs)
+
+
+def test_local_window_is_centred_where_predicted():
+    att = attention("local", "model.attention.local.window=1", "model.attention.score=dot")
+    with torch.no_grad():
+        for p in att.centre.parameters():
+            p.zero_()
+        att.centre[2].bias.copy_(torch.logit(torch.tensor([2 / 3, 1 / 4])))  # centre (2, 1) on a 4 x 5 grid
+    feats = torch.zeros(B, L, C)  # equal scores everywhere: the Gaussian alone decides
+    out = att(feats, att.precompute(feats), torch.randn(B, H))
+    torch.testing.assert_close(att.predict_centre(torch.randn(B, H)), torch.tensor([[2.0, 1.0]]).expand(B, 2))
+    maps = out.alpha.view(B, *GRID)
+    assert (maps.flatten(1).argmax(-1) == 2 * GRID[1] + 1).all()
+    inside = torch.zeros(GRID, dtype=torch.bool)
+    inside[1:4, 0:3] = True  # the 3 x 3 window around (2, 1)
+    assert (maps[:, ~inside] == 0).all() and (maps[:, inside] > 0).all()
+
+
+def test_local_without_restriction_uses_the_whole_grid():
+    att = attention("local", "model.attention.local.restrict=false", "model.attention.local.window=1")
+    feats = torch.randn(B, L, C)
+    out = att(feats, att.precompute(feats), torch.randn(B, H))
+    assert (out.alpha > 0).all()
+
+
+def test_local_centre_gets_gradients():
+    att = attention("local")
+    feats = torch.randn(B, L, C)
+    out = att(feats, att.precompute(feats), torch.randn(B, H))
+    (out.context * torch.randn(B, C)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in att.centre.parameters())
+
+
+def test_moving_average_baseline():
+    b = MovingAverage(0.9)
+    b.update(torch.tensor([2.0, 4.0]))
+    assert b.value == 3.0  # starts at the first mean
+    b.update(torch.tensor([13.0]))
+    assert b.value == pytest.approx(0.9 * 3 + 0.1 * 13)
+    restored = MovingAverage(0.9)
+    restored.load_state_dict(b.state_dict())
+    assert restored.value == b.value and bool(restored.started)
+
+
+def decoder_with(name, *overrides):
+    cfg = load_config(None, [f"model.attention.name={name}", "model.attention.dim=6", "model.decoder.embed_dim=7",
+                             "model.decoder.hidden_dim=9", "model.decoder.dropout=0.0", *overrides]).model
+    torch.manual_seed(0)
+    return Decoder.from_config(cfg, vocab_size=12, feature_dim=C, grid=GRID)
+
+
+@pytest.mark.parametrize("name", [n for n in ATTENTIONS.names() if n != "none"])
+def test_gradients_reach_the_attention_of_every_variant(name):
+    """Hard attention's only path to its score parameters (with no expectation mixing) is REINFORCE."""
+    dec = decoder_with(name, "model.attention.hard.mix_prob=0.0").train()
+    loss_fn = CaptionLoss(alpha_c=0.0, entropy_weight=0.0).train()
+    caps = torch.randint(4, 12, (B, 6))
+    mask = torch.ones(B, 5, dtype=torch.bool)
+    feats = torch.randn(B, L, C)
+    loss_fn(dec(feats, caps), caps[:, 1:], mask)  # first batch: sets the baseline
+    loss = loss_fn(dec(feats, caps), caps[:, 1:], mask)
+    loss.total.backward()
+    for pname, p in dec.attention.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def test_reinforce_term_is_advantage_times_log_prob():
+    from captioner.decoder import DecoderOutput
+
+    loss_fn = CaptionLoss(alpha_c=0.0, reinforce_weight=1.0, entropy_weight=0.5).train()
+    loss_fn.baseline.update(torch.tensor([-2.0]))  # b = -2
+    logits = torch.zeros(2, 1, 3, requires_grad=True)  # uniform: nll = log 3 for each caption
+    log_probs = torch.tensor([[-1.0], [-0.5]], requires_grad=True)
+    out = DecoderOutput(logits=logits, alphas=torch.full((2, 1, 4), 0.25), betas=torch.ones(2, 1),
+                        log_probs=log_probs, entropies=torch.tensor([[1.0], [3.0]]))
+    res = loss_fn(out, torch.tensor([[1], [2]]), torch.ones(2, 1, dtype=torch.bool))
+    advantage = -torch.log(torch.tensor(3.0)) + 2.0  # log p(y) - b
+    torch.testing.assert_close(res.reinforce, -(advantage * -1.0 + advantage * -0.5) / 2)
+    torch.testing.assert_close(res.entropy, torch.tensor(2.0))
+    res.total.backward()
+    torch.testing.assert_close(log_probs.grad, torch.full((2, 1), -float(advantage) / 2))
+    assert loss_fn.baseline.value == pytest.approx(0.9 * -2.0 + 0.1 * -float(torch.log(torch.tensor(3.0))))
+
+
+# ----------------------------------------------------------------------------- the toy task
+
+K = 5  # classes
+
+
+def toy_batch(n, generator):
+    """One marked cell per example holds the class (one-hot) and its own row/column (one-hot);
+    every other cell holds a random distractor class without the marker. The caption is the
+    class word: solvable only by looking at the marked cell, which moves from example to
+    example (the mean annotation, all that ``none`` sees, mixes in the distractors)."""
+    feats = 0.1 * torch.randn(n, L, C + K + GRID[0] + GRID[1], generator=generator)
+    cell = torch.randint(0, L, (n,), generator=generator)
+    label = torch.randint(0, K, (n,), generator=generator)
+    idx = torch.arange(n)
+    distractors = torch.randint(0, K, (n, L), generator=generator)
+    feats.scatter_add_(2, (C + distractors).unsqueeze(-1), torch.full((n, L, 1), 3.0))
+    feats[idx, cell, C + distractors[idx, cell]] -= 3.0
+    feats[idx, cell, :C] += 2.0  # the marker
+    feats[idx, cell, C + label] += 3.0
+    feats[idx, cell, C + K + cell // GRID[1]] += 3.0
+    feats[idx, cell, C + K + GRID[0] + cell % GRID[1]] += 3.0
+    captions = torch.stack([torch.ones(n, dtype=torch.long), 4 + label, torch.full((n,), 2)], 1)  # <start> w <end>
+    return feats, captions, label
+
+
+def train_on_toy_task(name: str) -> float:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    cfg = load_config(None, [f"model.attention.name={name}", "model.attention.dim=16", "model.decoder.embed_dim=16",
+                             "model.decoder.hidden_dim=32", "model.decoder.dropout=0.0",
+                             "model.decoder.deep_output=false", "model.attention.local.window=2"]).model
+    dec = Decoder.from_config(cfg, vocab_size=4 + K, feature_dim=C + K + GRID[0] + GRID[1], grid=GRID)
+    loss_fn = CaptionLoss(alpha_c=0.0, entropy_weight=0.001)
+    opt = torch.optim.Adam(dec.parameters(), lr=1e-2)
+    for _ in range(300):
+        feats, caps, _ = toy_batch(64, gen)
+        loss = loss_fn(dec(feats, caps), caps[:, 1:], torch.ones(64, 2, dtype=torch.bool))
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+    dec.eval()
+    feats, caps, label = toy_batch(500, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        predicted = dec(feats, caps).logits[:, 0, 4:].argmax(-1)
+    return (predicted == label).float().mean().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ATTENTIONS.names() if n != "none"])
+def test_toy_task_is_learned_by_every_attention(name):
+    accuracy = train_on_toy_task(name)
+    assert accuracy > 0.8, f"{name}: accuracy {accuracy:.2f} (chance {1 / K:.2f})"
+
+
+@pytest.mark.slow
+def test_toy_task_needs_attention():
+    accuracy = train_on_toy_task("none")
+    assert accuracy < 0.5, f"none: accuracy {accuracy:.2f}: the toy task does not need attention"
