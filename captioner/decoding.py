@@ -1,9 +1,10 @@
-"""Decoding over the decoder's one-step function.
+"""Decoding over the decoder's one-step function: greedy, sampling, batched beam search.
 
-Every decoder returns, for each output word, the attention map that produced it, so the
-visualizer can draw any decoded caption.
+Every decoder returns, for each output token, the attention map that produced it, so the
+visualizer can draw any decoded caption. All of them always return a caption for every
+image: when ``<end>`` has not come after ``max_len`` words, it is forced.
 
-Letters: B batch, T steps, L locations, V vocabulary.
+Letters: B batch (images), K beams, T steps, L locations, V vocabulary, N n-best.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from captioner.decoder import Decoder
 
 @dataclass
 class Decoded:
-    """Decoded captions.
+    """Decoded captions, one per image.
 
     Attributes:
         tokens: (B, T) word ids; ``<end>`` where it came, ``<pad>`` after it.
-        lengths: (B,) words before ``<end>`` (T when ``<end>`` never came).
+        lengths: (B,) words before ``<end>`` (T - 1 when ``<end>`` was forced at the end).
         alphas: (B, T, L) the attention map of every emitted token.
         betas: (B, T) the gate of every emitted token.
         scores: (B,) sum of log-probabilities of the emitted tokens (``<end>`` included).
@@ -35,32 +36,91 @@ class Decoded:
     scores: Tensor
 
 
+@dataclass
+class BeamDecoded:
+    """The n-best captions of each image, best first.
+
+    Attributes:
+        tokens: (B, N, T) word ids, ``<end>`` then ``<pad>``.
+        lengths: (B, N) words before ``<end>``.
+        alphas: (B, N, T, L) and betas: (B, N, T): per emitted token.
+        log_probs: (B, N) sum of log-probabilities (``<end>`` included).
+        scores: (B, N) the ranking score: log_probs / (lengths + 1) ** length_penalty.
+    """
+
+    tokens: Tensor
+    lengths: Tensor
+    alphas: Tensor
+    betas: Tensor
+    log_probs: Tensor
+    scores: Tensor
+
+    def best(self) -> Decoded:
+        """The top caption of each image as :class:`Decoded`."""
+        return Decoded(self.tokens[:, 0], self.lengths[:, 0], self.alphas[:, 0], self.betas[:, 0], self.log_probs[:, 0])
+
+
+def _next_log_probs(logits: Tensor, *, banned: tuple[int, ...], end_id: int, force_end: bool) -> Tensor:
+    """log-softmax over the vocabulary with ``<pad>``/``<start>`` never emitted; at the last
+    step only ``<end>`` is allowed (keeping its own probability)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    if force_end:
+        forced = torch.full_like(logp, float("-inf"))
+        forced[:, end_id] = logp[:, end_id]
+        return forced
+    logp[:, list(banned)] = float("-inf")
+    return logp
+
+
 @torch.no_grad()
 def greedy(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end_id: int,
            pad_id: int = 0, mask: Tensor | None = None) -> Decoded:
     """The most likely word at every step, for up to ``max_len`` words plus ``<end>``.
 
     Args:
-        decoder: the trained decoder (put it in eval mode first).
+        decoder: the trained decoder (in eval mode).
         features: (B, L, C) annotation vectors.
     """
-    B = features.shape[0]
+    return _run(decoder, features, max_len=max_len, start_id=start_id, end_id=end_id, pad_id=pad_id, mask=mask,
+                choose=lambda logp: logp.argmax(dim=-1))
+
+
+@torch.no_grad()
+def sample(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end_id: int, pad_id: int = 0,
+           temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
+           mask: Tensor | None = None) -> Decoded:
+    """Sample each word from softmax(logits / temperature), restricted to the ``top_k`` most
+    likely words when ``top_k`` > 0."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+
+    def choose(logp: Tensor) -> Tensor:
+        scaled = logp / temperature
+        if top_k > 0:
+            kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(1)
+
+    return _run(decoder, features, max_len=max_len, start_id=start_id, end_id=end_id, pad_id=pad_id, mask=mask,
+                choose=choose)
+
+
+def _run(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end_id: int, pad_id: int,
+         mask: Tensor | None, choose) -> Decoded:
+    """One word per step chosen by ``choose(log_probs (B, V)) -> (B,)``."""
+    B, device = features.shape[0], features.device
     projected = decoder.precompute(features)  # once per image
     state = decoder.init_state(features)
-    prev = torch.full((B,), start_id, dtype=torch.long, device=features.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=features.device)
-    lengths = torch.full((B,), max_len, dtype=torch.long, device=features.device)
-    scores = features.new_zeros(B)
+    prev = torch.full((B,), start_id, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), max_len, dtype=torch.long, device=device)
+    scores = features.new_zeros(B, dtype=torch.float)
     tokens, alphas, betas = [], [], []
     for t in range(max_len + 1):
         out = decoder.step(prev, state, features, projected, mask)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B, V)
-        if t == max_len:  # no room left: finish with <end>
-            word = torch.full_like(prev, end_id)
-        else:
-            word = logp.argmax(dim=-1)  # (B,)
-        step_logp = logp.gather(1, word.unsqueeze(1)).squeeze(1)
-        scores = scores + torch.where(finished, 0.0, step_logp)
+        logp = _next_log_probs(out.logits, banned=(pad_id, start_id), end_id=end_id, force_end=t == max_len)
+        word = choose(logp)
+        scores = scores + torch.where(finished, 0.0, logp.gather(1, word.unsqueeze(1)).squeeze(1))
         ended = (word == end_id) & ~finished
         lengths = torch.where(ended, torch.full_like(lengths, t), lengths)
         tokens.append(torch.where(finished, torch.full_like(word, pad_id), word))
@@ -71,3 +131,78 @@ def greedy(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, e
         if bool(finished.all()):
             break
     return Decoded(torch.stack(tokens, 1), lengths, torch.stack(alphas, 1), torch.stack(betas, 1), scores)
+
+
+@torch.no_grad()
+def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: int, start_id: int, end_id: int,
+                pad_id: int = 0, length_penalty: float = 0.0, n_best: int = 1,
+                mask: Tensor | None = None) -> BeamDecoded:
+    """Beam search batched over images and beams: one decoder step for all B * K hypotheses.
+
+    Hypotheses are extended by their summed log-probability; a finished hypothesis keeps its
+    score and its slot. At the end the K hypotheses of each image are ranked by
+    log_prob / (words + 1) ** ``length_penalty`` (0: no normalisation) and the ``n_best``
+    first are returned. With ``beam_size=1`` this is greedy decoding.
+
+    Args:
+        decoder: the trained decoder (in eval mode).
+        features: (B, L, C) annotation vectors.
+        beam_size: K >= 1 (may exceed the vocabulary: surplus beams stay empty and are never returned).
+        n_best: how many captions per image (<= K).
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam size must be >= 1; got {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be between 1 and the beam size {beam_size}; got {n_best}")
+    B, L, C = features.shape
+    K, device = beam_size, features.device
+    feats = features.repeat_interleave(K, dim=0)  # (B*K, L, C), beams of one image adjacent
+    bmask = mask.repeat_interleave(K, dim=0) if mask is not None else None
+    projected = decoder.precompute(feats)  # once per image and beam, before the loop
+    state = decoder.init_state(feats)
+    prev = torch.full((B * K,), start_id, dtype=torch.long, device=device)
+    beam_logp = torch.full((B, K), float("-inf"), device=device)
+    beam_logp[:, 0] = 0.0  # all beams start identical: expand only the first
+    finished = torch.zeros(B * K, dtype=torch.bool, device=device)
+    lengths = torch.full((B * K,), max_len, dtype=torch.long, device=device)
+    tokens = torch.empty(B * K, 0, dtype=torch.long, device=device)
+    alphas = features.new_empty(B * K, 0, L)
+    betas = features.new_empty(B * K, 0)
+    offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
+    for t in range(max_len + 1):
+        out = decoder.step(prev, state, feats, projected, bmask)
+        logp = _next_log_probs(out.logits, banned=(pad_id, start_id), end_id=end_id, force_end=t == max_len)
+        V = logp.shape[1]
+        # a finished hypothesis continues only with <pad> at no cost
+        logp = torch.where(finished.unsqueeze(1), torch.full_like(logp, float("-inf")), logp)
+        logp[:, pad_id] = torch.where(finished, 0.0, float("-inf"))
+        cand = (beam_logp.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V)
+        top, idx = cand.topk(K, dim=1)  # (B, K)
+        origin = (idx // V + offsets).view(-1)  # (B*K,) flat index of the parent hypothesis
+        word = (idx % V).view(-1)  # (B*K,)
+        was_finished = finished.index_select(0, origin)
+        ended = (word == end_id) & ~was_finished
+        lengths = torch.where(ended, torch.full_like(lengths, t), lengths.index_select(0, origin))
+        finished = was_finished | ended
+        tokens = torch.cat([tokens.index_select(0, origin), word.unsqueeze(1)], 1)
+        alphas = torch.cat([alphas.index_select(0, origin), out.attention.alpha.index_select(0, origin).unsqueeze(1)], 1)
+        betas = torch.cat([betas.index_select(0, origin), out.beta.index_select(0, origin).unsqueeze(1)], 1)
+        state = out.state.index_select(origin)
+        beam_logp, prev = top, word
+        if bool(finished.all()):
+            break
+    T = tokens.shape[1]
+    words = lengths.view(B, K).float()
+    scores = beam_logp / (words + 1.0) ** length_penalty if length_penalty else beam_logp.clone()
+    scores = torch.where(torch.isfinite(beam_logp), scores, float("-inf"))  # empty beams (K > vocabulary) last
+    order = scores.argsort(dim=1, descending=True)[:, :n_best]  # (B, N)
+    pick = (order + offsets).view(-1)
+    N = n_best
+    return BeamDecoded(
+        tokens=tokens.index_select(0, pick).view(B, N, T),
+        lengths=lengths.index_select(0, pick).view(B, N),
+        alphas=alphas.index_select(0, pick).view(B, N, T, L),
+        betas=betas.index_select(0, pick).view(B, N, T),
+        log_probs=beam_logp.gather(1, order),
+        scores=scores.gather(1, order),
+    )

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from captioner.config import load_config
@@ -38,3 +39,118 @@ def test_greedy_always_ends_within_max_len():
     out = greedy(dec, torch.randn(1, L, C), max_len=3, start_id=1, end_id=2)
     assert out.tokens[0].tolist() == [5, 5, 5, 2]
     assert out.lengths.tolist() == [3]
+
+
+# ----------------------------------------------------------------------------- beam search
+
+from captioner.decoding import beam_search, sample  # noqa: E402
+
+
+def random_decoder(seed=0, vocab=V):
+    cfg = load_config(None, ["model.attention.dim=4", "model.decoder.embed_dim=6", "model.decoder.hidden_dim=8",
+                             "model.decoder.dropout=0.0"]).model
+    torch.manual_seed(seed)
+    dec = Decoder.from_config(cfg, vocab_size=vocab, feature_dim=C).eval()
+    with torch.no_grad():
+        dec.out.weight.mul_(20)  # peaked distributions: captions end within a few words
+    return dec
+
+
+def test_beam_of_one_is_greedy():
+    dec = random_decoder()
+    feats = torch.randn(5, L, C)
+    g = greedy(dec, feats, max_len=7, start_id=1, end_id=2)
+    b = beam_search(dec, feats, beam_size=1, max_len=7, start_id=1, end_id=2).best()
+    assert torch.equal(g.tokens, b.tokens) and torch.equal(g.lengths, b.lengths)
+    torch.testing.assert_close(g.scores, b.scores)
+    torch.testing.assert_close(g.alphas, b.alphas)
+
+
+def test_batched_beam_equals_one_image_at_a_time():
+    dec = random_decoder(1)
+    feats = torch.randn(4, L, C)
+    batched = beam_search(dec, feats, beam_size=3, max_len=6, start_id=1, end_id=2, n_best=3, length_penalty=0.7)
+    for i in range(4):
+        alone = beam_search(dec, feats[i:i + 1], beam_size=3, max_len=6, start_id=1, end_id=2, n_best=3,
+                            length_penalty=0.7)
+        T = alone.tokens.shape[2]
+        assert torch.equal(batched.tokens[i, :, :T], alone.tokens[0])
+        assert (batched.tokens[i, :, T:] == 0).all()
+        torch.testing.assert_close(batched.scores[i], alone.scores[0])
+
+
+def brute_force_best(dec, feats, max_len, vocab_words):
+    """Score every sequence of up to max_len words + <end> by teacher forcing."""
+    import itertools
+
+    best, best_seq = float("-inf"), None
+    for n in range(max_len + 1):
+        for words in itertools.product(vocab_words, repeat=n):
+            caps = torch.tensor([[1, *words, 2]])
+            logp = torch.log_softmax(dec(feats, caps).logits, -1)[0]
+            score = sum(logp[t, w].item() for t, w in enumerate([*words, 2]))
+            if score > best:
+                best, best_seq = score, [*words, 2]
+    return best, best_seq
+
+
+def test_beam_finds_the_best_sequence_of_a_small_model():
+    """On a 3-word vocabulary and captions of at most 2 words, a wide beam equals exhaustive search."""
+    torch.manual_seed(3)
+    dec = random_decoder(3, vocab=7)  # ids 4, 5, 6 are words
+    with torch.no_grad():
+        dec.out.weight.div_(10)  # flatter: the greedy path is not always best
+    feats = torch.randn(1, L, C)
+    best, seq = brute_force_best(dec, feats, 2, [4, 5, 6])
+    out = beam_search(dec, feats, beam_size=7 * 7, max_len=2, start_id=1, end_id=2)
+    n = int(out.lengths[0, 0])
+    assert out.tokens[0, 0, : n + 1].tolist() == seq
+    assert out.log_probs[0, 0].item() == pytest.approx(best, abs=1e-4)
+
+
+def test_beam_scores_are_sums_of_log_probs_and_length_normalised():
+    dec = random_decoder(2)
+    feats = torch.randn(2, L, C)
+    out = beam_search(dec, feats, beam_size=4, max_len=5, start_id=1, end_id=2, n_best=4, length_penalty=1.0)
+    for i in range(2):
+        for k in range(4):
+            n = int(out.lengths[i, k])
+            seq = out.tokens[i, k, : n + 1]
+            caps = torch.cat([torch.tensor([1]), seq]).unsqueeze(0)
+            logp = torch.log_softmax(dec(feats[i:i + 1], caps).logits, -1)[0]
+            total = logp[torch.arange(n + 1), seq].sum()
+            torch.testing.assert_close(out.log_probs[i, k], total, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out.scores[i, k], total / (n + 1), rtol=1e-4, atol=1e-4)
+        assert (out.scores[i, :-1] >= out.scores[i, 1:]).all()  # best first
+
+
+def test_beam_edge_cases_always_return_a_caption():
+    dec = decoder_that_says([], nxt={1: 5, 5: 5})  # never says <end>
+    out = beam_search(dec, torch.randn(2, L, C), beam_size=3, max_len=4, start_id=1, end_id=2)
+    assert out.tokens[:, 0, -1].tolist() == [2, 2] and out.lengths[:, 0].tolist() == [4, 4]
+    tiny = random_decoder(4, vocab=5)  # 1 real word: a beam of 20 exceeds the vocabulary
+    out = beam_search(tiny, torch.randn(2, L, C), beam_size=20, max_len=1, start_id=1, end_id=2, n_best=2)
+    assert torch.isfinite(out.scores[:, 0]).all() and out.tokens.shape[:2] == (2, 2)
+    with pytest.raises(ValueError):
+        beam_search(tiny, torch.randn(1, L, C), beam_size=0, max_len=3, start_id=1, end_id=2)
+
+
+def test_per_word_attention_maps_come_back():
+    dec = random_decoder(5)
+    out = beam_search(dec, torch.randn(3, L, C), beam_size=2, max_len=5, start_id=1, end_id=2)
+    best = out.best()
+    assert best.alphas.shape[:2] == best.tokens.shape and best.alphas.shape[2] == L
+    real = best.tokens != 0
+    torch.testing.assert_close(best.alphas.sum(-1)[real], torch.ones(int(real.sum())))
+
+
+def test_sampling_temperature_and_top_k():
+    dec = random_decoder(6)
+    feats = torch.randn(64, L, C)
+    g = torch.Generator().manual_seed(0)
+    cold = sample(dec, feats, max_len=5, start_id=1, end_id=2, temperature=1e-4, generator=g)
+    assert torch.equal(cold.tokens, greedy(dec, feats, max_len=5, start_id=1, end_id=2).tokens)
+    top1 = sample(dec, feats, max_len=5, start_id=1, end_id=2, top_k=1, generator=g)
+    assert torch.equal(top1.tokens, cold.tokens)
+    hot = sample(dec, feats, max_len=5, start_id=1, end_id=2, temperature=5.0, generator=g)
+    assert not torch.equal(hot.tokens[:, 0], cold.tokens[:, 0])
