@@ -15,7 +15,7 @@ from captioner.errors import ConfigError
 SPLITS = ("train", "val", "test")
 
 
-def load_split(cfg: DataConfig, split: str) -> list[ImageRecord]:
+def load_split(cfg: DataConfig, split: str, *, progress: bool = False) -> list[ImageRecord]:
     """The records of one split of the configured data set.
 
     ``shapes`` generates the set under ``cfg.root`` first if it is not there yet.
@@ -27,7 +27,8 @@ def load_split(cfg: DataConfig, split: str) -> list[ImageRecord]:
     if cfg.format == "shapes":
         from captioner.data.shapes import ensure_shapes
 
-        ensure_shapes(root, n=cfg.shapes.n, seed=cfg.shapes.seed, image_size=cfg.shapes.image_size, progress=True)
+        ensure_shapes(root, n=cfg.shapes.n, seed=cfg.shapes.seed, image_size=cfg.shapes.image_size,
+                      progress=progress)
     if cfg.format in ("shapes", "coco"):
         from captioner.data.coco import load_coco
 
