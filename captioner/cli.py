@@ -3,6 +3,7 @@
     captioner data shapes --out DIR --n N --seed S     generate the built-in shapes set
     captioner train CONFIG [key=value ...]              train (e.g. configs/shapes_soft.yaml)
     captioner caption IMAGE... --checkpoint CKPT       print one caption per image
+    captioner evaluate CKPT --split test --beam 5      COCO caption metrics + attention correctness
 
 A mistake in the user's input (a file, a key, a value) prints one line, ``error: ...``,
 and exits with code 2; ``--debug`` shows the traceback instead.
@@ -21,6 +22,7 @@ EXAMPLES = """examples:
   captioner train configs/shapes_soft.yaml
   captioner train configs/shapes_soft.yaml train.epochs=5 train.lr=1e-3
   captioner caption photo.jpg --checkpoint runs/shapes_soft/best.pt
+  captioner evaluate runs/shapes_soft/best.pt --split test --beam 5
   captioner data shapes --out data/shapes --n 3000 --seed 0
 """
 
@@ -46,8 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
     result = fit(cfg, quiet=args.quiet)
-    print(f"best val BLEU-4 {result.best_score:.4f} (most-common-caption baseline {result.baseline_score:.4f}); "
-          f"run folder {result.run_dir}")
+    print(f"best val {result.metric} {result.best_score:.4f} (most-common-caption baseline "
+          f"{result.baseline_score:.4f}); run folder {result.run_dir}")
     return 0
 
 
@@ -58,9 +60,33 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise CaptionerError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    results = model.caption(list(args.images), max_len=args.max_len)
+    if args.beam is not None and args.beam < 1:
+        raise CaptionerError(f"--beam must be >= 1; got {args.beam}")
+    results = model.caption(list(args.images), max_len=args.max_len, beam_size=args.beam)
     for path, res in zip(args.images, results):
         print(f"{path}\t{res.text}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from captioner.config import replace
+    from captioner.evaluate import evaluate
+    from captioner.model import Captioner
+
+    if args.beam < 1:
+        raise CaptionerError(f"--beam must be >= 1; got {args.beam}")
+    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    data = model.config.data
+    if args.data_root:
+        data = replace(data, root=args.data_root)
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    result = evaluate(model, data, split=args.split, beam_size=args.beam, length_penalty=args.length_penalty,
+                      max_len=args.max_len or model.config.decode.max_len, max_images=args.max_images,
+                      out_dir=out_dir, use_java=False if args.no_java else None, spice=not args.no_spice,
+                      progress=True)
+    print(f"{args.split} split, {len(result.captions)} images, beam {args.beam}")
+    print(result.table())
+    print("wrote " + ", ".join(str(f) for f in result.files))
     return 0
 
 
@@ -95,12 +121,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     cap = sub.add_parser("caption", help="caption images with a trained checkpoint",
-                         description="Print 'IMAGE<TAB>caption' for each image (greedy decoding).")
+                         description="Print 'IMAGE<TAB>caption' for each image.")
     cap.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     cap.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by captioner train")
     cap.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
+    cap.add_argument("--beam", type=int, default=None, help="beam size (default: the config's decode.beam_size; 1 is greedy)")
     cap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     cap.set_defaults(func=_cmd_caption)
+
+    ev = sub.add_parser("evaluate", help="score a checkpoint on a split with the COCO caption metrics",
+                        description="Decode a split with beam search and print BLEU-1..4, METEOR, ROUGE-L, "
+                                    "CIDEr-D (and SPICE when it can run), computed as the COCO caption "
+                                    "evaluation does, plus attention correctness when the split has instance "
+                                    "annotations. Writes the captions in the COCO results format and the "
+                                    "metrics as JSON.")
+    ev.add_argument("checkpoint", help="a checkpoint written by captioner train")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    ev.add_argument("--beam", type=int, default=5, help="beam size (default 5; 1 is greedy)")
+    ev.add_argument("--length-penalty", type=float, default=0.0, help="rank beams by log p / (words + 1) ** this")
+    ev.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
+    ev.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (default: all)")
+    ev.add_argument("--data-root", default=None, help="where the data set is, if not where it was for training")
+    ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
+    ev.add_argument("--no-java", action="store_true", help="skip METEOR, SPICE and the PTB tokenizer")
+    ev.add_argument("--no-spice", action="store_true", help="skip SPICE")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ev.set_defaults(func=_cmd_evaluate)
     return parser
 
 

@@ -42,10 +42,13 @@ class SplitConfig:
 
     ``captions`` is the split's annotation file: COCO ``captions_*.json``, a folder's
     captions json, or Flickr8k's ``Flickr_8k.*Images.txt`` list; unused for Karpathy files.
+    ``instances`` is a COCO instances file for attention correctness ("" : the
+    ``instances_*.json`` beside ``captions_*.json``, if present).
     """
 
     captions: str = ""
     images: str = ""
+    instances: str = ""
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,8 @@ class TrainConfig:
         scheduler: plateau (decay ``lr_decay`` when validation stalls ``lr_patience`` epochs),
             cosine, step (decay every ``lr_patience`` epochs) or none.
         patience: stop after this many epochs without a better validation score (0: never).
+        val_metric: the validation score that selects ``best.pt``: cider (CIDEr-D), bleu1..4
+            or rouge_l, computed on greedy captions of the validation images.
         val_images: validate on at most this many images (0: all).
         max_minutes: stop after this much wall time, checkpointing first (0: no limit).
         cache_features: with a frozen encoder, encode each image once and train on the
@@ -263,6 +268,7 @@ class TrainConfig:
     entropy_weight: float = 0.002
     baseline_decay: float = 0.9
     patience: int = 10
+    val_metric: str = "cider"
     val_images: int = 500
     max_minutes: float = 0.0
     cache_features: bool = True
@@ -286,16 +292,23 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _choice(self.optimizer, "optimizer", ("adam", "adamw", "rmsprop", "sgd"))
         _choice(self.scheduler, "scheduler", ("plateau", "cosine", "step", "none"))
+        _choice(self.val_metric, "val_metric", ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l"))
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Decoding for validation and captioning: greedy up to ``max_len`` words."""
+    """Decoding for captioning and evaluation: at most ``max_len`` words; ``beam_size`` 1 is
+    greedy; beam captions are ranked by log p / (words + 1) ** ``length_penalty``.
+    Validation during training always decodes greedily (fast, and comparable across runs)."""
 
     max_len: int = 20
+    beam_size: int = 1
+    length_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.max_len >= 1, "max_len", f"must be >= 1; got {self.max_len}")
+        _check(self.beam_size >= 1, "beam_size", f"must be >= 1; got {self.beam_size}")
+        _check(self.length_penalty >= 0, "length_penalty", f"must be >= 0; got {self.length_penalty}")
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from captioner.checkpoint import load_checkpoint
-from captioner.config import Config, config_from_dict
+from captioner.config import Config, DecodeConfig, config_from_dict
 from captioner.decoder import Decoder, DecoderOutput
-from captioner.decoding import Decoded, greedy
+from captioner.decoding import Decoded, beam_search, greedy
 from captioner.encoder import Encoder, PositionEmbedding2D, load_image
 from captioner.errors import CheckpointError, ConfigError
 from captioner.vocab import Vocabulary
@@ -132,22 +132,30 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, *, images: Tensor | None = None, raw_features: Tensor | None = None,
-                 max_len: int = 20) -> Decoded:
-        """Greedy captions for a batch of pixels or cached raw features."""
+                 max_len: int = 20, beam_size: int = 1, length_penalty: float = 0.0) -> Decoded:
+        """Captions for a batch of pixels or cached raw features: greedy for ``beam_size`` 1,
+        else the best of a batched beam search."""
         feats = self.features(raw_features) if raw_features is not None else self.encode(images)
         v = self.vocab
-        return greedy(self.decoder, feats, max_len=max_len, start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id)
+        ids = dict(start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id)
+        if beam_size == 1:
+            return greedy(self.decoder, feats, max_len=max_len, **ids)
+        return beam_search(self.decoder, feats, beam_size=beam_size, max_len=max_len,
+                           length_penalty=length_penalty, **ids).best()
 
     @torch.no_grad()
     def caption(self, images: ImageLike | Sequence[ImageLike], *, max_len: int | None = None,
-                batch_size: int = 16) -> CaptionResult | list[CaptionResult]:
+                beam_size: int | None = None, batch_size: int = 16) -> CaptionResult | list[CaptionResult]:
         """Caption one image (PIL image or path) or a list of them.
 
+        ``max_len`` and ``beam_size`` default to the config's ``decode`` section.
         Returns a :class:`CaptionResult` for one image, a list for a list.
         """
         single = isinstance(images, (Image.Image, str, Path))
         items = [images] if single else list(images)
-        max_len = max_len or (self.config.decode.max_len if self.config else 20)
+        decode = self.config.decode if self.config else DecodeConfig()
+        max_len = max_len or decode.max_len
+        beam_size = beam_size or decode.beam_size
         was_training = self.training
         self.eval()
         tf = self.encoder.transform()
@@ -155,7 +163,8 @@ class Captioner(nn.Module):
         for k in range(0, len(items), batch_size):
             chunk = items[k:k + batch_size]
             pixels = torch.stack([tf(im.convert("RGB") if isinstance(im, Image.Image) else load_image(im)) for im in chunk])
-            dec = self.generate(images=pixels.to(self.device), max_len=max_len)
+            dec = self.generate(images=pixels.to(self.device), max_len=max_len, beam_size=beam_size,
+                                length_penalty=decode.length_penalty)
             for i in range(len(chunk)):
                 n = int(dec.lengths[i])
                 steps = min(n + 1, dec.tokens.shape[1])

@@ -4,15 +4,15 @@
 paper's setting) each image is encoded once, before the first epoch, and the epochs run on
 the stored features; with a fine-tuned encoder every batch is encoded anew.
 
-Validation decodes greedily (no teacher forcing) and scores corpus BLEU-4; the best
-checkpoint is kept as ``best.pt``, the latest as ``last.pt``; metrics go to
-``metrics.jsonl``, one JSON object a line.
+Validation decodes greedily (no teacher forcing) with the evaluation's own code and scores
+BLEU-1..4, ROUGE-L and CIDEr-D (pure Python, no Java); ``train.val_metric`` (CIDEr-D by
+default) picks the best checkpoint, ``best.pt``, and drives early stopping; the latest is
+``last.pt``; metrics go to ``metrics.jsonl``, one JSON object a line.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.config import Config, config_to_dict, save_config
 from captioner.data import load_split
-from captioner.data.dataset import CaptionDataset, ImageDataset, collate_captions, collate_images
+from captioner.data.dataset import CaptionDataset, collate_captions
 from captioner.data.records import ImageRecord
 from captioner.errors import CaptionerError, CheckpointError
 from captioner.losses import CaptionLoss
-from captioner.metrics import bleu
+from captioner.evaluate import decode_records, encode_records, references
+from captioner.metrics import caption_metrics
 from captioner.model import Captioner, check_names
 from captioner.vocab import Vocabulary, tokenize
 
@@ -46,6 +46,7 @@ class FitResult:
     """What a run produced."""
 
     run_dir: Path
+    metric: str
     best_score: float
     baseline_score: float
     epochs: int
@@ -71,52 +72,10 @@ def run_dir_of(cfg: Config) -> Path:
 # ----------------------------------------------------------------------------- helpers
 
 
-@torch.no_grad()
-def encode_records(model: Captioner, records: Sequence[ImageRecord], *, batch_size: int = 64,
-                   num_workers: int = 0, progress: bool = False, desc: str = "encode") -> Tensor:
-    """Run the (frozen) encoder once over ``records``: -> raw features (N, L, C) on the CPU."""
-    loader = DataLoader(ImageDataset(records, model.encoder.transform()), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_images)
-    was = model.encoder.training
-    model.encoder.eval()
-    out = torch.empty(len(records), model.encoder.num_locations, model.encoder.feature_dim)
-    for index, images in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        out[index] = model.encoder(images.to(model.device)).float().cpu()
-    model.encoder.train(was)
-    return out
-
-
-def references_of(records: Sequence[ImageRecord]) -> list[list[list[str]]]:
-    return [[tokenize(c.text) for c in r.captions] for r in records]
-
-
 def most_common_caption(records: Sequence[ImageRecord]) -> list[str]:
     """The baseline caption: the most frequent training caption (after tokenization)."""
     counts = Counter(" ".join(tokenize(c.text)) for r in records for c in r.captions)
     return counts.most_common(1)[0][0].split()
-
-
-@torch.no_grad()
-def decode_records(model: Captioner, records: Sequence[ImageRecord], *, max_len: int,
-                   features: Tensor | None = None, batch_size: int = 64, num_workers: int = 0,
-                   progress: bool = False) -> list[list[str]]:
-    """Greedy captions (word lists) for ``records``, from cached raw features when given."""
-    was = model.training
-    model.eval()
-    hyps: list[list[str]] = []
-    if features is not None:
-        batches = ((None, features[k:k + batch_size]) for k in range(0, len(records), batch_size))
-    else:
-        loader = DataLoader(ImageDataset(records, model.encoder.transform()), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=collate_images)
-        batches = ((images, None) for _, images in loader)
-    for images, feats in tqdm(batches, desc="decode", disable=not progress, leave=False,
-                              total=math.ceil(len(records) / batch_size)):
-        dec = model.generate(images=None if images is None else images.to(model.device),
-                             raw_features=None if feats is None else feats.to(model.device), max_len=max_len)
-        hyps += [model.vocab.decode(dec.tokens[i, : int(dec.lengths[i])].tolist()) for i in range(len(dec.tokens))]
-    model.train(was)
-    return hyps
 
 
 def _optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
@@ -237,9 +196,16 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     dataset = CaptionDataset(train_records, vocab, max_len=cfg.vocab.max_len,
                              transform=None if cached else model.encoder.transform())
 
-    refs = references_of(val_records)
-    baseline = bleu([most_common_caption(train_records)] * len(val_records), refs)["bleu4"]
-    log.say(f"baseline (most common training caption for every image): val BLEU-4 {baseline:.4f}")
+    refs = references(val_records)
+    metric = t.val_metric
+
+    def score(captions: dict[int, str]) -> dict[str, float]:
+        return caption_metrics(captions, refs, use_java=False, spice=False).scores
+
+    common = " ".join(most_common_caption(train_records))
+    baseline = score({r.image_id: common for r in val_records})
+    log.say(f"baseline (\"{common}\" for every image): val {metric} {baseline[metric]:.4f}, "
+            f"BLEU-4 {baseline['bleu4']:.4f}")
 
     started = time.monotonic()
     out_of_time = False
@@ -280,25 +246,26 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
                 out_of_time = True
                 break
 
-        hyps = decode_records(model, val_records, max_len=cfg.decode.max_len, features=val_feats,
-                              num_workers=cfg.data.num_workers, progress=progress)
-        scores = bleu(hyps, refs)
-        score = scores["bleu4"]
+        decoded = decode_records(model, val_records, max_len=cfg.decode.max_len, features=val_feats,
+                                 num_workers=cfg.data.num_workers, progress=progress)
+        hyps = {r.image_id: " ".join(d.words) for r, d in zip(val_records, decoded)}
+        scores = score(hyps)
+        value = scores[metric]
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(score)
+            sched.step(value)
         elif sched is not None:
             sched.step()
-        improved = score > best
-        best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
+        improved = value > best
+        best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
         n = max(sums["n"], 1)
         entry = {"epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / n, "train_xent": sums["xent"] / n,
-                 "val_bleu4": score, **{f"val_{k}": v for k, v in scores.items() if k != "bleu4"},
-                 "baseline_bleu4": baseline, "lr": opt.param_groups[0]["lr"],
-                 "minutes": (time.monotonic() - started) / 60, "example": " ".join(hyps[0]) if hyps else ""}
+                 **{f"val_{k}": v for k, v in scores.items()}, **{f"baseline_{k}": v for k, v in baseline.items()},
+                 "lr": opt.param_groups[0]["lr"], "minutes": (time.monotonic() - started) / 60,
+                 "example": next(iter(hyps.values()), "")}
         history.append(entry)
         log.record(entry)
-        log.say(f"epoch {epoch + 1}: loss {entry['train_loss']:.3f}  val BLEU-4 {score:.4f}"
-                f"{' (best)' if improved else ''}  e.g. \"{entry['example']}\"")
+        log.say(f"epoch {epoch + 1}: loss {entry['train_loss']:.3f}  val {metric} {value:.4f}  "
+                f"BLEU-4 {scores['bleu4']:.4f}{' (best)' if improved else ''}  e.g. \"{entry['example']}\"")
 
         state = {
             "config": config_to_dict(cfg), "vocab": vocab.to_dict(), "model": model.state_dict(),
@@ -313,8 +280,9 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
             log.say(f"stopping: train.max_minutes={t.max_minutes} reached")
             break
         if t.patience and bad_epochs >= t.patience:
-            log.say(f"stopping early: no better val BLEU-4 for {bad_epochs} epochs")
+            log.say(f"stopping early: no better val {metric} for {bad_epochs} epochs")
             break
 
-    log.say(f"done: best val BLEU-4 {best:.4f} (baseline {baseline:.4f}); checkpoint {run_dir / 'best.pt'}")
-    return FitResult(run_dir=run_dir, best_score=best, baseline_score=baseline, epochs=epoch + 1, history=history)
+    log.say(f"done: best val {metric} {best:.4f} (baseline {baseline[metric]:.4f}); checkpoint {run_dir / 'best.pt'}")
+    return FitResult(run_dir=run_dir, metric=metric, best_score=best, baseline_score=baseline[metric],
+                     epochs=epoch + 1, history=history)

@@ -4,7 +4,7 @@ attention variant must learn."""
 import pytest
 import torch
 
-from captioner.attention import ATTENTIONS, HardAttention, LocalAttention, build_attention
+from captioner.attention import ATTENTIONS, build_attention
 from captioner.config import load_config
 from captioner.decoder import Decoder
 from captioner.losses import CaptionLoss, MovingAverage

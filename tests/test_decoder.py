@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captioner.config import ModelConfig, load_config
+from captioner.config import load_config
 from captioner.decoder import Decoder
 from captioner.losses import caption_loss, doubly_stochastic, masked_cross_entropy
 

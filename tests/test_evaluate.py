@@ -1,0 +1,63 @@
+"""captioner evaluate: decoding a split, the metrics, the output files."""
+
+import json
+
+import pytest
+
+from captioner.cli import main
+from captioner.evaluate import decode_records, evaluate, instances_file
+from captioner.data import load_split
+from captioner.model import Captioner
+from captioner.train import fit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes_root):
+    from captioner.config import load_config
+    from conftest import TINY_OVERRIDES
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, [*TINY_OVERRIDES, f"data.root={shapes_root}", f"train.out_dir={out}", "train.epochs=1"])
+    return fit(cfg, quiet=True).run_dir / "best.pt"
+
+
+def test_evaluate_writes_coco_results_and_metrics(trained, tmp_path):
+    model = Captioner.from_checkpoint(trained)
+    result = evaluate(model, model.config.data, split="test", beam_size=2, out_dir=tmp_path, use_java=False)
+    results = json.loads((tmp_path / "captions_test.json").read_text())
+    records = load_split(model.config.data, "test")
+    assert sorted(r["image_id"] for r in results) == sorted(r.image_id for r in records)
+    assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
+    metrics = json.loads((tmp_path / "metrics_test.json").read_text())
+    assert metrics["beam_size"] == 2 and metrics["tokenizer"] == "python"
+    assert {"bleu4", "rouge_l", "cider"} <= set(metrics["scores"]) and "meteor" in metrics["unavailable"]
+    assert metrics["attention_correctness"] is not None  # the shapes set has instances
+    assert "BLEU-4" in result.table() and "CIDEr-D" in result.table()
+
+
+def test_validation_and_evaluation_decode_the_same_way(trained):
+    model = Captioner.from_checkpoint(trained)
+    records = load_split(model.config.data, "val")
+    greedy = decode_records(model, records, max_len=8)
+    again = decode_records(model, records, max_len=8, beam_size=1)
+    assert [d.words for d in greedy] == [d.words for d in again]
+    for d in greedy:
+        assert d.alphas.shape == (len(d.words) + 1, model.encoder.num_locations)
+
+
+def test_instances_file_is_found_beside_captions(trained):
+    model = Captioner.from_checkpoint(trained)
+    path = instances_file(model.config.data, "test")
+    assert path is not None and path.name == "instances_test.json"
+
+
+def test_cli_evaluate(trained, tmp_path, capsys):
+    code = main(["evaluate", str(trained), "--split", "val", "--beam", "3", "--no-java", "--max-images", "3",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "val split, 3 images, beam 3" in out and "CIDEr-D" in out
+    assert len(json.loads((tmp_path / "captions_val.json").read_text())) == 3
+    code = main(["evaluate", str(trained), "--beam", "0"])
+    assert code == 2
