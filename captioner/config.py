@@ -78,6 +78,9 @@ class DataConfig:
         restval_in_train: karpathy: train on ``train`` + ``restval`` (the usual 113k for COCO).
         max_images: use at most this many images per split (0: all), for quick runs.
         num_workers: DataLoader worker processes.
+        bad_images: what a fast pre-check does with unreadable images before training:
+            ``error`` stops with the file and the reason; ``skip`` leaves them out, counted
+            and listed in the run's log.
     """
 
     format: str = "shapes"
@@ -90,9 +93,11 @@ class DataConfig:
     shapes: ShapesConfig = ShapesConfig()
     max_images: int = 0
     num_workers: int = 0
+    bad_images: str = "error"
 
     def __post_init__(self) -> None:
         _choice(self.format, "format", FORMATS)
+        _choice(self.bad_images, "bad_images", ("error", "skip"))
         _check(self.max_images >= 0, "max_images", f"must be >= 0; got {self.max_images}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0; got {self.num_workers}")
         if self.format in ("karpathy", "flickr8k"):
