@@ -251,10 +251,16 @@ class TrainConfig:
             or rouge_l, computed on greedy captions of the validation images.
         val_images: validate on at most this many images (0: all).
         max_minutes: stop after this much wall time, checkpointing first (0: no limit).
+        max_steps: stop after this many optimizer steps in all, checkpointing first (0: no limit).
         cache_features: with a frozen encoder, encode each image once and train on the
             stored features.
         out_dir: the run folder; ``{name}`` is replaced by the config's name.
         resume: a checkpoint to resume from ("" : none; "auto": the run folder's last.pt if any).
+            A resumed run continues at the exact batch, with the RNG, optimizer, scheduler and
+            REINFORCE baseline restored.
+        checkpoint_every: also write last.pt every N steps within an epoch (0: at epoch ends only).
+        nonfinite: a NaN or inf loss ``stop``s the run (the last good checkpoint is kept) or
+            ``skip``s the batch, at most ``max_skipped`` times.
     """
 
     epochs: int = 20
@@ -276,11 +282,15 @@ class TrainConfig:
     val_metric: str = "cider"
     val_images: int = 500
     max_minutes: float = 0.0
+    max_steps: int = 0
     cache_features: bool = True
     seed: int = 0
     device: str = "auto"
     out_dir: str = "runs/{name}"
     resume: str = ""
+    checkpoint_every: int = 0
+    nonfinite: str = "stop"
+    max_skipped: int = 10
     log_every: int = 50
     progress: bool = True
 
@@ -289,7 +299,7 @@ class TrainConfig:
             _check(getattr(self, key) >= 1, key, f"must be >= 1; got {getattr(self, key)}")
         for key in ("lr", "encoder_lr"):
             _check(getattr(self, key) > 0, key, f"must be > 0; got {getattr(self, key)}")
-        for key in ("momentum", "weight_decay", "grad_clip", "alpha_c", "max_minutes", "patience", "val_images"):
+        for key in ("max_steps", "momentum", "weight_decay", "grad_clip", "alpha_c", "max_minutes", "patience", "val_images"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1]; got {self.lr_decay}")
         _check(0 <= self.baseline_decay < 1, "baseline_decay", f"must be in [0, 1); got {self.baseline_decay}")
@@ -297,6 +307,9 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _choice(self.optimizer, "optimizer", ("adam", "adamw", "rmsprop", "sgd"))
         _choice(self.scheduler, "scheduler", ("plateau", "cosine", "step", "none"))
+        _choice(self.nonfinite, "nonfinite", ("stop", "skip"))
+        _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
+        _check(self.max_skipped >= 0, "max_skipped", f"must be >= 0; got {self.max_skipped}")
         _choice(self.val_metric, "val_metric", ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l"))
 
 

@@ -56,12 +56,18 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def _image_loader(model: Captioner, records: Sequence[ImageRecord], *, batch_size: int, num_workers: int) -> DataLoader:
+    """Images in record order. Its own generator: iterating it never draws from the global RNG,
+    so a resumed run sees the same dropout and sampling as an uninterrupted one."""
+    return DataLoader(ImageDataset(records, model.encoder.transform()), batch_size=batch_size,
+                      num_workers=num_workers, collate_fn=collate_images, generator=torch.Generator())
+
+
 @torch.no_grad()
 def encode_records(model: Captioner, records: Sequence[ImageRecord], *, batch_size: int = 64,
                    num_workers: int = 0, progress: bool = False, desc: str = "encode") -> Tensor:
     """Run the (frozen) encoder once over ``records``: -> raw features (N, L, C) on the CPU."""
-    loader = DataLoader(ImageDataset(records, model.encoder.transform()), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_images)
+    loader = _image_loader(model, records, batch_size=batch_size, num_workers=num_workers)
     was = model.encoder.training
     model.encoder.eval()
     out = torch.empty(len(records), model.encoder.num_locations, model.encoder.feature_dim)
@@ -81,8 +87,7 @@ def decode_records(model: Captioner, records: Sequence[ImageRecord], *, max_len:
     if features is not None:
         batches = ((None, features[k:k + batch_size]) for k in range(0, len(records), batch_size))
     else:
-        loader = DataLoader(ImageDataset(records, model.encoder.transform()), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=collate_images)
+        loader = _image_loader(model, records, batch_size=batch_size, num_workers=num_workers)
         batches = ((images, None) for _, images in loader)
     out: list[DecodedCaption] = []
     for images, feats in tqdm(batches, desc="decode", disable=not progress, leave=False,

@@ -13,6 +13,7 @@ default) picks the best checkpoint, ``best.pt``, and drives early stopping; the 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
-from captioner.config import Config, config_to_dict, save_config
+from captioner.config import Config, TrainConfig, config_to_dict, save_config
 from captioner.data import load_split
 from captioner.data.dataset import CaptionDataset, collate_captions
 from captioner.data.records import ImageRecord
@@ -105,6 +106,13 @@ def _scheduler(cfg: Config, opt: torch.optim.Optimizer):
     return None
 
 
+def epoch_order(n: int, t: TrainConfig, epoch: int, first_batch: int = 0) -> list[int]:
+    """The shuffled sample order of ``epoch``: a function of (seed, epoch) alone, so a run
+    resumed mid-epoch sees the same batches; the first ``first_batch`` batches are left out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch))
+    return order[first_batch * t.batch_size:].tolist()
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
@@ -169,7 +177,7 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     criterion = CaptionLoss.from_config(t).to(device)  # holds the REINFORCE baseline
     opt = _optimizer(cfg, model)
     sched = _scheduler(cfg, opt)
-    start_epoch, step, best, bad_epochs, history = 0, 0, -1.0, 0, []
+    start_epoch, start_batch, step, best, bad_epochs, history = 0, 0, 0, -1.0, 0, []
     if ckpt is not None:
         model.load_model_state(ckpt["model"], source=resume)
         criterion.load_state_dict(ckpt["loss"])
@@ -177,10 +185,10 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         if sched is not None and ckpt.get("scheduler") is not None:
             sched.load_state_dict(ckpt["scheduler"])
         tr = ckpt["trainer"]
-        start_epoch, step, best, bad_epochs = tr["epoch"], tr["step"], tr["best_score"], tr["bad_epochs"]
-        history = list(tr.get("history", []))
-        _set_rng_state(tr["rng"])
-        log.say(f"resumed from {resume} at epoch {start_epoch}")
+        start_epoch, start_batch, step = tr["epoch"], tr["batch"], tr["step"]
+        best, bad_epochs, history = tr["best_score"], tr["bad_epochs"], list(tr["history"])
+        _set_rng_state(tr["rng"])  # after building the model, whose initialisation draws from the RNG
+        log.say(f"resumed from {resume} at epoch {start_epoch + 1}, batch {start_batch}, step {step}")
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.say(f"run {run_dir}: {len(train_records)} train / {len(val_records)} val images, "
@@ -207,19 +215,38 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     log.say(f"baseline (\"{common}\" for every image): val {metric} {baseline[metric]:.4f}, "
             f"BLEU-4 {baseline['bleu4']:.4f}")
 
+    def state(epoch: int, batch: int) -> dict:
+        """Everything a resume needs: at ``batch`` batches into epoch ``epoch`` (0-based)."""
+        return {
+            "config": config_to_dict(cfg), "vocab": vocab.to_dict(), "model": model.state_dict(),
+            "loss": criterion.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "trainer": {"epoch": epoch, "batch": batch, "step": step, "best_score": best, "bad_epochs": bad_epochs,
+                        "history": history, "rng": _rng_state()},
+        }
+
+    def validate() -> tuple[dict[str, float], dict[int, str]]:
+        decoded = decode_records(model, val_records, max_len=cfg.decode.max_len, features=val_feats,
+                                 num_workers=cfg.data.num_workers, progress=progress)
+        hyps = {r.image_id: " ".join(d.words) for r, d in zip(val_records, decoded)}
+        return score(hyps), hyps
+
     started = time.monotonic()
-    out_of_time = False
+    n_batches = math.ceil(len(dataset) / t.batch_size)
+    skipped = 0  # batches skipped for a non-finite loss (train.nonfinite=skip)
     epoch = start_epoch
     for epoch in range(start_epoch, t.epochs):
         model.train()
         criterion.train()
-        order = torch.Generator().manual_seed(t.seed * 100_003 + epoch)  # data order depends on (seed, epoch) only
-        loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, generator=order,
+        first = start_batch if epoch == start_epoch else 0
+        loader = DataLoader(dataset, batch_size=t.batch_size, sampler=epoch_order(len(dataset), t, epoch, first),
                             num_workers=0 if cached else cfg.data.num_workers, collate_fn=collate_captions,
-                            drop_last=False)
-        sums = Counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not progress, leave=False)
-        for batch in bar:
+                            generator=torch.Generator())  # its own generator: the global RNG is not touched
+        sums: Counter = Counter()
+        stopped_at = None  # the batch where train.max_minutes ran out
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not progress, leave=False,
+                   initial=first, total=n_batches)
+        for i, batch in enumerate(bar, start=first):
             batch = batch.to(device)
             if cached:
                 out = model(batch.captions, raw_features=train_feats[batch.index.cpu()].to(device))
@@ -227,29 +254,50 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
                 out = model(batch.captions, images=batch.images)
             loss = criterion(out, batch.captions[:, 1:], batch.mask[:, 1:])
             if not torch.isfinite(loss.total):
-                raise TrainingError(f"the loss became {loss.total.item()} at step {step} (epoch {epoch + 1}); "
-                                    f"lower train.lr or check the data. The last good checkpoint is kept.")
+                where = f"at step {step + 1} (epoch {epoch + 1}, batch {i + 1})"
+                if t.nonfinite == "stop":
+                    raise TrainingError(f"the loss became {loss.total.item()} {where}; the last good checkpoint "
+                                        f"is kept. Lower train.lr, check the data, or set train.nonfinite=skip")
+                skipped += 1
+                log.say(f"skipped a batch with a non-finite loss {where} ({skipped} so far)")
+                log.record({"step": step, "epoch": epoch + 1, "batch": i + 1, "skipped_nonfinite": skipped})
+                if skipped > t.max_skipped:
+                    raise TrainingError(f"{skipped} batches had a non-finite loss (more than train.max_skipped="
+                                        f"{t.max_skipped}); stopping. The last good checkpoint is kept.")
+                continue
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             opt.step()
             step += 1
-            sums.update(n=1, loss=loss.total.item(), xent=loss.xent.item(), dsr=loss.dsr.item())
+            sums.update(n=1, loss=loss.total.item(), xent=loss.xent.item())
             if step % t.log_every == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}")
                 log.record({"step": step, "epoch": epoch + 1, "loss": loss.total.item(), "xent": loss.xent.item(),
                             "dsr": loss.dsr.item(), "reinforce": loss.reinforce.item(),
                             "entropy": loss.entropy.item(), "baseline": criterion.baseline.value.item(),
                             "lr": opt.param_groups[0]["lr"]})
-            if t.max_minutes and time.monotonic() - started > 60 * t.max_minutes:
-                out_of_time = True
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and i + 1 < n_batches:
+                save_checkpoint(run_dir / "last.pt", state(epoch, i + 1))
+            out_of_time = t.max_minutes and time.monotonic() - started > 60 * t.max_minutes
+            if (out_of_time or (t.max_steps and step >= t.max_steps)) and i + 1 < n_batches:
+                stopped_at = i + 1
                 break
 
-        decoded = decode_records(model, val_records, max_len=cfg.decode.max_len, features=val_feats,
-                                 num_workers=cfg.data.num_workers, progress=progress)
-        hyps = {r.image_id: " ".join(d.words) for r, d in zip(val_records, decoded)}
-        scores = score(hyps)
+        if stopped_at is not None:
+            # Out of time (or steps) mid-epoch: last.pt resumes exactly here; the validation below only
+            # reports and keeps best.pt, without stepping the scheduler or early stopping.
+            save_checkpoint(run_dir / "last.pt", state(epoch, stopped_at))
+            scores, hyps = validate()
+            if scores[metric] > best:
+                best = scores[metric]
+                save_checkpoint(run_dir / "best.pt", state(epoch, stopped_at))
+            log.say(f"stopping in epoch {epoch + 1} at step {step} (train.max_minutes={t.max_minutes}, "
+                    f"train.max_steps={t.max_steps}); val {metric} {scores[metric]:.4f}")
+            break
+
+        scores, hyps = validate()
         value = scores[metric]
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(value)
@@ -266,18 +314,10 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         log.record(entry)
         log.say(f"epoch {epoch + 1}: loss {entry['train_loss']:.3f}  val {metric} {value:.4f}  "
                 f"BLEU-4 {scores['bleu4']:.4f}{' (best)' if improved else ''}  e.g. \"{entry['example']}\"")
-
-        state = {
-            "config": config_to_dict(cfg), "vocab": vocab.to_dict(), "model": model.state_dict(),
-            "loss": criterion.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
-            "trainer": {"epoch": epoch + 1, "step": step, "best_score": best, "bad_epochs": bad_epochs,
-                        "history": history, "rng": _rng_state()},
-        }
-        save_checkpoint(run_dir / "last.pt", state)
+        save_checkpoint(run_dir / "last.pt", state(epoch + 1, 0))
         if improved:
-            save_checkpoint(run_dir / "best.pt", state)
-        if out_of_time:
-            log.say(f"stopping: train.max_minutes={t.max_minutes} reached")
+            save_checkpoint(run_dir / "best.pt", state(epoch + 1, 0))
+        if t.max_steps and step >= t.max_steps:
             break
         if t.patience and bad_epochs >= t.patience:
             log.say(f"stopping early: no better val {metric} for {bad_epochs} epochs")

@@ -43,8 +43,10 @@ def test_frozen_cache_and_pixels_give_the_same_training(tiny_config):
     b = fit(tiny_config("train.epochs=1", "train.cache_features=false", f"train.out_dir={a.run_dir}_pixels"),
             quiet=True)
     state_b = load_checkpoint(b.run_dir / "last.pt")["model"]
+    # Up to float rounding (the encoder sees other batch compositions; Adam magnifies 1e-7
+    # differences to ~3e-5 over 10 steps); features from the wrong images would differ by ~1e-2.
     for key in state_a:
-        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
 def test_resume_continues_where_it_stopped(tiny_config):
