@@ -61,3 +61,18 @@ def test_cli_evaluate(trained, tmp_path, capsys):
     assert len(json.loads((tmp_path / "captions_val.json").read_text())) == 3
     code = main(["evaluate", str(trained), "--beam", "0"])
     assert code == 2
+
+
+def test_ablation_command_on_tiny_settings(shapes_root, tmp_path, capsys):
+    """Two variants, one epoch, tiny model: the table has a row per variant with real numbers."""
+    from captioner import ablation
+    from conftest import TINY_OVERRIDES
+
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs")]
+    code = ablation.main(["--variants", "soft", "none", "--epochs", "1", "--beam", "2", "--no-java",
+                          "--out", str(tmp_path), f"data.root={shapes_root}", *overrides])
+    assert code == 0
+    rows = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["attention"] for r in rows] == ["soft", "none"]
+    assert all(0 <= r["bleu4"] <= 1 and r["epochs"] == 1 and r["uniform"] is not None for r in rows)
+    assert "| soft |" in (tmp_path / "ablation.md").read_text()
