@@ -113,6 +113,18 @@ def epoch_order(n: int, t: TrainConfig, epoch: int, first_batch: int = 0) -> lis
     return order[first_batch * t.batch_size:].tolist()
 
 
+def _trainer_state(ckpt: dict, source: str) -> dict:
+    """The checkpoint's training position, checked: a checkpoint saved for inference only (or
+    by another tool) cannot be resumed, and says so."""
+    tr = ckpt.get("trainer")
+    needed = ("epoch", "step", "best_score", "bad_epochs", "history", "rng")
+    missing = [k for k in needed if not isinstance(tr, dict) or k not in tr]
+    if missing or "optimizer" not in ckpt or "loss" not in ckpt:
+        raise CheckpointError(f"{source}: cannot resume from this checkpoint: it has no training state "
+                              f"({', '.join(missing) or 'optimizer/loss'} missing); start a new run instead")
+    return {"batch": 0, **tr}  # epoch-end checkpoints of earlier versions have no batch position
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
@@ -184,7 +196,7 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         opt.load_state_dict(ckpt["optimizer"])
         if sched is not None and ckpt.get("scheduler") is not None:
             sched.load_state_dict(ckpt["scheduler"])
-        tr = ckpt["trainer"]
+        tr = _trainer_state(ckpt, resume)
         start_epoch, start_batch, step = tr["epoch"], tr["batch"], tr["step"]
         best, bad_epochs, history = tr["best_score"], tr["bad_epochs"], list(tr["history"])
         _set_rng_state(tr["rng"])  # after building the model, whose initialisation draws from the RNG

@@ -99,3 +99,14 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tm
         fit(tiny_config("train.epochs=2", "train.resume=auto", "train.nonfinite=skip", "train.max_skipped=3"),
             quiet=True)
     assert load_checkpoint(first.run_dir / "last.pt")["trainer"]["step"] == good["trainer"]["step"]
+
+
+def test_checkpoint_without_training_state_cannot_be_resumed(tiny_config, tmp_path):
+    from captioner.checkpoint import save_checkpoint
+
+    first = fit(tiny_config("train.epochs=1"), quiet=True)
+    data = load_checkpoint(first.run_dir / "last.pt")
+    inference_only = {k: data[k] for k in ("config", "vocab", "model")}
+    save_checkpoint(tmp_path / "weights.pt", inference_only)
+    with pytest.raises(CheckpointError, match="weights.pt: cannot resume.*no training state"):
+        fit(tiny_config(f"train.resume={tmp_path / 'weights.pt'}"), quiet=True)
