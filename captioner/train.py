@@ -191,12 +191,12 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     sched = _scheduler(cfg, opt)
     start_epoch, start_batch, step, best, bad_epochs, history = 0, 0, 0, -1.0, 0, []
     if ckpt is not None:
+        tr = _trainer_state(ckpt, resume)
         model.load_model_state(ckpt["model"], source=resume)
         criterion.load_state_dict(ckpt["loss"])
         opt.load_state_dict(ckpt["optimizer"])
         if sched is not None and ckpt.get("scheduler") is not None:
             sched.load_state_dict(ckpt["scheduler"])
-        tr = _trainer_state(ckpt, resume)
         start_epoch, start_batch, step = tr["epoch"], tr["batch"], tr["step"]
         best, bad_epochs, history = tr["best_score"], tr["bad_epochs"], list(tr["history"])
         _set_rng_state(tr["rng"])  # after building the model, whose initialisation draws from the RNG
