@@ -98,11 +98,17 @@ class CaptionLoss(nn.Module):
         return cls(alpha_c=cfg.alpha_c, reinforce_weight=cfg.reinforce_weight,
                    entropy_weight=cfg.entropy_weight, baseline_decay=cfg.baseline_decay)
 
-    def forward(self, out: DecoderOutput, targets: Tensor, mask: Tensor) -> LossOutput:
-        """out: the decoder's T steps; targets (B, T) = captions[:, 1:]; mask (B, T) True on real words."""
+    def forward(self, out: DecoderOutput, targets: Tensor, mask: Tensor, *, words: Tensor | None = None) -> LossOutput:
+        """out: the decoder's T steps; targets (B, T) = captions[:, 1:]; mask (B, T) True on real words.
+
+        ``words``: what to divide the summed loss by (default: this batch's real words). Data-
+        parallel training passes global words / processes, so the averaged gradient equals the
+        one-process gradient of the whole global batch.
+        """
         mask = mask.to(out.alphas.dtype)
-        words = mask.sum().clamp(min=1)
-        xent, nll = masked_cross_entropy(out.logits, targets, mask)
+        words = mask.sum().clamp(min=1) if words is None else words
+        _, nll = masked_cross_entropy(out.logits, targets, mask)
+        xent = nll.sum() / words
         total = xent
         zero = xent.new_zeros(())
         dsr = self.alpha_c * doubly_stochastic(out.alphas.float(), mask).sum() / words if self.alpha_c > 0 else zero

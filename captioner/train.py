@@ -32,6 +32,7 @@ from captioner.data.dataset import CaptionDataset, collate_captions
 from captioner.data.records import ImageRecord
 from captioner.errors import CaptionerError, CheckpointError
 from captioner.losses import CaptionLoss
+from captioner.distributed import finish, init_distributed, max_parameter_difference, shard, wrap
 from captioner.evaluate import decode_records, encode_records, references
 from captioner.metrics import caption_metrics
 from captioner.model import Captioner, check_names
@@ -135,16 +136,18 @@ def _set_rng_state(state: dict) -> None:
 
 
 class _Log:
-    """Writes progress lines (through tqdm) and metrics as JSON lines."""
+    """Writes progress lines (through tqdm) and metrics as JSON lines (``write``: rank 0 only)."""
 
-    def __init__(self, path: Path, quiet: bool) -> None:
-        self.path, self.quiet = path, quiet
+    def __init__(self, path: Path, quiet: bool, write: bool = True) -> None:
+        self.path, self.quiet, self.write = path, quiet, write
 
     def say(self, msg: str) -> None:
         if not self.quiet:
             tqdm.write(msg)
 
     def record(self, entry: dict) -> None:
+        if not self.write:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -156,14 +159,17 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     """Train a captioner as ``cfg`` says; returns where the run is and how it scored."""
     t = cfg.train
     check_names(cfg)
-    torch.manual_seed(t.seed)
+    ddp = init_distributed(t.device)  # rank 0 of 1 unless launched by torchrun
+    torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
     random.seed(t.seed)
-    device = resolve_device(t.device)
+    device = torch.device("cuda", ddp.local_rank) if ddp.enabled and t.device != "cpu" and \
+        torch.cuda.is_available() else resolve_device(t.device)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    log = _Log(run_dir / "metrics.jsonl", quiet)
-    progress = t.progress and not quiet
+    if ddp.is_main:  # only rank 0 writes: config, logs, checkpoints
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    log = _Log(run_dir / "metrics.jsonl", quiet or not ddp.is_main, write=ddp.is_main)
+    progress = t.progress and not quiet and ddp.is_main
 
     train_records = load_split(cfg.data, "train", progress=progress)
     val_records = load_split(cfg.data, "val")
@@ -183,7 +189,8 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
                 f"{resume}: the checkpoint's vocabulary ({len(saved)} words) differs from the one built "
                 f"from this training data ({len(vocab)} words); resume on the data it was trained on"
             )
-    (run_dir / "vocab.json").write_text(json.dumps(vocab.to_dict()), encoding="utf-8")
+    if ddp.is_main:
+        (run_dir / "vocab.json").write_text(json.dumps(vocab.to_dict()), encoding="utf-8")
 
     model = Captioner.from_config(cfg, vocab, load_weights=ckpt is None).to(device)
     criterion = CaptionLoss.from_config(t).to(device)  # holds the REINFORCE baseline
@@ -243,6 +250,11 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         hyps = {r.image_id: " ".join(d.words) for r, d in zip(val_records, decoded)}
         return score(hyps), hyps
 
+    def save(name: str, st: dict) -> None:
+        if ddp.is_main:
+            save_checkpoint(run_dir / name, st)
+
+    train_model = wrap(model, ddp, device)  # DDP averages the gradients over the ranks
     started = time.monotonic()
     n_batches = math.ceil(len(dataset) / t.batch_size)
     skipped = 0  # batches skipped for a non-finite loss (train.nonfinite=skip)
@@ -251,7 +263,8 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         model.train()
         criterion.train()
         first = start_batch if epoch == start_epoch else 0
-        loader = DataLoader(dataset, batch_size=t.batch_size, sampler=epoch_order(len(dataset), t, epoch, first),
+        order = shard(epoch_order(len(dataset), t, epoch, first), batch_size=t.batch_size, ddp=ddp)
+        loader = DataLoader(dataset, batch_size=t.batch_size // ddp.world, sampler=order,
                             num_workers=0 if cached else cfg.data.num_workers, collate_fn=collate_captions,
                             generator=torch.Generator())  # its own generator: the global RNG is not touched
         sums: Counter = Counter()
@@ -261,11 +274,11 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         for i, batch in enumerate(bar, start=first):
             batch = batch.to(device)
             if cached:
-                out = model(batch.captions, raw_features=train_feats[batch.index.cpu()].to(device))
+                out = train_model(batch.captions, raw_features=train_feats[batch.index.cpu()].to(device))
             else:
-                out = model(batch.captions, images=batch.images)
-            loss = criterion(out, batch.captions[:, 1:], batch.mask[:, 1:])
-            if not torch.isfinite(loss.total):
+                out = train_model(batch.captions, images=batch.images)
+            loss = criterion(out, batch.captions[:, 1:], batch.mask[:, 1:], words=ddp.words(batch.mask[:, 1:]))
+            if ddp.any(not bool(torch.isfinite(loss.total)), device):
                 where = f"at step {step + 1} (epoch {epoch + 1}, batch {i + 1})"
                 if t.nonfinite == "stop":
                     raise TrainingError(f"the loss became {loss.total.item()} {where}; the last good checkpoint "
@@ -291,8 +304,8 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
                             "entropy": loss.entropy.item(), "baseline": criterion.baseline.value.item(),
                             "lr": opt.param_groups[0]["lr"]})
             if t.checkpoint_every and step % t.checkpoint_every == 0 and i + 1 < n_batches:
-                save_checkpoint(run_dir / "last.pt", state(epoch, i + 1))
-            out_of_time = t.max_minutes and time.monotonic() - started > 60 * t.max_minutes
+                save("last.pt", state(epoch, i + 1))
+            out_of_time = bool(t.max_minutes) and ddp.any(time.monotonic() - started > 60 * t.max_minutes, device)
             if (out_of_time or (t.max_steps and step >= t.max_steps)) and i + 1 < n_batches:
                 stopped_at = i + 1
                 break
@@ -300,11 +313,11 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         if stopped_at is not None:
             # Out of time (or steps) mid-epoch: last.pt resumes exactly here; the validation below only
             # reports and keeps best.pt, without stepping the scheduler or early stopping.
-            save_checkpoint(run_dir / "last.pt", state(epoch, stopped_at))
+            save("last.pt", state(epoch, stopped_at))
             scores, hyps = validate()
             if scores[metric] > best:
                 best = scores[metric]
-                save_checkpoint(run_dir / "best.pt", state(epoch, stopped_at))
+                save("best.pt", state(epoch, stopped_at))
             log.say(f"stopping in epoch {epoch + 1} at step {step} (train.max_minutes={t.max_minutes}, "
                     f"train.max_steps={t.max_steps}); val {metric} {scores[metric]:.4f}")
             break
@@ -326,15 +339,20 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         log.record(entry)
         log.say(f"epoch {epoch + 1}: loss {entry['train_loss']:.3f}  val {metric} {value:.4f}  "
                 f"BLEU-4 {scores['bleu4']:.4f}{' (best)' if improved else ''}  e.g. \"{entry['example']}\"")
-        save_checkpoint(run_dir / "last.pt", state(epoch + 1, 0))
+        save("last.pt", state(epoch + 1, 0))
         if improved:
-            save_checkpoint(run_dir / "best.pt", state(epoch + 1, 0))
+            save("best.pt", state(epoch + 1, 0))
         if t.max_steps and step >= t.max_steps:
             break
         if t.patience and bad_epochs >= t.patience:
             log.say(f"stopping early: no better val {metric} for {bad_epochs} epochs")
             break
 
+    if ddp.enabled:  # every rank must hold the same weights; say how far apart they are
+        diff = max_parameter_difference(model, ddp)
+        log.record({"ddp_world_size": ddp.world, "ddp_max_parameter_difference": diff})
+        log.say(f"{ddp.world} processes; largest parameter difference between ranks: {diff:.3g}")
+        finish(ddp)
     log.say(f"done: best val {metric} {best:.4f} (baseline {baseline[metric]:.4f}); checkpoint {run_dir / 'best.pt'}")
     return FitResult(run_dir=run_dir, metric=metric, best_score=best, baseline_score=baseline[metric],
                      epochs=epoch + 1, history=history)
