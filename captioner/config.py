@@ -252,6 +252,9 @@ class TrainConfig:
         val_images: validate on at most this many images (0: all).
         max_minutes: stop after this much wall time, checkpointing first (0: no limit).
         max_steps: stop after this many optimizer steps in all, checkpointing first (0: no limit).
+        amp: mixed precision for the forward pass: none, bf16 (CPU or GPU) or fp16 (GPU, with
+            a gradient scaler). Losses are computed in float32.
+        compile: ``torch.compile`` the training step's model (worth it on a GPU; slow to start on a CPU).
         cache_features: with a frozen encoder, encode each image once and train on the
             stored features.
         out_dir: the run folder; ``{name}`` is replaced by the config's name.
@@ -283,6 +286,8 @@ class TrainConfig:
     val_images: int = 500
     max_minutes: float = 0.0
     max_steps: int = 0
+    amp: str = "none"
+    compile: bool = False
     cache_features: bool = True
     seed: int = 0
     device: str = "auto"
@@ -308,6 +313,7 @@ class TrainConfig:
         _choice(self.optimizer, "optimizer", ("adam", "adamw", "rmsprop", "sgd"))
         _choice(self.scheduler, "scheduler", ("plateau", "cosine", "step", "none"))
         _choice(self.nonfinite, "nonfinite", ("stop", "skip"))
+        _choice(self.amp, "amp", ("none", "bf16", "fp16"))
         _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
         _check(self.max_skipped >= 0, "max_skipped", f"must be >= 0; got {self.max_skipped}")
         _choice(self.val_metric, "val_metric", ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l"))

@@ -254,7 +254,13 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         if ddp.is_main:
             save_checkpoint(run_dir / name, st)
 
+    if t.amp == "fp16" and device.type != "cuda":
+        raise CaptionerError("train.amp=fp16 needs a CUDA GPU; on the CPU use train.amp=bf16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     train_model = wrap(model, ddp, device)  # DDP averages the gradients over the ranks
+    if t.compile:  # compile the training call only: checkpoints keep the plain module's keys
+        train_model = torch.compile(train_model, dynamic=True)
     started = time.monotonic()
     n_batches = math.ceil(len(dataset) / t.batch_size)
     skipped = 0  # batches skipped for a non-finite loss (train.nonfinite=skip)
@@ -273,10 +279,11 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
                    initial=first, total=n_batches)
         for i, batch in enumerate(bar, start=first):
             batch = batch.to(device)
-            if cached:
-                out = train_model(batch.captions, raw_features=train_feats[batch.index.cpu()].to(device))
-            else:
-                out = train_model(batch.captions, images=batch.images)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                if cached:
+                    out = train_model(batch.captions, raw_features=train_feats[batch.index.cpu()].to(device))
+                else:
+                    out = train_model(batch.captions, images=batch.images)
             loss = criterion(out, batch.captions[:, 1:], batch.mask[:, 1:], words=ddp.words(batch.mask[:, 1:]))
             if ddp.any(not bool(torch.isfinite(loss.total)), device):
                 where = f"at step {step + 1} (epoch {epoch + 1}, batch {i + 1})"
@@ -291,10 +298,12 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
                                         f"{t.max_skipped}); stopping. The last good checkpoint is kept.")
                 continue
             opt.zero_grad(set_to_none=True)
-            loss.total.backward()
+            scaler.scale(loss.total).backward()
             if t.grad_clip > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             sums.update(n=1, loss=loss.total.item(), xent=loss.xent.item())
             if step % t.log_every == 0:

@@ -72,3 +72,32 @@ def test_most_common_caption_baseline():
     recs = [ImageRecord(1, None, (Caption("A red circle."), Caption("a blue square")), "train"),
             ImageRecord(2, None, (Caption("a red circle"),), "train")]
     assert most_common_caption(recs) == ["a", "red", "circle"]
+
+
+def test_bf16_mixed_precision_on_the_cpu(tiny_config):
+    result = fit(tiny_config("train.epochs=1", "train.amp=bf16"), quiet=True)
+    state = load_checkpoint(result.run_dir / "last.pt")
+    assert all(v.dtype == torch.float32 for k, v in state["model"].items() if v.is_floating_point())
+    losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses and all(loss == loss and abs(loss) < 1e3 for loss in losses)  # finite, sane
+
+
+def test_bf16_autocast_runs_the_decoder_in_bf16():
+    from captioner.config import load_config
+    from captioner.decoder import Decoder
+
+    cfg = load_config(None, ["model.attention.dim=4", "model.decoder.embed_dim=6", "model.decoder.hidden_dim=8"])
+    dec = Decoder.from_config(cfg.model, vocab_size=10, feature_dim=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dec(torch.randn(2, 7, 5), torch.randint(4, 10, (2, 5)))
+    assert out.logits.dtype == torch.bfloat16
+
+
+def test_fp16_needs_a_gpu(tiny_config):
+    from captioner.errors import CaptionerError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(CaptionerError, match="fp16 needs a CUDA GPU"):
+        fit(tiny_config("train.epochs=1", "train.amp=fp16"), quiet=True)
