@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 import torchvision
-from PIL import Image
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms import v2 as T
 
 from captioner.config import EncoderConfig
+from captioner.data.images import load_image  # noqa: F401  (re-exported: its home was here)
 from captioner.errors import ConfigError, CaptionerError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -196,16 +196,3 @@ class PositionEmbedding2D(nn.Module):
         pos = (self.rows + self.cols).flatten(0, 1)  # (L, C)
         return features + pos
 
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; a missing or unreadable file is a DataError naming it."""
-    from captioner.errors import DataError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from None

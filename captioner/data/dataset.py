@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from captioner.data.images import load_image
 from captioner.data.records import ImageRecord
-from captioner.encoder import load_image
 from captioner.vocab import Vocabulary
 
 
