@@ -51,13 +51,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    unreadable = f"{path}: not a readable checkpoint (truncated or corrupted?)"
+    try:  # a checkpoint is a zip archive: check every member's CRC before unpickling anything
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{unreadable}: {str(err)[:200]}") from None
+    if bad is not None:
+        raise CheckpointError(f"{unreadable}: member {bad} fails its CRC check") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(" Re-running `torch.load`")[0]  # not torch's advice to turn the check off
         raise CheckpointError(f"{path}: refused: it is not plain tensors and data ({first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {str(err)[:200]}") from None
+    except Exception as err:  # noqa: BLE001 - any other failure to read is a damaged file, said in one line
+        raise CheckpointError(f"{unreadable}: {type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
         raise CheckpointError(f"{path}: not a captioner checkpoint (expected keys {', '.join(REQUIRED)})")
     version = data["format_version"]

@@ -20,7 +20,8 @@ from captioner.checkpoint import load_checkpoint
 from captioner.config import Config, DecodeConfig, config_from_dict
 from captioner.decoder import Decoder, DecoderOutput
 from captioner.decoding import Decoded, beam_search, greedy
-from captioner.encoder import Encoder, PositionEmbedding2D, load_image
+from captioner.data.images import load_image, to_rgb
+from captioner.encoder import Encoder, PositionEmbedding2D
 from captioner.errors import CheckpointError, ConfigError
 from captioner.vocab import Vocabulary
 
@@ -162,7 +163,7 @@ class Captioner(nn.Module):
         results: list[CaptionResult] = []
         for k in range(0, len(items), batch_size):
             chunk = items[k:k + batch_size]
-            pixels = torch.stack([tf(im.convert("RGB") if isinstance(im, Image.Image) else load_image(im)) for im in chunk])
+            pixels = torch.stack([tf(to_rgb(im) if isinstance(im, Image.Image) else load_image(im)) for im in chunk])
             dec = self.generate(images=pixels.to(self.device), max_len=max_len, beam_size=beam_size,
                                 length_penalty=decode.length_penalty)
             for i in range(len(chunk)):

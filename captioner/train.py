@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.config import Config, TrainConfig, config_to_dict, save_config
 from captioner.data import load_split
+from captioner.data.cache import default_cache_dir, open_cache
 from captioner.data.dataset import CaptionDataset, collate_captions
+from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
 from captioner.errors import CaptionerError, CheckpointError
 from captioner.losses import CaptionLoss
@@ -175,6 +177,16 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     val_records = load_split(cfg.data, "val")
     if t.val_images:
         val_records = val_records[: t.val_images]
+    for name in ("train", "val"):  # a fast pre-check: unreadable images stop the run now, or are skipped
+        found = check_images(train_records if name == "train" else val_records, policy=cfg.data.bad_images,
+                             workers=cfg.data.num_workers, progress=progress)
+        if found.bad:
+            log.say(f"{name}: {found.summary()}; skipped (data.bad_images=skip)")
+            log.record({"split": name, "skipped_images": [[str(p), reason] for p, reason in found.bad]})
+        if name == "train":
+            train_records = found.good
+        else:
+            val_records = found.good
     vocab = Vocabulary.build((c.text for r in train_records for c in r.captions), min_count=cfg.vocab.min_count,
                              max_size=cfg.vocab.max_size)
 
@@ -215,11 +227,18 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
 
     cached = model.encoder.frozen and t.cache_features
     train_feats = val_feats = None
-    if cached:
-        train_feats = encode_records(model, train_records, num_workers=cfg.data.num_workers, progress=progress,
-                                     desc="encode train")
-        val_feats = encode_records(model, val_records, num_workers=cfg.data.num_workers, progress=progress,
-                                   desc="encode val")
+    if cached:  # encode each image once: from the on-disk cache if there is one, else now, in memory
+        folder = default_cache_dir(cfg)
+        train_feats = open_cache(folder, model.encoder, train_records, split="train")
+        val_cache = open_cache(folder, model.encoder, load_split(cfg.data, "val"), split="val")
+        if train_feats is not None and val_cache is not None:
+            val_feats = val_cache[torch.arange(len(val_records))]
+            log.say(f"features from the cache {folder}")
+        else:
+            train_feats = encode_records(model, train_records, num_workers=cfg.data.num_workers,
+                                         progress=progress, desc="encode train")
+            val_feats = encode_records(model, val_records, num_workers=cfg.data.num_workers, progress=progress,
+                                       desc="encode val")
     dataset = CaptionDataset(train_records, vocab, max_len=cfg.vocab.max_len,
                              transform=None if cached else model.encoder.transform())
 
