@@ -81,6 +81,8 @@ class DataConfig:
         bad_images: what a fast pre-check does with unreadable images before training:
             ``error`` stops with the file and the reason; ``skip`` leaves them out, counted
             and listed in the run's log.
+        feature_cache: the on-disk feature cache of a frozen encoder ("": ``<root>/features/
+            <backbone>-<weights>-<layer>-<size>``); written by ``captioner features extract``.
     """
 
     format: str = "shapes"
@@ -94,6 +96,7 @@ class DataConfig:
     max_images: int = 0
     num_workers: int = 0
     bad_images: str = "error"
+    feature_cache: str = ""
 
     def __post_init__(self) -> None:
         _choice(self.format, "format", FORMATS)
