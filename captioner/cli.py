@@ -4,6 +4,9 @@
     captioner train CONFIG [key=value ...]              train (e.g. configs/shapes_soft.yaml)
     captioner caption IMAGE... --checkpoint CKPT       print one caption per image
     captioner evaluate CKPT --split test --beam 5      COCO caption metrics + attention correctness
+    captioner visualize IMAGE... --checkpoint CKPT --out DIR   per-word attention heatmaps (PNG)
+    captioner report CKPT --images IMAGE... --out DIR  an HTML page: n-best captions, hover a word
+    captioner demo                                      data, training, evaluation, heatmaps, report
 
 A mistake in the user's input (a file, a key, a value) prints one line, ``error: ...``,
 and exits with code 2; ``--debug`` shows the traceback instead.
@@ -24,6 +27,9 @@ EXAMPLES = """examples:
   captioner caption photo.jpg --checkpoint runs/shapes_soft/best.pt
   captioner evaluate runs/shapes_soft/best.pt --split test --beam 5
   captioner data shapes --out data/shapes --n 3000 --seed 0
+  captioner visualize photo.jpg --checkpoint runs/shapes_soft/best.pt --out attention --beam 3
+  captioner report runs/shapes_soft/best.pt --images data/shapes/test --max-images 8 --out report
+  captioner demo
 """
 
 
@@ -90,6 +96,70 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_files(paths: list[str], limit: int = 0) -> list[Path]:
+    """Image files from files and folders (a folder's images in name order); the first ``limit`` (0: all)."""
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    files: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CaptionerError(f"image not found: {path}")
+    if not files:
+        raise CaptionerError(f"no images in {', '.join(paths)}")
+    return files[:limit] if limit else files
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from captioner.model import Captioner
+    from captioner.visualize import visualize_images
+
+    images = _image_files(args.images)
+    if args.beam is not None and args.beam < 1:
+        raise CaptionerError(f"--beam must be >= 1; got {args.beam}")
+    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    done = visualize_images(model, images, args.out, beam_size=args.beam, caption=args.caption,
+                            max_len=args.max_len, smooth=args.smooth, progress=True)
+    for item in done:
+        print(f"{item.image}\t{item.result.text}\t{item.figure}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from captioner.model import Captioner
+    from captioner.report import write_report
+
+    images = _image_files(args.images, args.max_images)
+    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    path = write_report(model, images, args.out, beam_size=args.beam, n_best=args.n_best, max_len=args.max_len,
+                        metrics=args.metrics, checkpoint=args.checkpoint, smooth=args.smooth, progress=True)
+    print(f"wrote {path} ({len(images)} images, beam {args.beam}); open it in a browser")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from captioner.demo import run_demo
+
+    result = run_demo(out=args.out, tiny=args.tiny, fresh=args.fresh, minutes=args.minutes,
+                      eval_images=args.eval_images, images=args.images, beam_size=args.beam,
+                      overrides=args.overrides)
+    print(result.summary())
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from captioner.config import load_config
+    from captioner.data.cache import extract_for_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    folder = extract_for_config(cfg, args.splits, progress=True)
+    print(f"features of {', '.join(args.splits)} written to {folder}; training with this config uses them")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captioner", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -147,6 +217,64 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-spice", action="store_true", help="skip SPICE")
     ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ev.set_defaults(func=_cmd_evaluate)
+
+    feats = sub.add_parser("features", help="cache a frozen encoder's features on disk")
+    feats_sub = feats.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ext = feats_sub.add_parser("extract", help="encode every image of the splits once",
+                               description="Run the config's frozen encoder once over each split and store the "
+                                           "annotation vectors (float16, memory-mapped shards, with a manifest) in "
+                                           "data.feature_cache or <data.root>/features/...; training with the "
+                                           "same config then reads them instead of encoding images.")
+    ext.add_argument("config", help="YAML config file")
+    ext.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    ext.add_argument("--splits", nargs="+", default=["train", "val"], choices=("train", "val", "test"),
+                     help="splits to encode (default: train val)")
+    ext.set_defaults(func=_cmd_features)
+
+    vis = sub.add_parser("visualize", help="draw where the model looked, word by word (PNG per image)",
+                         description="Caption each image (or read --caption with teacher forcing) and write "
+                                     "OUT/<image name>.png: the image, then one panel per word with its attention "
+                                     "map over the whole original image and the gate value beta.")
+    vis.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    vis.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by captioner train")
+    vis.add_argument("--out", required=True, help="output folder for the PNGs")
+    vis.add_argument("--beam", type=int, default=None, help="beam size (default: the config's decode.beam_size; 1 is greedy)")
+    vis.add_argument("--caption", default=None, help='draw the attention for this caption instead (e.g. "a red circle")')
+    vis.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
+    vis.add_argument("--smooth", type=float, default=0.0, help="Gaussian smoothing of the maps in grid cells (default 0)")
+    vis.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    vis.set_defaults(func=_cmd_visualize)
+
+    rep = sub.add_parser("report", help="write a self-contained HTML report: n-best captions, hover a word",
+                         description="Beam-search each image and write OUT/report.html, one static file (images "
+                                     "and maps inline; no server, no network): per image the n-best captions with "
+                                     "their log-probabilities; hover or click a word to see its attention map.")
+    rep.add_argument("checkpoint", help="a checkpoint written by captioner train")
+    rep.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="image files or folders")
+    rep.add_argument("--out", required=True, help="output folder (gets report.html)")
+    rep.add_argument("--beam", type=int, default=3, help="beam size (default 3)")
+    rep.add_argument("--n-best", type=int, default=None, help="captions per image (default: the beam size)")
+    rep.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
+    rep.add_argument("--max-images", type=int, default=0, help="the first N images only (default: all)")
+    rep.add_argument("--metrics", default=None, help="a metrics_<split>.json from captioner evaluate to show on top")
+    rep.add_argument("--smooth", type=float, default=0.0, help="initial smoothing in grid cells (a slider on the page)")
+    rep.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    rep.set_defaults(func=_cmd_report)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the shapes set in about 10 minutes",
+                          description="Generate the shapes set if absent (data/shapes), train soft attention "
+                                      "(configs/shapes_soft.yaml, a time budget), evaluate on the test split, "
+                                      "draw heatmaps of held-out images and write an HTML report. Re-running "
+                                      "reuses the data and a finished run of the same config.")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--minutes", type=float, default=7.0, help="training time budget (default 7)")
+    demo.add_argument("--eval-images", type=int, default=200, help="evaluate on the first N test images (default 200)")
+    demo.add_argument("--images", type=int, default=6, help="held-out images to draw and report (default 6)")
+    demo.add_argument("--beam", type=int, default=3, help="beam size (default 3)")
+    demo.add_argument("--fresh", action="store_true", help="delete the demo's run folder and train again")
+    demo.add_argument("--tiny", action="store_true", help="a tiny set and model, in seconds: a smoke test")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -79,3 +79,18 @@ def test_console_script_help_and_exit_code(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "captioner.cli", "train", str(tmp_path / "x.yaml")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_features_extract_command(capsys, shapes_root, tmp_path):
+    from conftest import TINY_OVERRIDES
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: c\n")
+    code, out, _ = run(capsys, "features", "extract", str(cfg), *TINY_OVERRIDES, f"data.root={shapes_root}",
+                       f"data.feature_cache={tmp_path}/cache")
+    assert code == 0 and "written to" in out
+    assert (tmp_path / "cache" / "manifest.json").is_file()
+    code, _, err = run(capsys, "features", "extract", str(cfg), *TINY_OVERRIDES, f"data.root={shapes_root}",
+                       "model.encoder.fine_tune=1", f"data.feature_cache={tmp_path}/cache2")
+    assert_one_line_error(code, err, "fine_tune")
