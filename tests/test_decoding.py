@@ -154,3 +154,22 @@ def test_sampling_temperature_and_top_k():
     assert torch.equal(top1.tokens, cold.tokens)
     hot = sample(dec, feats, max_len=5, start_id=1, end_id=2, temperature=5.0, generator=g)
     assert not torch.equal(hot.tokens[:, 0], cold.tokens[:, 0])
+
+
+def test_checking_for_the_end_less_often_changes_nothing(monkeypatch):
+    """On a GPU the loops look for 'all ended' every 8 steps (a host sync each time): the
+    captions, lengths and scores are the same as checking every step."""
+    import captioner.decoding as decoding
+
+    dec = random_decoder(7)
+    feats = torch.randn(4, L, C)
+    every_step = beam_search(dec, feats, beam_size=3, max_len=9, start_id=1, end_id=2).best()
+    g1 = greedy(dec, feats, max_len=9, start_id=1, end_id=2)
+    monkeypatch.setattr(decoding, "_sync_every", lambda device: 8)
+    sparse = beam_search(dec, feats, beam_size=3, max_len=9, start_id=1, end_id=2).best()
+    g8 = greedy(dec, feats, max_len=9, start_id=1, end_id=2)
+    for a, b in ((every_step, sparse), (g1, g8)):
+        T = a.tokens.shape[1]
+        assert torch.equal(a.tokens, b.tokens[:, :T]) and (b.tokens[:, T:] == 0).all()
+        assert torch.equal(a.lengths, b.lengths)
+        torch.testing.assert_close(a.scores, b.scores)
