@@ -75,7 +75,8 @@ def _next_log_probs(logits: Tensor, *, banned: tuple[int, ...], end_id: int, for
         forced = torch.full_like(logp, float("-inf"))
         forced[:, end_id] = logp[:, end_id]
         return forced
-    logp[:, list(banned)] = float("-inf")
+    for token in banned:  # scalar writes: no index tensor built (and copied to the GPU) every step
+        logp[:, token] = float("-inf")
     return logp
 
 

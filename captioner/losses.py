@@ -50,7 +50,9 @@ class LossOutput:
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """logits (B, T, V), targets (B, T), mask (B, T) -> (mean per real token, per-caption sum (B,))."""
-    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none") * mask  # (B, T)
+    B, T, V = logits.shape
+    flat = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T), reduction="none")  # (B*T,)
+    nll = flat.view(B, T) * mask  # (B, T); flat logits: ~3x faster than (B, V, T) on the CPU
     return nll.sum() / mask.sum().clamp(min=1), nll.sum(dim=1)
 
 
