@@ -1,0 +1,125 @@
+"""benchmarks/bench.py: the quick run writes every section, and its FLOP counts are right.
+
+The analytic count of the decoder's matmuls is what the "share of peak" ratios divide by,
+so it is checked here against torch.utils.flop_counter on tiny decoders: forward, forward
+plus backward (training), and a batched beam search.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.decoding import beam_search
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "bench.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("captioner_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_section(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--repeat", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["errors"] == {}
+    assert results["peak"]["gflops"] > 0
+    assert results["machine"]["threads"] >= 1 and results["machine"]["cpu"]
+    assert set(results["sections"]) == set(bench.SECTIONS)
+    for section, rows in results["sections"].items():
+        assert rows, section
+        for row in rows:
+            where = f"{section} {row['case']}"
+            assert row["throughput"] > 0 and row["median_s"] > 0, where
+            assert len(row["times_s"]) == (1 if section == "epoch" else 2), where  # an epoch is a whole fit()
+            assert 0 < row["gflop_needed"] <= row["gflop_executed"] * (1 + 1e-9), where
+            assert row["share_of_peak"] > 0 and row["peak_mem_mib"] > 0, where
+    assert [r["case"] for r in results["sections"]["beam"]] == ["k=1", "k=3", "k=5"]
+    assert {r["case"] for r in results["sections"]["train"]} == {"soft", "hard"}
+    assert {r["case"] for r in results["sections"]["epoch"]} == {"cache", "no cache"}
+    assert set(results["targets"]) == {"train soft", "train hard", "beam k=5"}
+    assert "% peak" in proc.stdout and "train" in proc.stdout  # the table
+
+
+def _tiny(attention: str = "soft", **flags) -> tuple:
+    dims = bench.DecoderDims(C=12, L=6, A=8, E=10, H=14, V=30, **flags)
+    s = bench.Settings(dims=dims, grid=(2, 3), batch=3, words_mean=4.0, words_std=1.5, words_min=2, max_len=6)
+    torch.manual_seed(0)
+    decoder = bench.make_decoder(s, attention, dropout=0.0)
+    return dims, s, decoder
+
+
+def _close(analytic: int, counted: int) -> None:
+    assert counted > 0
+    assert abs(analytic - counted) <= 0.02 * counted, f"analytic {analytic} vs counted {counted}"
+
+
+@pytest.mark.parametrize("attention,flags", [("soft", {}), ("hard", {}),
+                                             ("soft", {"beta_gate": False, "deep_output": False})])
+def test_decoder_flops_match_the_flop_counter_forward_and_backward(attention, flags):
+    dims, s, decoder = _tiny(attention, **flags)
+    g = torch.Generator().manual_seed(0)
+    captions, _, mask = bench.caption_batch(s, g)
+    features = bench.random_features(s.batch, s, torch.device("cpu"), g)
+    B, T = captions.shape[0], captions.shape[1] - 1
+
+    counted = bench.counted_flops(lambda: decoder(features, captions))
+    _close(sum(bench.decoder_flops(dims, tokens=B * T, images=B).values()), counted)
+
+    criterion = bench.CaptionLoss(alpha_c=1.0).train()
+
+    def train_step() -> None:
+        out = decoder(features, captions)
+        criterion(out, captions[:, 1:], mask[:, 1:]).total.backward()
+
+    counted = bench.counted_flops(train_step)
+    _close(sum(bench.decoder_flops(dims, tokens=B * T, images=B, backward=True).values()), counted)
+
+
+def test_decoder_flops_match_the_flop_counter_in_beam_search():
+    dims, s, decoder = _tiny()
+    decoder.eval()
+    bench.rig_no_early_end(decoder)
+    features = bench.random_features(2, s, torch.device("cpu"), torch.Generator().manual_seed(1))
+    K, out = 3, {}
+
+    def run() -> None:
+        out["beam"] = beam_search(decoder, features, beam_size=K, max_len=s.max_len, start_id=bench.START,
+                                  end_id=bench.END, pad_id=bench.PAD)
+
+    counted = bench.counted_flops(run)
+    steps = out["beam"].tokens.shape[-1]
+    assert steps == s.max_len + 1 and (out["beam"].lengths == s.max_len).all()  # the rig: no early <end>
+    # beam_search runs the per-image work (keys, h_0 and c_0) once per beam: B * K rows
+    _close(sum(bench.decoder_flops(dims, tokens=2 * K * steps, images=2 * K).values()), counted)
+
+
+def test_caption_batch_is_collated_like_the_data():
+    s = bench.Settings()
+    captions, words, mask = bench.caption_batch(s, torch.Generator().manual_seed(0))
+    assert captions.shape == (s.batch, int(words.max()) + 2)
+    assert (captions[:, 0] == bench.START).all()
+    assert words.min() >= s.words_min and words.max() <= s.max_len
+    assert 10 <= words.float().mean() <= 13  # COCO-like
+    for row, n, m in zip(captions, words, mask):
+        assert row[n + 1] == bench.END and (row[n + 2:] == bench.PAD).all()
+        assert (row[1:n + 1] >= 4).all()  # ordinary words, no specials
+        assert m.sum() == n + 2 and m[: n + 2].all()
