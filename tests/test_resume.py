@@ -86,7 +86,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tm
 
     def poisoned(logits, targets, mask):
         mean, per = real(logits, targets, mask)
-        return mean * float("nan"), per
+        return mean * float("nan"), per * float("nan")
 
     monkeypatch.setattr(losses, "masked_cross_entropy", poisoned)
     with pytest.raises(TrainingError, match="nan.*last good checkpoint is kept"):

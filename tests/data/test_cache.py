@@ -60,10 +60,11 @@ def test_mismatched_caches_are_refused(shapes_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_uses_an_extracted_cache(tiny_config, capsys):
-    cfg = tiny_config("train.epochs=1")
+def test_training_uses_an_extracted_cache(tiny_config, capsys, tmp_path):
+    # its own cache folder: the default, under the shared tiny shapes set, would feed every later test
+    cfg = tiny_config("train.epochs=1", f"data.feature_cache={tmp_path}/cache")
     folder = extract_for_config(cfg, ("train", "val"))
-    assert folder == default_cache_dir(cfg) and (folder / "manifest.json").is_file()
+    assert folder == default_cache_dir(cfg) == tmp_path / "cache" and (folder / "manifest.json").is_file()
     from captioner.train import fit
 
     cached = fit(cfg)
