@@ -71,7 +71,7 @@ def bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[Sequ
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
 """The keys of :attr:`MetricReport.scores`, in the order :meth:`MetricReport.table` prints them."""
 
-_DISPLAY = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
+DISPLAY_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
             "rouge_l": "ROUGE-L", "cider": "CIDEr-D", "spice": "SPICE"}
 
 # Time limits for the Java programs. METEOR and SPICE get a base (JVM start, loading their
@@ -376,10 +376,10 @@ class MetricReport:
 
     def table(self) -> str:
         """Every metric in :data:`METRICS` order, values x100 with one decimal, then the tokenizer."""
-        width = max(len(name) for name in _DISPLAY.values())
+        width = max(len(name) for name in DISPLAY_NAMES.values())
         rows = [f"{'metric':<{width}}  {'x100':>5}"]
         for key in METRICS:
-            name = _DISPLAY[key]
+            name = DISPLAY_NAMES[key]
             if key in self.scores:
                 rows.append(f"{name:<{width}}  {100 * self.scores[key]:5.1f}")
             else:

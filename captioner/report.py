@@ -33,7 +33,7 @@ from captioner.config import DecodeConfig
 from captioner.decoding import beam_search
 from captioner.encoder import load_image
 from captioner.errors import CaptionerError
-from captioner.metrics import _DISPLAY as METRIC_NAMES
+from captioner.metrics import DISPLAY_NAMES as METRIC_NAMES
 from captioner.metrics import METRICS
 from captioner.model import Captioner, CaptionResult
 from captioner.visualize import as_rgb, display_size, support_box
