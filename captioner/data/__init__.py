@@ -15,6 +15,35 @@ from captioner.errors import ConfigError
 SPLITS = ("train", "val", "test")
 
 
+def _coco(cfg: DataConfig, root: Path, spec, split: str) -> list[ImageRecord]:
+    from captioner.data.coco import load_coco
+
+    return load_coco(root / spec.captions, root / spec.images, split=split)
+
+
+def _karpathy(cfg: DataConfig, root: Path, spec, split: str) -> list[ImageRecord]:
+    from captioner.data.karpathy import load_karpathy
+
+    return load_karpathy(root / cfg.annotations, root / spec.images, split=split,
+                         restval_in_train=cfg.restval_in_train)
+
+
+def _flickr8k(cfg: DataConfig, root: Path, spec, split: str) -> list[ImageRecord]:
+    from captioner.data.flickr import load_flickr8k
+
+    return load_flickr8k(root / cfg.annotations, root / spec.captions, root / spec.images, split=split)
+
+
+def _folder(cfg: DataConfig, root: Path, spec, split: str) -> list[ImageRecord]:
+    from captioner.data.folder import load_folder
+
+    return load_folder(root / spec.captions, root / spec.images, split=split)
+
+
+# data.format -> loader(cfg, root, split spec, split); "shapes" is a generated COCO-layout set
+_LOADERS = {"shapes": _coco, "coco": _coco, "karpathy": _karpathy, "flickr8k": _flickr8k, "folder": _folder}
+
+
 def load_split(cfg: DataConfig, split: str, *, progress: bool = False) -> list[ImageRecord]:
     """The records of one split of the configured data set.
 
@@ -29,23 +58,7 @@ def load_split(cfg: DataConfig, split: str, *, progress: bool = False) -> list[I
 
         ensure_shapes(root, n=cfg.shapes.n, seed=cfg.shapes.seed, image_size=cfg.shapes.image_size,
                       progress=progress)
-    if cfg.format in ("shapes", "coco"):
-        from captioner.data.coco import load_coco
-
-        records = load_coco(root / spec.captions, root / spec.images, split=split)
-    elif cfg.format == "karpathy":
-        from captioner.data.karpathy import load_karpathy
-
-        records = load_karpathy(root / cfg.annotations, root / spec.images, split=split,
-                                restval_in_train=cfg.restval_in_train)
-    elif cfg.format == "flickr8k":
-        from captioner.data.flickr import load_flickr8k
-
-        records = load_flickr8k(root / cfg.annotations, root / spec.captions, root / spec.images, split=split)
-    else:  # folder
-        from captioner.data.folder import load_folder
-
-        records = load_folder(root / spec.captions, root / spec.images, split=split)
+    records = _LOADERS[cfg.format](cfg, root, spec, split)
     return records[: cfg.max_images] if cfg.max_images else records
 
 

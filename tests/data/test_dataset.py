@@ -31,3 +31,10 @@ def test_feature_mode_loads_no_pixels(tmp_path):
     ds = CaptionDataset(records, Vocabulary(["a", "dog"]), max_len=5)
     batch = collate_captions([ds[0]])
     assert batch.images is None and batch.captions.shape == (1, 4)
+
+
+def test_every_config_format_has_a_loader():
+    from captioner.config import FORMATS
+    from captioner.data import _LOADERS
+
+    assert set(_LOADERS) == set(FORMATS)
