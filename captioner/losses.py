@@ -128,8 +128,3 @@ class CaptionLoss(nn.Module):
                 self.baseline.update(reward)
         return LossOutput(total=total, xent=xent.detach(), dsr=dsr.detach(), reinforce=reinforce.detach(),
                           entropy=entropy.detach(), nll=nll.detach())
-
-
-def caption_loss(out: DecoderOutput, targets: Tensor, mask: Tensor, *, alpha_c: float = 1.0) -> LossOutput:
-    """The objective without stochastic-attention state (cross-entropy + doubly stochastic)."""
-    return CaptionLoss(alpha_c=alpha_c).eval()(out, targets, mask)

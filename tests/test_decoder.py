@@ -3,7 +3,7 @@ import torch
 
 from captioner.config import load_config
 from captioner.decoder import Decoder
-from captioner.losses import caption_loss, doubly_stochastic, masked_cross_entropy
+from captioner.losses import CaptionLoss, doubly_stochastic, masked_cross_entropy
 
 B, L, C, V = 3, 10, 8, 20
 
@@ -55,7 +55,7 @@ def test_gradients_reach_every_parameter(flags):
     dec = make_decoder(*flags).train()
     caps = torch.randint(4, V, (B, 6))
     out = dec(torch.randn(B, L, C), caps)
-    caption_loss(out, caps[:, 1:], torch.ones(B, 5, dtype=torch.bool), alpha_c=1.0).total.backward()
+    CaptionLoss(alpha_c=1.0)(out, caps[:, 1:], torch.ones(B, 5, dtype=torch.bool)).total.backward()
     for name, p in dec.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
