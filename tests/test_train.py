@@ -101,3 +101,21 @@ def test_fp16_needs_a_gpu(tiny_config):
         pytest.skip("this machine has a GPU")
     with pytest.raises(CaptionerError, match="fp16 needs a CUDA GPU"):
         fit(tiny_config("train.epochs=1", "train.amp=fp16"), quiet=True)
+
+
+def test_train_amp_setting_reaches_the_training_step(tiny_config, monkeypatch):
+    """fit enters autocast with the configured dtype (a trainer that ignored train.amp would fail)."""
+    seen = []
+    real = torch.autocast
+
+    def recording(device_type, dtype=None, enabled=True, **kw):
+        seen.append((device_type, dtype, enabled))
+        return real(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    monkeypatch.setattr(torch, "autocast", recording)
+    fit(tiny_config("train.epochs=1", "train.amp=bf16", "train.max_steps=2"), quiet=True)
+    assert ("cpu", torch.bfloat16, True) in seen
+    seen.clear()
+    fit(tiny_config("train.epochs=1", "train.max_steps=2", "train.out_dir=" + str(tiny_config().train.out_dir) + "_fp32"),
+        quiet=True)
+    assert seen and all(not enabled for _, _, enabled in seen)
