@@ -41,6 +41,18 @@ def save_checkpoint(path: str | Path, data: dict[str, Any]) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writers killed mid-save (SIGKILL, power loss) left in
+    ``folder``: ``<name>.pt.<random>.tmp``, the pattern :func:`save_checkpoint` uses. Call it
+    when a run starts, before anything writes there; returns the files removed."""
+    removed = []
+    for stale in sorted(Path(folder).glob("*.pt.*.tmp")):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely on the CPU.
 

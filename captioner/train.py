@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from captioner.config import Config, TrainConfig, config_to_dict, save_config
 from captioner.data import load_split
 from captioner.data.cache import default_cache_dir, open_cache
@@ -171,6 +171,9 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     log = _Log(run_dir / "metrics.jsonl", quiet or not ddp.is_main, write=ddp.is_main)
+    if ddp.is_main:
+        for stale in remove_stale_temporaries(run_dir):
+            log.say(f"removed {stale.name}: a checkpoint write that a killed run left unfinished")
     progress = t.progress and not quiet and ddp.is_main
 
     train_records = load_split(cfg.data, "train", progress=progress)

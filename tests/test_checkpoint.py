@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from captioner.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from captioner.checkpoint import FORMAT_VERSION, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from captioner.config import config_to_dict, load_config
 from captioner.errors import CheckpointError
 from captioner.model import Captioner
@@ -30,6 +30,17 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
         save_checkpoint(path, plain(bad=lambda: 0))  # a lambda cannot be saved
     assert load_checkpoint(path)["model"]["w"].sum() == 2
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", plain())
+    (tmp_path / "last.pt.k3x9.tmp").write_bytes(b"half a checkpoint")  # what SIGKILL mid-save leaves
+    (tmp_path / "best.pt.q1.tmp").write_bytes(b"")
+    (tmp_path / "notes.tmp").write_text("a user's file")  # not ours: kept
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == ["best.pt.q1.tmp", "last.pt.k3x9.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+    assert load_checkpoint(tmp_path / "last.pt")["model"]["w"].sum() == 2
 
 
 def test_missing_truncated_and_garbage_files(tmp_path):
