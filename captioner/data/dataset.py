@@ -1,17 +1,24 @@
 """Datasets and collate.
 
-- :class:`CaptionDataset`: one sample per (image, caption), for training.
+- :class:`CaptionDataset`: one sample per (image, caption), for training from cached
+  features (or, with ``train.captions_per_image: 0``, from pixels, each caption encoding
+  its image anew).
+- :class:`ImageCaptionsDataset`: one sample per image with up to k of its captions, for
+  training from pixels: each image is loaded and encoded once per epoch, and its features
+  are repeated to its captions (``CaptionBatch.image_index``).
 - :class:`ImageDataset`: one sample per image, for encoding and evaluation (the references
   stay on the records).
 
 Samples carry the image's index into the record list, so a batch can take its features
 from a cache instead of pixels. Collate pads, and returns lengths and masks; it never sorts.
 
-Letters: B batch, T caption length (with ``<start>``/``<end>``).
+Letters: B batch (captions), U images in the batch, T caption length (with
+``<start>``/``<end>``), S image side.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,11 +36,13 @@ class CaptionBatch:
     """A padded training batch.
 
     Attributes:
-        index: (B,) image indices into the record list.
+        index: (B,) each caption's image index into the record list.
         captions: (B, T) token ids, ``<pad>`` after ``<end>``.
         lengths: (B,) tokens per caption, ``<start>`` and ``<end>`` included.
         mask: (B, T) True on real tokens.
-        images: (B, 3, S, S) pixels, or None when features come from a cache.
+        images: pixels, or None when features come from a cache: (B, 3, S, S), one per
+            caption, when ``image_index`` is None, else (U, 3, S, S), one per image.
+        image_index: (B,) each caption's row in ``images`` (None: row b is caption b's image).
     """
 
     index: Tensor
@@ -41,10 +50,12 @@ class CaptionBatch:
     lengths: Tensor
     mask: Tensor
     images: Tensor | None = None
+    image_index: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "CaptionBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return CaptionBatch(move(self.index), move(self.captions), move(self.lengths), move(self.mask), move(self.images))
+        return CaptionBatch(move(self.index), move(self.captions), move(self.lengths), move(self.mask),
+                            move(self.images), move(self.image_index))
 
 
 def pad_captions(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,6 +97,79 @@ def collate_captions(samples: list[tuple[int, list[int], Tensor | None]]) -> Cap
     captions, lengths, mask = pad_captions(tokens)
     pixels = torch.stack(images) if images[0] is not None else None
     return CaptionBatch(torch.tensor(index), captions, lengths, mask, pixels)
+
+
+def choose_captions(n: int, k: int, *, seed: int, epoch: int, index: int) -> list[int]:
+    """Which of an image's ``n`` captions it contributes in ``epoch``: all of them when
+    ``n <= k``, else a random subset of ``k`` (in their original order).
+
+    The draw is a function of (seed, epoch, index) alone, from its own generator: the same in
+    every process and DataLoader worker, and in a run resumed mid-epoch, and it never touches
+    the global RNG.
+    """
+    if n <= k:
+        return list(range(n))
+    rng = random.Random(f"captions/{seed}/{epoch}/{index}")  # str seeds hash with sha512: stable everywhere
+    return sorted(rng.sample(range(n), k))
+
+
+class ImageCaptionsDataset(Dataset):
+    """One sample per image: its pixels and up to ``captions_per_image`` of its captions.
+
+    An image with more captions than that contributes a different random subset each epoch
+    (see :func:`choose_captions`); call :meth:`set_epoch` before each epoch's loader is made.
+
+    Args:
+        records: the split's images.
+        vocab: encodes the captions.
+        max_len: words kept per caption.
+        captions_per_image: k, at least 1.
+        seed: with the epoch and the image's index, picks the captions.
+        transform: PIL image -> tensor; None to return no pixels.
+
+    Raises:
+        ValueError: when ``captions_per_image`` is below 1.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, *, max_len: int, captions_per_image: int,
+                 seed: int = 0, transform: Callable | None = None) -> None:
+        if captions_per_image < 1:
+            raise ValueError(f"captions_per_image must be >= 1; got {captions_per_image}")
+        self.records, self.transform = records, transform
+        self.k, self.seed, self.epoch = captions_per_image, seed, 0
+        self.images = [i for i, r in enumerate(records) if r.captions]  # an image without captions teaches nothing
+        self.tokens = [[vocab.encode(c.text, max_len=max_len) for c in records[i].captions] for i in self.images]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the captions of ``epoch`` (0-based) from now on."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def captions_in_epoch(self) -> int:
+        """Captions one pass over the data set yields."""
+        return sum(min(len(t), self.k) for t in self.tokens)
+
+    def __getitem__(self, k: int) -> tuple[int, list[list[int]], Tensor | None]:
+        """-> (the image's index into the records, its captions' token ids this epoch, pixels or None)."""
+        index, own = self.images[k], self.tokens[k]
+        chosen = choose_captions(len(own), self.k, seed=self.seed, epoch=self.epoch, index=index)
+        image = self.transform(load_image(self.records[index].path)) if self.transform else None
+        return index, [own[j] for j in chosen], image
+
+
+def collate_image_captions(samples: list[tuple[int, list[list[int]], Tensor | None]]) -> CaptionBatch:
+    """Images with their captions -> a batch of B captions over U images: ``images``
+    (U, 3, S, S), ``image_index`` (B,) each caption's image row, ``index`` (B,) its record."""
+    index, tokens, image_index = [], [], []
+    for row, (i, caps, _) in enumerate(samples):
+        index += [i] * len(caps)
+        image_index += [row] * len(caps)
+        tokens += caps
+    captions, lengths, mask = pad_captions(tokens)
+    pixels = torch.stack([image for _, _, image in samples]) if samples[0][2] is not None else None  # (U, 3, S, S)
+    return CaptionBatch(torch.tensor(index), captions, lengths, mask, pixels, torch.tensor(image_index))
 
 
 class ImageDataset(Dataset):
