@@ -126,9 +126,20 @@ class Captioner(nn.Module):
         """images (B, 3, S, S) -> annotation vectors (B, L, C)."""
         return self.features(self.encoder(images))
 
-    def forward(self, captions: Tensor, *, images: Tensor | None = None, raw_features: Tensor | None = None) -> DecoderOutput:
-        """Teacher-forced pass from pixels or from cached raw encoder features."""
-        feats = self.features(raw_features) if raw_features is not None else self.encode(images)
+    def forward(self, captions: Tensor, *, images: Tensor | None = None, raw_features: Tensor | None = None,
+                image_index: Tensor | None = None) -> DecoderOutput:
+        """Teacher-forced pass from pixels or from cached raw encoder features.
+
+        Args:
+            captions: (B, T) token ids.
+            images: (U, 3, S, S) pixels; ignored when ``raw_features`` is given.
+            raw_features: (U, L, C) cached raw encoder output.
+            image_index: (B,) each caption's row of ``images`` / ``raw_features``, so that an
+                image with several captions is encoded once; None: U == B, row b for caption b.
+        """
+        feats = self.features(raw_features) if raw_features is not None else self.encode(images)  # (U, L, C)
+        if image_index is not None:
+            feats = feats[image_index]  # (B, L, C); the backward sums each image's gradients over its captions
         return self.decoder(feats, captions)
 
     @torch.no_grad()

@@ -1,0 +1,64 @@
+"""Captioner.forward: an image with several captions is encoded once and its features
+repeated by ``image_index``, with the same values and gradients as encoding it per caption."""
+
+import pytest
+import torch
+
+from captioner.config import load_config
+from captioner.model import Captioner
+from captioner.vocab import Vocabulary
+
+
+def tiny_model(*overrides: str) -> Captioner:
+    cfg = load_config(None, [
+        "model.encoder.backbone=resnet18", "model.encoder.weights=null", "model.encoder.layer=layer1",
+        "model.encoder.image_size=32", "model.encoder.positional=true", "model.encoder.fine_tune=1",
+        "model.attention.dim=8", "model.decoder.embed_dim=8", "model.decoder.hidden_dim=12",
+        "model.decoder.dropout=0.0", *overrides])
+    torch.manual_seed(0)
+    return Captioner.from_config(cfg, Vocabulary(["a", "red", "blue", "circle", "square"]), load_weights=False)
+
+
+def loss_and_grads(model: Captioner, captions: torch.Tensor, weights: torch.Tensor, **inputs) -> tuple:
+    """A weighted sum of the logits (so that every caption's share differs) and its gradients."""
+    model.zero_grad(set_to_none=True)
+    out = model(captions, **inputs)
+    (out.logits * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("mode, image_index", [
+    ("eval", [0, 0, 1, 2, 2, 2]),  # uneven: BatchNorm uses its running statistics
+    ("train", [0, 0, 1, 1, 2, 2]),  # even: the batch statistics of U images equal those of them repeated
+])
+def test_image_index_equals_repeated_images(mode, image_index):
+    model = tiny_model()
+    model.train(mode == "train")
+    image_index = torch.tensor(image_index)
+    images = torch.randn(3, 3, 32, 32)
+    captions = torch.randint(4, len(model.vocab), (len(image_index), 6))
+    weights = torch.randn(len(image_index), 5, len(model.vocab))  # logits: (B, T - 1, V) for 6 tokens
+
+    indexed, grads_indexed = loss_and_grads(model, captions, weights, images=images, image_index=image_index)
+    repeated, grads_repeated = loss_and_grads(model, captions, weights, images=images[image_index])
+
+    torch.testing.assert_close(indexed.logits, repeated.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(indexed.alphas, repeated.alphas, rtol=1e-4, atol=1e-5)
+    tuned = {n for n, p in model.encoder.named_parameters(prefix="encoder") if p.requires_grad}
+    assert tuned and tuned <= set(grads_indexed)  # the gradient reaches the fine-tuned encoder
+    assert all(grads_indexed[n].abs().sum() > 0 for n in tuned)
+    assert set(grads_indexed) == set(grads_repeated)
+    for name in grads_indexed:
+        torch.testing.assert_close(grads_indexed[name], grads_repeated[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_image_index_on_cached_features():
+    model = tiny_model("model.encoder.fine_tune=0").eval()
+    raw = torch.randn(2, model.encoder.num_locations, model.encoder.feature_dim)
+    captions = torch.randint(4, len(model.vocab), (3, 5))
+    image_index = torch.tensor([1, 0, 1])
+    a = model(captions, raw_features=raw, image_index=image_index)
+    b = model(captions, raw_features=raw[image_index])
+    torch.testing.assert_close(a.logits, b.logits)
+    assert a.logits.shape[0] == 3
