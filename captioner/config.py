@@ -260,6 +260,11 @@ class TrainConfig:
         compile: ``torch.compile`` the training step's model (worth it on a GPU; slow to start on a CPU).
         cache_features: with a frozen encoder, encode each image once and train on the
             stored features.
+        captions_per_image: k: when pixels go through the encoder during training (a fine-tuned
+            encoder, or ``cache_features: false``), a batch holds ``max(1, batch_size // k)``
+            images, each with up to k of its captions (a random subset, drawn anew every epoch,
+            when it has more), and each image is encoded once per epoch. 0: one sample per
+            caption, every caption encoding its image anew (five times per epoch on COCO).
         out_dir: the run folder; ``{name}`` is replaced by the config's name.
         resume: a checkpoint to resume from ("" : none; "auto": the run folder's last.pt if any).
             A resumed run continues at the exact batch, with the RNG, optimizer, scheduler and
@@ -292,6 +297,7 @@ class TrainConfig:
     amp: str = "none"
     compile: bool = False
     cache_features: bool = True
+    captions_per_image: int = 5
     seed: int = 0
     device: str = "auto"
     out_dir: str = "runs/{name}"
@@ -319,6 +325,8 @@ class TrainConfig:
         _choice(self.amp, "amp", ("none", "bf16", "fp16"))
         _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
         _check(self.max_skipped >= 0, "max_skipped", f"must be >= 0; got {self.max_skipped}")
+        _check(self.captions_per_image >= 0, "captions_per_image",
+               f"must be >= 0 (0: one sample per caption); got {self.captions_per_image}")
         _choice(self.val_metric, "val_metric", ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l"))
 
 

@@ -2,7 +2,10 @@
 
 ``fit(cfg)`` is the whole job behind ``captioner train``. With a frozen encoder (the
 paper's setting) each image is encoded once, before the first epoch, and the epochs run on
-the stored features; with a fine-tuned encoder every batch is encoded anew.
+the stored features. When pixels go through the encoder in the training step (a fine-tuned
+encoder, or ``train.cache_features: false``) a batch is made of images, each with up to
+``train.captions_per_image`` of its captions, so each image is encoded once per epoch, not
+once per caption.
 
 Validation decodes greedily (no teacher forcing) with the evaluation's own code and scores
 BLEU-1..4, ROUGE-L and CIDEr-D (pure Python, no Java); ``train.val_metric`` (CIDEr-D by
@@ -29,10 +32,10 @@ from captioner.checkpoint import load_checkpoint, remove_stale_temporaries, save
 from captioner.config import Config, TrainConfig, config_to_dict, save_config
 from captioner.data import load_split
 from captioner.data.cache import default_cache_dir, open_cache
-from captioner.data.dataset import CaptionDataset, collate_captions
+from captioner.data.dataset import CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
 from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
-from captioner.errors import CaptionerError, CheckpointError
+from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.losses import CaptionLoss
 from captioner.distributed import finish, init_distributed, max_parameter_difference, shard, wrap
 from captioner.evaluate import decode_records, encode_records, references
@@ -109,11 +112,19 @@ def _scheduler(cfg: Config, opt: torch.optim.Optimizer):
     return None
 
 
-def epoch_order(n: int, t: TrainConfig, epoch: int, first_batch: int = 0) -> list[int]:
+def epoch_order(n: int, t: TrainConfig, epoch: int, first_batch: int = 0, *, batch_size: int | None = None) -> list[int]:
     """The shuffled sample order of ``epoch``: a function of (seed, epoch) alone, so a run
-    resumed mid-epoch sees the same batches; the first ``first_batch`` batches are left out."""
+    resumed mid-epoch sees the same batches; the first ``first_batch`` batches of
+    ``batch_size`` samples (default ``t.batch_size``; images when batches are made of images)
+    are left out."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch))
-    return order[first_batch * t.batch_size:].tolist()
+    return order[first_batch * (batch_size or t.batch_size):].tolist()
+
+
+def images_per_batch(t: TrainConfig) -> int:
+    """Images in a global batch made of images with up to ``t.captions_per_image`` captions
+    each: about ``t.batch_size`` captions in all."""
+    return max(1, t.batch_size // t.captions_per_image)
 
 
 def _trainer_state(ckpt: dict, source: str) -> dict:
@@ -242,8 +253,28 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
                                          progress=progress, desc="encode train")
             val_feats = encode_records(model, val_records, num_workers=cfg.data.num_workers, progress=progress,
                                        desc="encode val")
-    dataset = CaptionDataset(train_records, vocab, max_len=cfg.vocab.max_len,
-                             transform=None if cached else model.encoder.transform())
+    # What a loader sample is: a caption (cached features are looked up by its image's index,
+    # or train.captions_per_image=0 encodes its image anew) or an image with up to k captions
+    # (encoded once per epoch, its features repeated to its captions by batch.image_index).
+    per_image = not cached and t.captions_per_image > 0
+    if per_image:
+        dataset = ImageCaptionsDataset(train_records, vocab, max_len=cfg.vocab.max_len,
+                                       captions_per_image=t.captions_per_image, seed=t.seed,
+                                       transform=model.encoder.transform())
+        collate, batch_size = collate_image_captions, images_per_batch(t)
+        if batch_size % ddp.world:
+            raise ConfigError(f"train.batch_size={t.batch_size} with train.captions_per_image={t.captions_per_image} "
+                              f"makes global batches of {batch_size} images, which must be a multiple of the "
+                              f"{ddp.world} processes")
+        log.say(f"batches of {batch_size} images x up to {t.captions_per_image} captions "
+                f"({dataset.captions_in_epoch()} captions per epoch): each image encoded once per epoch")
+    else:
+        dataset = CaptionDataset(train_records, vocab, max_len=cfg.vocab.max_len,
+                                 transform=None if cached else model.encoder.transform())
+        collate, batch_size = collate_captions, t.batch_size
+        log.say(f"batches of {batch_size} captions: "
+                + ("each image encoded once per run" if cached else
+                   "each image encoded once per caption (train.captions_per_image=0)"))
 
     refs = references(val_records)
     metric = t.val_metric
@@ -284,16 +315,19 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     if t.compile:  # compile the training call only: checkpoints keep the plain module's keys
         train_model = torch.compile(train_model, dynamic=True)
     started = time.monotonic()
-    n_batches = math.ceil(len(dataset) / t.batch_size)
+    n_batches = math.ceil(len(dataset) / batch_size)
     skipped = 0  # batches skipped for a non-finite loss (train.nonfinite=skip)
     epoch = start_epoch
     for epoch in range(start_epoch, t.epochs):
         model.train()
         criterion.train()
         first = start_batch if epoch == start_epoch else 0
-        order = shard(epoch_order(len(dataset), t, epoch, first), batch_size=t.batch_size, ddp=ddp)
-        loader = DataLoader(dataset, batch_size=t.batch_size // ddp.world, sampler=order,
-                            num_workers=0 if cached else cfg.data.num_workers, collate_fn=collate_captions,
+        order = shard(epoch_order(len(dataset), t, epoch, first, batch_size=batch_size), batch_size=batch_size,
+                      ddp=ddp)
+        if per_image:
+            dataset.set_epoch(epoch)  # before the loader copies the dataset into its workers
+        loader = DataLoader(dataset, batch_size=batch_size // ddp.world, sampler=order,
+                            num_workers=0 if cached else cfg.data.num_workers, collate_fn=collate,
                             generator=torch.Generator())  # its own generator: the global RNG is not touched
         sums: Counter = Counter()
         stopped_at = None  # the batch where train.max_minutes ran out
@@ -304,8 +338,8 @@ def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if cached:
                     out = train_model(batch.captions, raw_features=train_feats[batch.index.cpu()].to(device))
-                else:
-                    out = train_model(batch.captions, images=batch.images)
+                else:  # image_index is None for one sample per caption
+                    out = train_model(batch.captions, images=batch.images, image_index=batch.image_index)
             loss = criterion(out, batch.captions[:, 1:], batch.mask[:, 1:], words=ddp.words(batch.mask[:, 1:]))
             if ddp.any(not bool(torch.isfinite(loss.total)), device):
                 where = f"at step {step + 1} (epoch {epoch + 1}, batch {i + 1})"

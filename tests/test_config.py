@@ -39,6 +39,8 @@ def test_null_and_bool_overrides():
     ("train.batch_size=abc", ["train.batch_size", "int", "abc"]),
     ("train.batch_size=2.5", ["train.batch_size", "int"]),
     ("train.batch_size=-4", ["train.batch_size", ">= 1"]),
+    ("train.captions_per_image=-1", ["train.captions_per_image", ">= 0"]),
+    ("train.captions_per_image=2.5", ["train.captions_per_image", "int"]),
     ("model.decoder.dropout=1.5", ["model.decoder.dropout", "[0, 1)"]),
     ("train.optimizer=adagrad", ["train.optimizer", "adam"]),
     ("data.format=imagenet", ["data.format", "coco"]),

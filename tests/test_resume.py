@@ -26,10 +26,15 @@ def assert_same_parameters(a_path, b_path):
     assert a["trainer"]["step"] == b["trainer"]["step"]
 
 
-@pytest.mark.parametrize("attention", ["soft", "hard"])
-def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(tiny_config, tmp_path, attention):
+@pytest.mark.parametrize("attention, extra", [
+    ("soft", []),
+    ("hard", []),
+    # pixels through a fine-tuned encoder: batches of 8 images x 2 of their 5 captions, drawn per epoch
+    ("soft", ["model.encoder.fine_tune=1", "train.captions_per_image=2"]),
+], ids=["soft", "hard", "fine-tuned"])
+def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(tiny_config, tmp_path, attention, extra):
     """train.max_steps stops a run after its first batch, mid-epoch; resuming finishes it."""
-    common = [f"model.attention.name={attention}", "model.decoder.dropout=0.3", "train.epochs=2"]
+    common = [f"model.attention.name={attention}", "model.decoder.dropout=0.3", "train.epochs=2", *extra]
     straight = fit(tiny_config(*common, f"train.out_dir={tmp_path}/straight"), quiet=True)
     stopped = fit(tiny_config(*common, f"train.out_dir={tmp_path}/split", "train.max_steps=1"), quiet=True)
     ckpt = load_checkpoint(stopped.run_dir / "last.pt")["trainer"]

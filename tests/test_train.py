@@ -1,11 +1,17 @@
 """End to end on a tiny shapes set: train, checkpoint, caption, resume."""
 
+import hashlib
 import json
+from collections import Counter
 
 import pytest
 import torch
+from torch import Tensor
 
 from captioner.checkpoint import load_checkpoint
+from captioner.data import load_split
+from captioner.data.images import load_image
+from captioner.encoder import Encoder
 from captioner.errors import CheckpointError
 from captioner.model import Captioner
 from captioner.train import fit, most_common_caption
@@ -40,13 +46,57 @@ def test_frozen_cache_and_pixels_give_the_same_training(tiny_config):
     """The feature cache is an optimisation only: one epoch from cached features equals one from pixels."""
     a = fit(tiny_config("train.epochs=1", "train.cache_features=true"), quiet=True)
     state_a = load_checkpoint(a.run_dir / "last.pt")["model"]
-    b = fit(tiny_config("train.epochs=1", "train.cache_features=false", f"train.out_dir={a.run_dir}_pixels"),
-            quiet=True)
+    # One sample per caption from pixels (train.captions_per_image=0): the cache's batches, encoded anew.
+    b = fit(tiny_config("train.epochs=1", "train.cache_features=false", "train.captions_per_image=0",
+                        f"train.out_dir={a.run_dir}_pixels"), quiet=True)
     state_b = load_checkpoint(b.run_dir / "last.pt")["model"]
     # Up to float rounding (the encoder sees other batch compositions; Adam magnifies 1e-7
     # differences to ~3e-5 over 10 steps); features from the wrong images would differ by ~1e-2.
     for key in state_a:
         torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def _count_training_encodes(monkeypatch) -> tuple[list[Tensor], list[int]]:
+    """Record the images the encoder sees in training steps (not validation) and the
+    captions each training step teaches."""
+    images, captions = [], []
+    encoder_forward, model_forward = Encoder.forward, Captioner.forward
+
+    def encode(self, pixels):
+        if self.training and torch.is_grad_enabled():
+            images.append(pixels.detach().clone())
+        return encoder_forward(self, pixels)
+
+    def forward(self, caps, **inputs):
+        captions.append(caps.shape[0])
+        return model_forward(self, caps, **inputs)
+
+    monkeypatch.setattr(Encoder, "forward", encode)
+    monkeypatch.setattr(Captioner, "forward", forward)
+    return images, captions
+
+
+@pytest.mark.parametrize("per_image", [5, 2, 0])
+def test_fine_tuned_training_encodes_each_image_once_per_epoch(tiny_config, monkeypatch, per_image):
+    cfg = tiny_config("train.epochs=1", "model.encoder.fine_tune=1", f"train.captions_per_image={per_image}")
+    images, captions = _count_training_encodes(monkeypatch)
+    fit(cfg, quiet=True)
+
+    records = load_split(cfg.data, "train")
+    transform = Encoder.from_config(cfg.model.encoder, load_weights=False).transform()
+    digest = lambda x: hashlib.sha1(x.numpy().tobytes()).hexdigest()
+    train_images = Counter(digest(transform(load_image(r.path))) for r in records)
+    encoded = Counter(digest(x) for batch in images for x in batch)
+    n_captions = sum(len(r.captions) for r in records)
+    assert all(len(r.captions) == 5 for r in records)  # the shapes set: five captions per image
+    if per_image:
+        assert encoded == train_images  # every train image, each exactly once in the epoch
+        per_batch = max(1, cfg.train.batch_size // per_image)
+        assert [len(b) for b in images] == [min(per_batch, len(records) - k) for k in range(0, len(records), per_batch)]
+        assert sum(captions) == len(records) * per_image  # k of each image's five captions
+    else:  # the old way: one sample per caption, each encoding its image
+        assert sum(encoded.values()) == n_captions and set(encoded) == set(train_images)
+        assert sum(captions) == n_captions
 
 
 def test_resume_continues_where_it_stopped(tiny_config):
