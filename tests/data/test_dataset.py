@@ -45,7 +45,7 @@ def test_caption_choice_is_a_function_of_seed_epoch_and_image():
         assert chosen == choose_captions(7, 3, seed=seed, epoch=epoch, index=index)  # the same every time asked
         assert len(set(chosen)) == 3 and chosen == sorted(chosen) and all(0 <= j < 7 for j in chosen)
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state  # no global draws
-    by_image = lambda seed, epoch: [draws[seed, epoch, i] for i in range(20)]  # noqa: E731
+    by_image = lambda seed, epoch: [draws[seed, epoch, i] for i in range(20)]
     assert len({tuple(map(tuple, by_image(0, e))) for e in range(4)}) == 4  # a new subset every epoch
     assert by_image(0, 0) != by_image(1, 0)  # and another one for another seed
     assert len({tuple(draws[0, 0, i]) for i in range(20)}) > 1  # images do not all draw alike
