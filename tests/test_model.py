@@ -19,10 +19,11 @@ def tiny_model(*overrides: str) -> Captioner:
     return Captioner.from_config(cfg, Vocabulary(["a", "red", "blue", "circle", "square"]), load_weights=False)
 
 
-def loss_and_grads(model: Captioner, captions: torch.Tensor, weights: torch.Tensor, **inputs) -> tuple:
-    """A weighted sum of the logits (so that every caption's share differs) and its gradients."""
+def loss_and_grads(model: Captioner, captions: torch.Tensor, **inputs) -> tuple:
+    """A fixed random weighting of the logits (so that every caption's share differs) and its gradients."""
     model.zero_grad(set_to_none=True)
     out = model(captions, **inputs)
+    weights = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(0))  # the same for both calls
     (out.logits * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
@@ -38,10 +39,9 @@ def test_image_index_equals_repeated_images(mode, image_index):
     image_index = torch.tensor(image_index)
     images = torch.randn(3, 3, 32, 32)
     captions = torch.randint(4, len(model.vocab), (len(image_index), 6))
-    weights = torch.randn(len(image_index), 5, len(model.vocab))  # logits: (B, T - 1, V) for 6 tokens
 
-    indexed, grads_indexed = loss_and_grads(model, captions, weights, images=images, image_index=image_index)
-    repeated, grads_repeated = loss_and_grads(model, captions, weights, images=images[image_index])
+    indexed, grads_indexed = loss_and_grads(model, captions, images=images, image_index=image_index)
+    repeated, grads_repeated = loss_and_grads(model, captions, images=images[image_index])
 
     torch.testing.assert_close(indexed.logits, repeated.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(indexed.alphas, repeated.alphas, rtol=1e-4, atol=1e-5)
