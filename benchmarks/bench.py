@@ -343,8 +343,10 @@ def train_step_fn(decoder: Decoder, criterion: CaptionLoss, opt: torch.optim.Opt
                   captions: torch.Tensor, mask: torch.Tensor, grad_clip: float) -> Callable[[], None]:
     """One step exactly as ``captioner.train.fit`` takes it (cached features, no encoder)."""
 
+    lengths = mask[:, 1:].sum(1)  # as Captioner.forward: no step past a caption's <end>
+
     def step() -> None:
-        out = decoder(features, captions)
+        out = decoder(features, captions, lengths=lengths)
         loss = criterion(out, captions[:, 1:], mask[:, 1:])
         if not torch.isfinite(loss.total):
             raise RuntimeError(f"non-finite loss {loss.total.item()}")
@@ -366,7 +368,8 @@ def setup_training(s: Settings, attention: str, device: torch.device, seed: int 
     tcfg = TrainConfig()
     decoder = make_decoder(s, attention).to(device).train()
     criterion = CaptionLoss.from_config(tcfg).to(device).train()
-    opt = torch.optim.Adam(decoder.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)  # as fit's _optimizer
+    opt = torch.optim.Adam(decoder.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                           fused=device.type in ("cpu", "cuda"))  # as fit's _optimizer
     step = train_step_fn(decoder, criterion, opt, features, captions.to(device), mask.to(device), tcfg.grad_clip)
     return step, captions, words
 
@@ -380,12 +383,12 @@ def bench_train(s: Settings, args, device: torch.device, peak: dict) -> list[Row
         B, T = captions.shape[0], captions.shape[1] - 1
         needed_tokens = int((words + 1).sum())  # every word and <end>
         needed = decoder_flops(s.dims, tokens=needed_tokens, images=B, backward=True)
-        executed = decoder_flops(s.dims, tokens=B * T, images=B, backward=True)
+        executed = decoder_flops(s.dims, tokens=needed_tokens, images=B, backward=True)  # no step past <end>
         med = timing.median
         rows.append(Row(
             "train", attention, "images/s", B / med, med, timing.wall, timing.median_cpu, sum(needed.values()) / 1e9,
             sum(executed.values()) / 1e9, peak_mem_mib=peak_memory_mib(device),
-            details={"batch": B, "steps": T, "tokens_needed": needed_tokens, "tokens_executed": B * T,
+            details={"batch": B, "steps": T, "tokens_needed": needed_tokens, "tokens_executed": needed_tokens,
                      "tokens_per_s": needed_tokens / med,
                      "gflop_needed_by_part": {k: round(v / 1e9, 3) for k, v in needed.items()}},
         ).finish(peak))
@@ -425,7 +428,7 @@ def bench_beam(s: Settings, args, device: torch.device, peak: dict) -> list[Row]
         ended_early = int((out.lengths < s.max_len).sum())
         tokens = B * K * steps
         needed = decoder_flops(s.dims, tokens=tokens, images=B)  # keys and h_0, c_0 once per image
-        executed = decoder_flops(s.dims, tokens=tokens, images=B * K)  # beam_search runs them per beam
+        executed = decoder_flops(s.dims, tokens=tokens, images=B)  # the K beams share each image's keys
         med = timing.median
         rows.append(Row(
             "beam", f"k={K}", "captions/s", B / med, med, timing.wall, timing.median_cpu, sum(needed.values()) / 1e9,

@@ -19,6 +19,7 @@ Letters: B batch, T steps, L locations, C feature channels, E embedding, H hidde
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,14 @@ class DecoderOutput:
     """A teacher-forced pass over T steps.
 
     Attributes:
-        logits: (B, T, V) scores for the words 1..T of the caption.
-        alphas: (B, T, L) attention weights used at each step.
-        betas: (B, T) gate values.
-        log_probs, entropies: (B, T) from a stochastic attention, else None.
+        logits: (B, T, V) scores for the words 1..T of the caption; or, when ``token_mask``
+            is set, (N, V) for just the N steps it marks, in row-major (caption, step) order
+            (what the loss needs: no output layer runs on padding).
+        alphas: (B, T, L) attention weights used at each step (zero after a caption's end
+            when the pass was given lengths).
+        betas: (B, T) gate values (likewise).
+        log_probs, entropies: (B, T) from a stochastic attention, else None (likewise).
+        token_mask: (B, T) True on the steps ``logits`` holds; None when it holds all of them.
     """
 
     logits: Tensor
@@ -65,6 +70,34 @@ class DecoderOutput:
     betas: Tensor
     log_probs: Tensor | None = None
     entropies: Tensor | None = None
+    token_mask: Tensor | None = None
+
+    def padded_logits(self) -> Tensor:
+        """(B, T, V) logits, zero on the steps a packed pass did not compute."""
+        if self.token_mask is None:
+            return self.logits
+        B, T = self.token_mask.shape
+        full = self.logits.new_zeros(B, T, self.logits.shape[-1])
+        full[self.token_mask] = self.logits
+        return full
+
+
+def _narrow(projected, n: int):
+    """The first ``n`` rows of what an attention's ``precompute`` returned: a tensor, or a
+    dataclass / tuple of them (views, no copies)."""
+    if isinstance(projected, Tensor):
+        return projected[:n]
+    if dataclasses.is_dataclass(projected):
+        return dataclasses.replace(projected, **{f.name: _narrow(getattr(projected, f.name), n)
+                                                 for f in dataclasses.fields(projected)})
+    if isinstance(projected, (tuple, list)):
+        return type(projected)(_narrow(x, n) for x in projected)
+    return projected
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """(n, ...) -> (rows, ...) with zeros below."""
+    return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
 
 
 class Decoder(nn.Module):
@@ -139,8 +172,18 @@ class Decoder(nn.Module):
 
     def _advance(self, gates_embed: Tensor, state: DecoderState, features: Tensor,
                  projected, mask: Tensor | None) -> tuple[DecoderState, AttentionOutput, Tensor, Tensor]:
-        """Attend with h_{t-1}, gate, and run the LSTM cell. Returns (state, attention, z_t, beta_t)."""
-        att = self.attention(features, projected, state.h, mask)
+        """Attend with h_{t-1}, gate, and run the LSTM cell. Returns (state, attention, z_t, beta_t).
+
+        With K times as many states as images (the beams of a beam search, K adjacent rows
+        per image) the attention gets the K queries of each image together and reads the
+        image's keys and features once; its output comes back flat, one row per state."""
+        n, B = state.h.shape[0], features.shape[0]
+        if n == B:
+            att = self.attention(features, projected, state.h, mask)
+        else:
+            att = self.attention(features, projected, state.h.view(B, n // B, -1), mask)
+            att = AttentionOutput(*(None if x is None else x.flatten(0, 1) for x in
+                                    (att.context, att.alpha, att.log_prob, att.entropy)))
         beta = torch.sigmoid(self.f_beta(state.h)) if self.f_beta is not None else None  # (B, 1)
         z = att.context * beta if beta is not None else att.context  # (B, C)
         gates = gates_embed + self.gate_context(z) + self.gate_hidden(state.h)  # (B, 4H)
@@ -160,22 +203,91 @@ class Decoder(nn.Module):
 
     def step(self, tokens: Tensor, state: DecoderState, features: Tensor, projected,
              mask: Tensor | None = None) -> StepOutput:
-        """One decoding step: previous words (B,) -> logits (B, V) for the next."""
+        """One decoding step: previous words (N,) -> logits (N, V) for the next.
+
+        N is the number of images B (features (B, L, C), ``projected`` from
+        :meth:`precompute` on them), or K * B for K hypotheses per image, image-major
+        (rows i * K .. i * K + K - 1 belong to image i): beam search then keeps one copy of
+        each image's features and keys."""
         emb = self.embed(tokens)  # (B, E)
         state, att, z, beta = self._advance(self.gate_embed(emb), state, features, projected, mask)
         return StepOutput(self._logits(emb, state.h, z), state, att, beta)
 
     # -- teacher forcing
 
-    def forward(self, features: Tensor, captions: Tensor, mask: Tensor | None = None) -> DecoderOutput:
+    def forward(self, features: Tensor, captions: Tensor, mask: Tensor | None = None,
+                lengths: Tensor | None = None) -> DecoderOutput:
         """Teacher-forced pass.
 
         Args:
             features: (B, L, C) annotation vectors.
             captions: (B, T+1) ``<start> w1 .. <end> <pad>..``; words 0..T-1 go in, 1..T are predicted.
             mask: (B, L) valid grid locations, or None for all.
+            lengths: (B,) steps that predict a real word (the words and ``<end>``), or None
+                for all T. Given, step t runs only on the captions still going (the longest
+                first, inside; outputs come back in the input order) and the output layer only
+                on real steps: the logits come packed (see :class:`DecoderOutput`). That is
+                what training does; the result on real steps is the same either way.
         """
         inputs = captions[:, :-1]  # (B, T)
+        B, T = inputs.shape
+        if lengths is None:
+            return self._forward_all(features, inputs, mask)
+        lengths = lengths.clamp(1, T)  # every caption predicts at least <end>
+        order = torch.argsort(lengths, descending=True, stable=True)
+        sorted_lengths = lengths.index_select(0, order)
+        active = (sorted_lengths.unsqueeze(0) > torch.arange(T, device=lengths.device).unsqueeze(1)).sum(1)
+        active = active.tolist()  # rows still going at each step: one host read per pass
+        if active[0] == B and active[-1] == B:  # all captions have T steps: nothing to sort or pack
+            return self._forward_all(features, inputs, mask)
+        token_mask = torch.arange(T, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+        emb = self.embed(inputs[token_mask])  # (N, E): the real steps, row-major in the input order
+        real_gates = self.gate_embed(emb)  # (N, 4H): all real steps at once
+        gates_embed = real_gates.new_zeros(B, T, real_gates.shape[-1])
+        gates_embed[token_mask] = real_gates
+        gates_embed = gates_embed.index_select(0, order)  # (B, T, 4H), longest caption first
+        features = features.index_select(0, order)
+        mask = mask.index_select(0, order) if mask is not None else None
+        projected = self.precompute(features)  # once per image
+        state = self.init_state(features)
+        hs, zs, alphas, betas, log_probs, entropies = [], [], [], [], [], []
+        for t in range(T):
+            n = active[t]
+            if n == 0:
+                break
+            if n < state.h.shape[0]:  # the shortest captions have ended: drop their rows (views)
+                state = DecoderState(state.h[:n], state.c[:n])
+                features, projected = features[:n], _narrow(projected, n)
+                mask = mask[:n] if mask is not None else None
+            state, att, z, beta = self._advance(gates_embed[:n, t], state, features, projected, mask)
+            hs.append(_pad_rows(state.h, B))
+            zs.append(_pad_rows(z, B))
+            alphas.append(_pad_rows(att.alpha, B))
+            betas.append(_pad_rows(beta, B))
+            if att.log_prob is not None:
+                log_probs.append(_pad_rows(att.log_prob, B))
+                entropies.append(_pad_rows(att.entropy, B))
+        steps = len(hs)
+        restore = torch.argsort(order)  # sorted row -> input row
+
+        def unsort(parts: list[Tensor]) -> Tensor:  # per-step (B, ...) in sorted order -> (B, T, ...) input order
+            x = torch.stack(parts, 1)
+            if steps < T:
+                x = torch.cat([x, x.new_zeros(B, T - steps, *x.shape[2:])], 1)
+            return x.index_select(0, restore)
+
+        logits = self._logits(emb, unsort(hs)[token_mask], unsort(zs)[token_mask])  # (N, V)
+        return DecoderOutput(
+            logits=logits,
+            alphas=unsort(alphas),
+            betas=unsort(betas),
+            log_probs=unsort(log_probs) if log_probs else None,
+            entropies=unsort(entropies) if entropies else None,
+            token_mask=token_mask,
+        )
+
+    def _forward_all(self, features: Tensor, inputs: Tensor, mask: Tensor | None) -> DecoderOutput:
+        """Every caption for all T steps (inputs (B, T)); logits (B, T, V)."""
         T = inputs.shape[1]
         emb = self.embed(inputs)  # (B, T, E)
         gates_embed = self.gate_embed(emb)  # (B, T, 4H), all steps at once

@@ -165,10 +165,8 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
         raise ValueError(f"n_best must be between 1 and the beam size {beam_size}; got {n_best}")
     B, L, C = features.shape
     K, device = beam_size, features.device
-    feats = features.repeat_interleave(K, dim=0)  # (B*K, L, C), beams of one image adjacent
-    bmask = mask.repeat_interleave(K, dim=0) if mask is not None else None
-    projected = decoder.precompute(feats)  # once per image and beam, before the loop
-    state = decoder.init_state(feats)
+    projected = decoder.precompute(features)  # once per image: the K beams share it (see Decoder.step)
+    state = decoder.init_state(features).index_select(torch.arange(B, device=device).repeat_interleave(K))
     prev = torch.full((B * K,), start_id, dtype=torch.long, device=device)
     beam_logp = torch.full((B, K), float("-inf"), device=device)
     beam_logp[:, 0] = 0.0  # all beams start identical: expand only the first
@@ -180,7 +178,7 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
     offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
     every = _sync_every(device)
     for t in range(max_len + 1):
-        out = decoder.step(prev, state, feats, projected, bmask)
+        out = decoder.step(prev, state, features, projected, mask)
         logp = _next_log_probs(out.logits, banned=(pad_id, start_id), end_id=end_id, force_end=t == max_len)
         V = logp.shape[1]
         # a finished hypothesis continues only with <pad> at no cost

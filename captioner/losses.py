@@ -48,11 +48,20 @@ class LossOutput:
     nll: Tensor
 
 
-def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """logits (B, T, V), targets (B, T), mask (B, T) -> (mean per real token, per-caption sum (B,))."""
-    B, T, V = logits.shape
-    flat = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T), reduction="none")  # (B*T,)
-    nll = flat.view(B, T) * mask  # (B, T); flat logits: ~3x faster than (B, V, T) on the CPU
+def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor,
+                         token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """logits (B, T, V), targets (B, T), mask (B, T) -> (mean per real token, per-caption sum (B,)).
+
+    With ``token_mask`` (B, T), ``logits`` is (N, V) for the N steps it marks, row-major
+    (a packed :class:`~captioner.decoder.DecoderOutput`); ``mask`` still weighs the steps.
+    """
+    if token_mask is None:
+        B, T, V = logits.shape
+        flat = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T), reduction="none")
+        nll = flat.view(B, T) * mask  # (B, T); flat logits: ~3x faster than (B, V, T) on the CPU
+    else:
+        flat = F.cross_entropy(logits.float(), targets[token_mask], reduction="none")  # (N,)
+        nll = flat.new_zeros(token_mask.shape).masked_scatter(token_mask, flat) * mask  # (B, T)
     return nll.sum() / mask.sum().clamp(min=1), nll.sum(dim=1)
 
 
@@ -109,7 +118,7 @@ class CaptionLoss(nn.Module):
         """
         mask = mask.to(out.alphas.dtype)
         words = mask.sum().clamp(min=1) if words is None else words
-        _, nll = masked_cross_entropy(out.logits, targets, mask)
+        _, nll = masked_cross_entropy(out.logits, targets, mask, out.token_mask)
         xent = nll.sum() / words
         total = xent
         zero = xent.new_zeros(())

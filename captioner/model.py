@@ -128,7 +128,8 @@ class Captioner(nn.Module):
 
     def forward(self, captions: Tensor, *, images: Tensor | None = None, raw_features: Tensor | None = None,
                 image_index: Tensor | None = None) -> DecoderOutput:
-        """Teacher-forced pass from pixels or from cached raw encoder features.
+        """Teacher-forced pass from pixels or from cached raw encoder features; no step runs
+        past a caption's ``<end>`` (the logits come packed, see :class:`DecoderOutput`).
 
         Args:
             captions: (B, T) token ids.
@@ -140,7 +141,8 @@ class Captioner(nn.Module):
         feats = self.features(raw_features) if raw_features is not None else self.encode(images)  # (U, L, C)
         if image_index is not None:
             feats = feats[image_index]  # (B, L, C); the backward sums each image's gradients over its captions
-        return self.decoder(feats, captions)
+        steps = (captions[:, 1:] != self.vocab.pad_id).sum(1)  # words + <end>: the steps worth running
+        return self.decoder(feats, captions, lengths=steps)
 
     @torch.no_grad()
     def generate(self, *, images: Tensor | None = None, raw_features: Tensor | None = None,

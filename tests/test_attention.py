@@ -75,3 +75,55 @@ def test_unknown_names_list_the_valid_ones():
         make("sofft")
     with pytest.raises(ConfigError, match="additive"):
         make("soft", "cosine")
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_fused_tanh_score_matches_plain_tanh_in_value_and_gradient(K):
+    from captioner.attention import _TanhScore
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 5, 4, dtype=torch.double, generator=g, requires_grad=True)
+    query = torch.randn(2, K, 4, dtype=torch.double, generator=g, requires_grad=True)
+    w = torch.randn(4, dtype=torch.double, generator=g, requires_grad=True)
+    plain = torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2)) @ w  # (2, K, 5)
+    fused = _TanhScore.apply(keys, query, w)
+    torch.testing.assert_close(fused, plain)
+    upstream = torch.randn(plain.shape, dtype=torch.double, generator=g)
+    expected = torch.autograd.grad(plain, (keys, query, w), upstream)
+    got = torch.autograd.grad(fused, (keys, query, w), upstream)
+    for e, r in zip(expected, got):
+        torch.testing.assert_close(r, e)
+    assert torch.autograd.gradcheck(_TanhScore.apply, (keys, query, w))
+
+
+def test_fused_tanh_score_is_accurate_in_float32_far_from_zero_and_saturated():
+    from captioner.attention import _TanhScore
+
+    keys = torch.tensor([[[-30.0, -3.0, -1e-4, 0.0, 1e-4, 0.5, 3.0, 30.0]]])  # (1, 1, 8)
+    w = torch.ones(8)
+    fused = _TanhScore.apply(keys.view(1, 8, 1), torch.zeros(1, 1, 1), w[:1])  # one channel per location
+    torch.testing.assert_close(fused.view(-1), torch.tanh(keys.view(-1)), atol=2e-7, rtol=0)
+
+
+@pytest.mark.parametrize("score", SCORES.names())
+@pytest.mark.parametrize("name", ATTENTIONS.names())
+def test_k_queries_per_image_equal_the_same_queries_on_copied_images(name, score):
+    """Beam search asks K queries of one image at once; the answer must be what K copies of
+    the image would give, and the mask (per image) must apply to every query."""
+    K, grid = 3, (3, 4)
+    torch.manual_seed(0)
+    att = build_attention(AttentionConfig(name=name, score=score, dim=6), feature_dim=C, hidden_dim=H,
+                          grid=grid).eval()
+    feats, h = torch.randn(B, L, C), torch.randn(B, K, H)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 5:] = False
+    grouped = att(feats, att.precompute(feats), h, mask)
+    copies = feats.repeat_interleave(K, 0)
+    flat = att(copies, att.precompute(copies), h.flatten(0, 1), mask.repeat_interleave(K, 0))
+    assert grouped.context.shape == (B, K, C) and grouped.alpha.shape == (B, K, L)
+    torch.testing.assert_close(grouped.context.flatten(0, 1), flat.context)
+    torch.testing.assert_close(grouped.alpha.flatten(0, 1), flat.alpha)
+    assert (grouped.alpha[1, :, 5:] == 0).all()
+    for part in ("log_prob", "entropy"):
+        if getattr(flat, part) is not None:
+            torch.testing.assert_close(getattr(grouped, part).flatten(), getattr(flat, part))

@@ -67,9 +67,14 @@ def _tiny(attention: str = "soft", **flags) -> tuple:
     return dims, s, decoder
 
 
-def _close(analytic: int, counted: int) -> None:
+def _close(flops: dict[str, int], counted: int) -> None:
+    """The analytic count against FlopCounterMode's. The additive tanh score's w^T tanh(..)
+    over L x A runs in one fused function (a matrix-vector product and elementwise work)
+    that the counter does not see: it is left out of the comparison, which is then exact
+    up to rounding."""
     assert counted > 0
-    assert abs(analytic - counted) <= 0.02 * counted, f"analytic {analytic} vs counted {counted}"
+    analytic = sum(v for k, v in flops.items() if k != "attention_scores")
+    assert abs(analytic - counted) <= 0.001 * counted, f"analytic {analytic} vs counted {counted}"
 
 
 @pytest.mark.parametrize("attention,flags", [("soft", {}), ("hard", {}),
@@ -82,16 +87,19 @@ def test_decoder_flops_match_the_flop_counter_forward_and_backward(attention, fl
     B, T = captions.shape[0], captions.shape[1] - 1
 
     counted = bench.counted_flops(lambda: decoder(features, captions))
-    _close(sum(bench.decoder_flops(dims, tokens=B * T, images=B).values()), counted)
+    _close(bench.decoder_flops(dims, tokens=B * T, images=B), counted)
 
     criterion = bench.CaptionLoss(alpha_c=1.0).train()
+    lengths = mask[:, 1:].sum(1)
+    real = int(lengths.sum())
+    assert real < B * T  # the batch has padding to leave out
 
-    def train_step() -> None:
-        out = decoder(features, captions)
+    def train_step() -> None:  # as fit takes it: no step past a caption's <end>
+        out = decoder(features, captions, lengths=lengths)
         criterion(out, captions[:, 1:], mask[:, 1:]).total.backward()
 
     counted = bench.counted_flops(train_step)
-    _close(sum(bench.decoder_flops(dims, tokens=B * T, images=B, backward=True).values()), counted)
+    _close(bench.decoder_flops(dims, tokens=real, images=B, backward=True), counted)
 
 
 def test_decoder_flops_match_the_flop_counter_in_beam_search():
@@ -108,8 +116,8 @@ def test_decoder_flops_match_the_flop_counter_in_beam_search():
     counted = bench.counted_flops(run)
     steps = out["beam"].tokens.shape[-1]
     assert steps == s.max_len + 1 and (out["beam"].lengths == s.max_len).all()  # the rig: no early <end>
-    # beam_search runs the per-image work (keys, h_0 and c_0) once per beam: B * K rows
-    _close(sum(bench.decoder_flops(dims, tokens=2 * K * steps, images=2 * K).values()), counted)
+    # the per-image work (keys, h_0 and c_0) once per image, shared by its K beams
+    _close(bench.decoder_flops(dims, tokens=2 * K * steps, images=2), counted)
 
 
 def test_caption_batch_is_collated_like_the_data():

@@ -81,3 +81,54 @@ def test_doubly_stochastic_by_hand_and_only_over_real_steps():
     alphas = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])  # (B=1, T=3, L=2)
     torch.testing.assert_close(doubly_stochastic(alphas, torch.tensor([[1.0, 1.0, 0.0]])), torch.tensor([0.0]))
     torch.testing.assert_close(doubly_stochastic(alphas, torch.tensor([[1.0, 1.0, 1.0]])), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard", "local", "none"])
+def test_packed_pass_with_lengths_equals_the_full_pass_on_real_steps(attention):
+    """With lengths the decoder runs no step past a caption's end and the output layer only on
+    real steps; on those steps logits, maps, loss and every gradient are the full pass's."""
+    dec = make_decoder(f"model.attention.name={attention}", "model.attention.hard.inference=argmax")
+    dec.eval()  # deterministic hard attention: the same location both ways
+    feats = torch.randn(4, L, C)
+    caps = torch.tensor([[1, 5, 6, 2, 0, 0, 0], [1, 7, 8, 9, 10, 11, 2], [1, 4, 2, 0, 0, 0, 0],
+                         [1, 9, 9, 9, 2, 0, 0]])  # unsorted lengths 3, 6, 2, 4
+    targets, mask = caps[:, 1:], caps[:, 1:] != 0
+    lengths = mask.sum(1)
+    packed, full = dec(feats, caps, lengths=lengths), dec(feats, caps)
+    assert packed.token_mask is not None and packed.logits.shape == (int(lengths.sum()), V)
+    torch.testing.assert_close(packed.logits, full.logits[mask])
+    torch.testing.assert_close(packed.padded_logits()[mask], full.logits[mask])
+    assert (packed.padded_logits()[~mask] == 0).all()
+    torch.testing.assert_close(packed.alphas[mask], full.alphas[mask])
+    torch.testing.assert_close(packed.betas[mask], full.betas[mask])
+    assert (packed.alphas[~mask] == 0).all() and (packed.betas[~mask] == 0).all()
+
+    grads = []
+    for out in (packed, full):
+        dec.zero_grad()
+        loss = CaptionLoss(alpha_c=1.0)(out, targets, mask)
+        loss.total.backward(retain_graph=True)
+        grads.append((loss.total.detach(), {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], msg=name)
+
+
+def test_packed_pass_with_equal_lengths_is_the_plain_pass():
+    dec = make_decoder()
+    feats, caps = torch.randn(B, L, C), torch.randint(4, V, (B, 5))
+    out = dec(feats, caps, lengths=torch.full((B,), 4))
+    assert out.token_mask is None and out.logits.shape == (B, 4, V)
+    torch.testing.assert_close(out.logits, dec(feats, caps).logits)
+
+
+def test_hard_attention_trains_through_the_packed_pass():
+    dec = make_decoder("model.attention.name=hard").train()
+    caps = torch.tensor([[1, 5, 6, 2, 0], [1, 7, 8, 9, 2]])
+    mask = caps[:, 1:] != 0
+    out = dec(torch.randn(2, L, C), caps, lengths=mask.sum(1))
+    assert (out.log_probs[~mask] == 0).all() and (out.entropies[mask] > 0).all()
+    loss = CaptionLoss(alpha_c=1.0)(out, caps[:, 1:], mask)
+    loss.total.backward()
+    assert torch.isfinite(loss.total) and dec.attention.score.query.weight.grad.abs().sum() > 0

@@ -90,8 +90,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tm
 
     real = losses.masked_cross_entropy
 
-    def poisoned(logits, targets, mask):
-        mean, per = real(logits, targets, mask)
+    def poisoned(*args, **kwargs):
+        mean, per = real(*args, **kwargs)
         return mean * float("nan"), per * float("nan")
 
     monkeypatch.setattr(losses, "masked_cross_entropy", poisoned)
