@@ -92,13 +92,16 @@ def _optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     if encoder_params:
         groups.append({"params": encoder_params, "lr": t.encoder_lr})
+    # One fused kernel over all parameters where torch has it: ~5x faster than the default
+    # Adam on a 2-core CPU for the paper's decoder (benchmarks/bench.py), the same update.
+    fused = {"fused": True} if model.device.type in ("cpu", "cuda") else {}
     if t.optimizer == "adam":
-        return torch.optim.Adam(groups, weight_decay=t.weight_decay)
+        return torch.optim.Adam(groups, weight_decay=t.weight_decay, **fused)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=t.weight_decay, **fused)
     if t.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
 
 
 def _scheduler(cfg: Config, opt: torch.optim.Optimizer):
