@@ -476,8 +476,10 @@ def bench_epoch(s: Settings, args, device: torch.device, peak: dict) -> list[Row
     """One epoch of ``captioner.train.fit`` on a small shapes set, with and without the cache.
 
     The time is the whole ``fit`` call (build, encode, the epoch, a small validation, the
-    checkpoint): with the cache every image is encoded once per run, without it once per
-    caption per epoch (five captions per image)."""
+    checkpoint). Cases: ``cache`` (every image encoded once per run, up front), ``no cache``
+    (batches of images with their captions: each image encoded once per epoch, what a
+    fine-tuned encoder does) and ``per caption`` (``train.captions_per_image=0``: one
+    encoding per caption, five per image, the popular ports' way)."""
     from captioner.data import load_split
     from captioner.data.shapes import generate_shapes
     from captioner.train import fit
@@ -490,15 +492,16 @@ def bench_epoch(s: Settings, args, device: torch.device, peak: dict) -> list[Row
         n = round(s.epoch_images / 0.8)  # 80% of the set is the train split
         generate_shapes(root, n=n, seed=0, image_size=s.shapes_size)  # outside the timing
 
-        def config(cache: bool, run: str):
+        def config(case: str, run: str):
             return load_config(REPO / "configs" / "shapes_soft.yaml", [
                 f"data.root={root}", f"data.shapes.n={n}", f"data.shapes.image_size={s.shapes_size}",
                 f"model.encoder.image_size={s.shapes_size}", "data.num_workers=0",
                 "train.epochs=1", "train.progress=false", "train.val_images=8", "train.max_minutes=0",
-                f"train.cache_features={str(cache).lower()}", f"train.device={device}",
+                f"train.cache_features={str(case == 'cache').lower()}", f"train.device={device}",
+                f"train.captions_per_image={0 if case == 'per caption' else 5}",
                 f"train.out_dir={tmp / run}", *s.epoch_overrides])
 
-        cfg = config(True, "probe")
+        cfg = config("cache", "probe")
         train_records = load_split(cfg.data, "train")
         val_records = load_split(cfg.data, "val")[: cfg.train.val_images]
         vocab = Vocabulary.build((c.text for r in train_records for c in r.captions),
@@ -518,18 +521,18 @@ def bench_epoch(s: Settings, args, device: torch.device, peak: dict) -> list[Row
         images_once = len(train_records) + len(val_records)
 
         if args.warmup:  # imports, allocator and first-call costs, untimed
-            fit(config(True, "warmup"), quiet=True)
-        for cache in (True, False):
+            fit(config("cache", "warmup"), quiet=True)
+        for case in ("cache", "no cache", "per caption"):
             reset_peak_memory(device)
             fits: list = []
-            timing = measure(partial(_fit_into, fits, fit, config, cache), warmup=0, repeat=args.epoch_repeat,
+            timing = measure(partial(_fit_into, fits, fit, config, case), warmup=0, repeat=args.epoch_repeat,
                              device=device)
             med = timing.median
-            encodes = images_once if cache else len(captions) + len(val_records)
+            encodes = len(captions) + len(val_records) if case == "per caption" else images_once
             needed = enc_flops * images_once / 1e9 + decoder_gflop
             executed = enc_flops * encodes / 1e9 + decoder_gflop
             rows.append(Row(
-                "epoch", "cache" if cache else "no cache", "captions/s", len(captions) / med, med, timing.wall,
+                "epoch", case, "captions/s", len(captions) / med, med, timing.wall,
                 timing.median_cpu, needed, executed, peak_mem_mib=peak_memory_mib(device),
                 details={"train_images": len(train_records), "train_captions": len(captions),
                          "val_images": len(val_records), "images_encoded": encodes,
@@ -543,9 +546,9 @@ def bench_epoch(s: Settings, args, device: torch.device, peak: dict) -> list[Row
     return rows
 
 
-def _fit_into(fits: list, fit: Callable, config: Callable, cache: bool) -> None:
+def _fit_into(fits: list, fit: Callable, config: Callable, case: str) -> None:
     """One timed epoch: a fit() in its own run folder, its result kept."""
-    fits.append(fit(config(cache, f"run{len(fits)}_{cache}"), quiet=True))
+    fits.append(fit(config(case, f"run{len(fits)}_{case.replace(' ', '_')}"), quiet=True))
 
 
 BENCHES = {"train": bench_train, "beam": bench_beam, "encoder": bench_encoder, "epoch": bench_epoch}

@@ -54,7 +54,7 @@ def test_quick_run_writes_every_section(tmp_path):
             assert row["share_of_peak"] > 0 and row["peak_mem_mib"] > 0, where
     assert [r["case"] for r in results["sections"]["beam"]] == ["k=1", "k=3", "k=5"]
     assert {r["case"] for r in results["sections"]["train"]} == {"soft", "hard"}
-    assert {r["case"] for r in results["sections"]["epoch"]} == {"cache", "no cache"}
+    assert {r["case"] for r in results["sections"]["epoch"]} == {"cache", "no cache", "per caption"}
     assert set(results["targets"]) == {"train soft", "train hard", "beam k=5"}
     assert "% peak" in proc.stdout and "train" in proc.stdout  # the table
 
