@@ -78,17 +78,19 @@ class _TanhScore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         s, w = ctx.saved_tensors
-        g = grad.to(s.dtype).unsqueeze(-1)  # (B, K, L, 1)
         grad_keys = grad_query = grad_w = None
-        if ctx.needs_input_grad[2]:  # d/dw of w^T (2s - 1)
-            grad_w = (2.0 * (g * s).sum(dim=(0, 1, 2)) - g.sum()).to(ctx.w_dtype)
+        B, K, L, A = s.shape
+        grad = grad.to(s.dtype)
+        if ctx.needs_input_grad[2]:  # d/dw of w^T (2s - 1) = 2 sum g s - sum g: one matrix-vector product
+            grad_w = (2.0 * torch.mv(s.reshape(-1, A).t(), grad.reshape(-1)) - grad.sum()).to(ctx.w_dtype)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dx = torch.addcmul(s, s, s, value=-1.0)  # s (1 - s); d tanh(x)/dx = 4 s (1 - s)
-            dx.mul_(g).mul_(4.0 * w)  # (B, K, L, A)
-            if ctx.needs_input_grad[1]:
-                grad_query = dx.sum(dim=2)  # (B, K, A)
+            d = torch.addcmul(s, s, s, value=-1.0)  # s (1 - s); d tanh(x)/dx = 4 s (1 - s)
+            w4 = 4.0 * w
+            if ctx.needs_input_grad[1]:  # sum over L of g d, then times 4w: one batched product
+                grad_query = torch.bmm(grad.reshape(B * K, 1, L), d.reshape(B * K, L, A)).view(B, K, A) * w4
             if ctx.needs_input_grad[0]:
-                grad_keys = dx.sum(dim=1) if dx.shape[1] > 1 else dx.squeeze(1)  # (B, L, A)
+                dk = d.mul_(grad.unsqueeze(-1)).mul_(w4)  # (B, K, L, A), in place
+                grad_keys = dk.sum(dim=1) if K > 1 else dk.squeeze(1)  # (B, L, A)
         return grad_keys, grad_query, grad_w
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from captioner.attention import AttentionOutput, build_attention
+from captioner.autograd import StepWeight
 from captioner.config import ModelConfig
 
 
@@ -170,8 +171,9 @@ class Decoder(nn.Module):
         """The attention's per-image work (W_a a_i), once before the time loop (opaque here)."""
         return self.attention.precompute(features)
 
-    def _advance(self, gates_embed: Tensor, state: DecoderState, features: Tensor,
-                 projected, mask: Tensor | None) -> tuple[DecoderState, AttentionOutput, Tensor, Tensor]:
+    def _advance(self, gates_embed: Tensor, state: DecoderState, features: Tensor, projected,
+                 mask: Tensor | None, gates: tuple[StepWeight, StepWeight] | None = None,
+                 ) -> tuple[DecoderState, AttentionOutput, Tensor, Tensor]:
         """Attend with h_{t-1}, gate, and run the LSTM cell. Returns (state, attention, z_t, beta_t).
 
         With K times as many states as images (the beams of a beam search, K adjacent rows
@@ -186,12 +188,19 @@ class Decoder(nn.Module):
                                     (att.context, att.alpha, att.log_prob, att.entropy)))
         beta = torch.sigmoid(self.f_beta(state.h)) if self.f_beta is not None else None  # (B, 1)
         z = att.context * beta if beta is not None else att.context  # (B, C)
-        gates = gates_embed + self.gate_context(z) + self.gate_hidden(state.h)  # (B, 4H)
-        i, f, g, o = gates.chunk(4, dim=1)
+        if gates is None:
+            pre = gates_embed + self.gate_context(z) + self.gate_hidden(state.h)  # (B, 4H)
+        else:  # the teacher-forced loop: the weights' gradients are summed once (captioner.autograd)
+            pre = gates_embed + gates[0](z) + gates[1](state.h)
+        i, f, g, o = pre.chunk(4, dim=1)
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         beta = beta.squeeze(1) if beta is not None else z.new_ones(z.shape[0])
         return DecoderState(h, c), att, z, beta
+
+    def _step_weights(self) -> tuple[StepWeight, StepWeight]:
+        """W_z and W_h for one teacher-forced pass (see captioner.autograd)."""
+        return StepWeight(self.gate_context.weight), StepWeight(self.gate_hidden.weight)
 
     def _logits(self, emb: Tensor, h: Tensor, z: Tensor) -> Tensor:
         """eq. 7: (..., E), (..., H), (..., C) -> (..., V)."""
@@ -250,6 +259,7 @@ class Decoder(nn.Module):
         mask = mask.index_select(0, order) if mask is not None else None
         projected = self.precompute(features)  # once per image
         state = self.init_state(features)
+        gates = self._step_weights()
         hs, zs, alphas, betas, log_probs, entropies = [], [], [], [], [], []
         for t in range(T):
             n = active[t]
@@ -259,7 +269,7 @@ class Decoder(nn.Module):
                 state = DecoderState(state.h[:n], state.c[:n])
                 features, projected = features[:n], _narrow(projected, n)
                 mask = mask[:n] if mask is not None else None
-            state, att, z, beta = self._advance(gates_embed[:n, t], state, features, projected, mask)
+            state, att, z, beta = self._advance(gates_embed[:n, t], state, features, projected, mask, gates)
             hs.append(_pad_rows(state.h, B))
             zs.append(_pad_rows(z, B))
             alphas.append(_pad_rows(att.alpha, B))
@@ -293,9 +303,10 @@ class Decoder(nn.Module):
         gates_embed = self.gate_embed(emb)  # (B, T, 4H), all steps at once
         projected = self.precompute(features)  # once per image
         state = self.init_state(features)
+        gates = self._step_weights()
         hs, zs, alphas, betas, log_probs, entropies = [], [], [], [], [], []
         for t in range(T):
-            state, att, z, beta = self._advance(gates_embed[:, t], state, features, projected, mask)
+            state, att, z, beta = self._advance(gates_embed[:, t], state, features, projected, mask, gates)
             hs.append(state.h)
             zs.append(z)
             alphas.append(att.alpha)
