@@ -69,12 +69,13 @@ def _tiny(attention: str = "soft", **flags) -> tuple:
 
 def _close(flops: dict[str, int], counted: int) -> None:
     """The analytic count against FlopCounterMode's. The additive tanh score's w^T tanh(..)
-    over L x A runs in one fused function (a matrix-vector product and elementwise work)
-    that the counter does not see: it is left out of the comparison, which is then exact
-    up to rounding."""
+    over L x A runs in one fused function whose matrix-vector products the counter does not
+    see (its backward's batched product for the query, it does): the score's FLOPs may be
+    seen in part or not at all; everything else must match up to rounding."""
     assert counted > 0
-    analytic = sum(v for k, v in flops.items() if k != "attention_scores")
-    assert abs(analytic - counted) <= 0.001 * counted, f"analytic {analytic} vs counted {counted}"
+    others = sum(v for k, v in flops.items() if k != "attention_scores")
+    low, high = others * 0.999, (others + flops["attention_scores"]) * 1.001
+    assert low <= counted <= high, f"analytic {others} (+ up to {flops['attention_scores']}) vs counted {counted}"
 
 
 @pytest.mark.parametrize("attention,flags", [("soft", {}), ("hard", {}),
