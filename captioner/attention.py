@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captioner.autograd import StepSum
 from captioner.config import AttentionConfig
 from captioner.registry import Registry
 
@@ -62,21 +63,24 @@ class _TanhScore(torch.autograd.Function):
     3x faster than its tanh, the tanh is never materialised (w^T (2s - 1) = 2 w^T s - sum w),
     and the backward is written out: it is the hottest elementwise work of a training step
     (B x L x A values at every word). Absolute error ~1e-7 per element, as float32 rounding.
+    With ``keys_sum`` (a :class:`~captioner.autograd.StepSum`) the keys' gradient is added
+    into its buffer in place, one pass per step, and scaled by 4w once at the end.
 
     keys (B, L, A), query (B, K, A), w (A,) -> scores (B, K, L).
     """
 
     @staticmethod
-    def forward(ctx, keys: Tensor, query: Tensor, w: Tensor) -> Tensor:
+    def forward(ctx, keys: Tensor, query: Tensor, w: Tensor, keys_sum: StepSum | None = None) -> Tensor:
         x = torch.add(keys.unsqueeze(1), query.unsqueeze(2))  # (B, K, L, A)
         s = x.mul_(2.0).sigmoid_()  # sigmoid(2x), in place
-        ctx.w_dtype = w.dtype
+        ctx.w_dtype, ctx.keys_sum = w.dtype, keys_sum
         w = w.to(s.dtype)
         ctx.save_for_backward(s, w)
         return torch.matmul(s, 2.0 * w) - w.sum()
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         s, w = ctx.saved_tensors
         grad_keys = grad_query = grad_w = None
         B, K, L, A = s.shape
@@ -89,9 +93,25 @@ class _TanhScore(torch.autograd.Function):
             if ctx.needs_input_grad[1]:  # sum over L of g d, then times 4w: one batched product
                 grad_query = torch.bmm(grad.reshape(B * K, 1, L), d.reshape(B * K, L, A)).view(B, K, A) * w4
             if ctx.needs_input_grad[0]:
-                dk = d.mul_(grad.unsqueeze(-1)).mul_(w4)  # (B, K, L, A), in place
-                grad_keys = dk.sum(dim=1) if K > 1 else dk.squeeze(1)  # (B, L, A)
-        return grad_keys, grad_query, grad_w
+                if ctx.keys_sum is not None:  # sum_t g_t d_t into the pass's buffer; 4w at the end
+                    buffer = ctx.keys_sum.buffer(B)
+                    if K == 1:
+                        buffer.addcmul_(d.squeeze(1), grad.squeeze(1).unsqueeze(-1))
+                    else:
+                        buffer.add_((d * grad.unsqueeze(-1)).sum(1))
+                else:
+                    dk = d.mul_(grad.unsqueeze(-1)).mul_(w4)  # (B, K, L, A), in place
+                    grad_keys = dk.sum(dim=1) if K > 1 else dk.squeeze(1)  # (B, L, A)
+        return grad_keys, grad_query, grad_w, None
+
+
+@dataclass
+class SummedKeys:
+    """What the additive tanh score's ``precompute`` returns in training: the projected keys
+    (B, L, A), whose gradient the steps sum in place (see :class:`_TanhScore`)."""
+
+    keys: Tensor
+    keys_sum: StepSum
 
 
 def _grouped(query: Tensor) -> Tensor:
@@ -125,13 +145,22 @@ class AdditiveScore(nn.Module):
         self.activation = activation
         self.act = {"tanh": torch.tanh, "relu": F.relu}[activation]
 
-    def precompute(self, keys: Tensor) -> Tensor:
-        return self.key(keys)  # (B, L, A)
+    def precompute(self, keys: Tensor) -> Tensor | SummedKeys:
+        projected = self.key(keys)  # (B, L, A)
+        if self.activation == "tanh":
+            keys_sum = StepSum(projected, finish=lambda total: total.mul_(4.0 * self.out.weight.view(-1)))
+            if keys_sum.deferred:  # a teacher-forced pass that needs gradients
+                return SummedKeys(keys_sum.tensor, keys_sum)
+        return projected
 
-    def forward(self, projected: Tensor, query: Tensor) -> Tensor:
+    def forward(self, projected: Tensor | SummedKeys, query: Tensor) -> Tensor:
+        if isinstance(projected, SummedKeys):
+            projected, keys_sum = projected.keys, projected.keys_sum
+        else:
+            keys_sum = None
         q = _grouped(self.query(query))  # (B, K, A)
         if self.activation == "tanh":
-            scores = _TanhScore.apply(projected, q.to(projected.dtype), self.out.weight.view(-1))
+            scores = _TanhScore.apply(projected, q.to(projected.dtype), self.out.weight.view(-1), keys_sum)
         else:
             hidden = self.act(projected.unsqueeze(1) + q.unsqueeze(2))  # (B, K, L, A)
             scores = self.out(hidden).squeeze(-1)

@@ -112,8 +112,9 @@ class StepSum:
         self._buffer: Tensor | None = None
 
     def buffer(self, rows: int) -> Tensor:
-        if self._buffer is None:
-            self._buffer = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        if self._buffer is None:  # float32 at least: a sum over all steps
+            dtype = torch.promote_types(self.dtype, torch.float32)
+            self._buffer = torch.zeros(self.shape, dtype=dtype, device=self.device)
         return self._buffer[:rows]
 
     def gradient(self, incoming: Tensor | None) -> Tensor | None:
@@ -122,4 +123,5 @@ class StepSum:
         total, self._buffer = self._buffer, None
         if self.finish is not None:
             total = self.finish(total)
+        total = total.to(self.dtype)
         return total if incoming is None else total + incoming
