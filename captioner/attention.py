@@ -114,6 +114,23 @@ class SummedKeys:
     keys_sum: StepSum
 
 
+def _tanh_score_no_grad(keys: Tensor, query: Tensor, w: Tensor) -> Tensor:
+    """:class:`_TanhScore`'s forward for decoding, one query of each image at a time in one
+    reused (B, L, A) buffer: a (B, K, L, A) temporary is tens of MB for a beam search, and
+    the allocator hands blocks that large out as fresh pages from the OS at every step
+    (page faults cost more than the arithmetic)."""
+    B, K, _ = query.shape
+    L, A = keys.shape[1:]
+    w = w.to(keys.dtype)
+    w2 = 2.0 * w
+    scores = keys.new_empty(K, B * L)
+    buffer = torch.empty_like(keys)
+    for k in range(K):
+        torch.add(keys, query[:, k].unsqueeze(1), out=buffer)
+        torch.mv(buffer.mul_(2.0).sigmoid_().view(B * L, A), w2, out=scores[k])
+    return scores.sub_(w.sum()).view(K, B, L).transpose(0, 1)  # (B, K, L)
+
+
 def _grouped(query: Tensor) -> Tensor:
     """A query (B, Q) or (B, K, Q) (K queries of one image, e.g. beams) as (B, K, Q)."""
     return query.unsqueeze(1) if query.dim() == 2 else query
@@ -160,7 +177,11 @@ class AdditiveScore(nn.Module):
             keys_sum = None
         q = _grouped(self.query(query))  # (B, K, A)
         if self.activation == "tanh":
-            scores = _TanhScore.apply(projected, q.to(projected.dtype), self.out.weight.view(-1), keys_sum)
+            w = self.out.weight.view(-1)
+            if torch.is_grad_enabled() and (projected.requires_grad or q.requires_grad or w.requires_grad):
+                scores = _TanhScore.apply(projected, q.to(projected.dtype), w, keys_sum)
+            else:
+                scores = _tanh_score_no_grad(projected, q.to(projected.dtype), w)
         else:
             hidden = self.act(projected.unsqueeze(1) + q.unsqueeze(2))  # (B, K, L, A)
             scores = self.out(hidden).squeeze(-1)

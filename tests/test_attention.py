@@ -127,3 +127,22 @@ def test_k_queries_per_image_equal_the_same_queries_on_copied_images(name, score
     for part in ("log_prob", "entropy"):
         if getattr(flat, part) is not None:
             torch.testing.assert_close(getattr(grouped, part).flatten(), getattr(flat, part))
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_additive_score_without_gradients_equals_the_training_path(K):
+    """Decoding runs the tanh score one query per image at a time in a reused buffer; the
+    scores must be the training path's."""
+    from captioner.attention import AdditiveScore
+
+    torch.manual_seed(0)
+    score = AdditiveScore(key_dim=C, query_dim=H, dim=6)
+    keys, query = torch.randn(B, L, C), torch.randn(B, K, H)
+    projected = score.precompute(keys)
+    trained = score(projected, query)
+    with torch.no_grad():
+        decoded = score(score.precompute(keys), query)
+    assert decoded.shape == (B, K, L)
+    torch.testing.assert_close(decoded, trained.detach())
+    plain = torch.tanh(score.key(keys).unsqueeze(1) + score.query(query).unsqueeze(2)) @ score.out.weight.view(-1)
+    torch.testing.assert_close(decoded, plain.detach())
