@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils  # installed with pycocoevalcap
 from torch import Tensor
 
-from captioner.data._io import check_new, describe_json, get, optional, read_json
+from captioner.data._io import check_new, coco_annotations, describe_json, get, optional, read_json
 from captioner.data.shapes import COLOURS, SHAPES, SIZES
 from captioner.errors import DataError
 
@@ -322,13 +322,7 @@ def load_regions(instances_json: str | Path, *, image_ids: Sequence[int] | None 
         categories[category_id] = get(category, "name", str, src, f"categories[{i}] (id {category_id})")
 
     regions: dict[int, list[Region]] = {i: [] for i in sizes if wanted is None or i in wanted}
-    seen: set[int] = set()
-    for i, ann in enumerate(data["annotations"]):
-        object_id = get(ann, "id", int, src, f"annotations[{i}]")
-        where = f"annotations[{i}] (id {object_id})"
-        check_new(object_id, seen, src, "annotation id", where)
-        seen.add(object_id)
-        image_id = get(ann, "image_id", int, src, where)
+    for ann, object_id, image_id, where in coco_annotations(data, src):
         category_id = get(ann, "category_id", int, src, where)
         if image_id not in sizes:
             raise DataError(f"{src}: {where}: unknown image_id {image_id}")

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,18 @@ def check_new(key: Any, seen: Container, source: str | Path, what: str, where: s
     """DataError if ``key`` is already in ``seen`` (a duplicated id)."""
     if key in seen:
         raise DataError(f"{source}: {where + ': ' if where else ''}duplicate {what} {key!r}")
+
+
+def coco_annotations(data: dict, source: str | Path) -> Iterator[tuple[dict, int, int, str]]:
+    """A COCO file's ``annotations`` (captions or instances), each as (entry, its id, its
+    image_id, where it is for errors); ids are checked to be integers and unique."""
+    seen: set[int] = set()
+    for i, entry in enumerate(data["annotations"]):
+        ann_id = get(entry, "id", int, source, f"annotations[{i}]")
+        where = f"annotations[{i}] (id {ann_id})"
+        check_new(ann_id, seen, source, "annotation id", where)
+        seen.add(ann_id)
+        yield entry, ann_id, get(entry, "image_id", int, source, where), where
 
 
 # ----------------------------------------------------------------------------- records

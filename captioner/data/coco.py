@@ -25,6 +25,7 @@ from captioner.data._io import (
     check_caption,
     check_new,
     check_split,
+    coco_annotations,
     describe_json,
     finish,
     get,
@@ -77,13 +78,7 @@ def load_coco(
         }
 
     captions: dict[int, list[tuple[int, Caption]]] = {}
-    seen_ann: set[int] = set()
-    for i, ann in enumerate(data["annotations"]):
-        ann_id = get(ann, "id", int, src, f"annotations[{i}]")
-        where = f"annotations[{i}] (id {ann_id})"
-        check_new(ann_id, seen_ann, src, "annotation id", where)
-        seen_ann.add(ann_id)
-        image_id = get(ann, "image_id", int, src, where)
+    for ann, ann_id, image_id, where in coco_annotations(data, src):
         if image_id not in images:
             raise DataError(f"{src}: {where}: image_id {image_id} is not in 'images'")
         text = check_caption(get(ann, "caption", None, src, where), src, where)
