@@ -38,13 +38,22 @@ def test_evaluate_writes_coco_results_and_metrics(trained, tmp_path):
 
 
 def test_validation_and_evaluation_decode_the_same_way(trained):
+    """fit() validates from the features it encoded up front, in batches of its own; evaluate
+    decodes from pixels: the same captions and maps either way."""
+    import torch
+
+    from captioner.evaluate import encode_records
+
     model = Captioner.from_checkpoint(trained)
     records = load_split(model.config.data, "val")
-    greedy = decode_records(model, records, max_len=8)
-    again = decode_records(model, records, max_len=8, beam_size=1)
-    assert [d.words for d in greedy] == [d.words for d in again]
-    for d in greedy:
-        assert d.alphas.shape == (len(d.words) + 1, model.encoder.num_locations)
+    features = encode_records(model, records, batch_size=5)
+    as_validated = decode_records(model, records, max_len=8, features=features, batch_size=7)
+    as_evaluated = decode_records(model, records, max_len=8)
+    assert len(as_validated) == len(records) and any(d.words for d in as_evaluated)
+    assert [d.words for d in as_validated] == [d.words for d in as_evaluated]
+    for v, e in zip(as_validated, as_evaluated):
+        assert e.alphas.shape == (len(e.words) + 1, model.encoder.num_locations)
+        torch.testing.assert_close(v.alphas, e.alphas, atol=1e-4, rtol=1e-4)
 
 
 def test_instances_file_is_found_beside_captions(trained):
