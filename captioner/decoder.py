@@ -240,23 +240,25 @@ class Decoder(nn.Module):
         """
         inputs = captions[:, :-1]  # (B, T)
         B, T = inputs.shape
-        if lengths is None:
-            return self._forward_all(features, inputs, mask)
-        lengths = lengths.clamp(1, T)  # every caption predicts at least <end>
-        order = torch.argsort(lengths, descending=True, stable=True)
-        sorted_lengths = lengths.index_select(0, order)
-        active = (sorted_lengths.unsqueeze(0) > torch.arange(T, device=lengths.device).unsqueeze(1)).sum(1)
-        active = active.tolist()  # rows still going at each step: one host read per pass
-        if active[0] == B and active[-1] == B:  # all captions have T steps: nothing to sort or pack
-            return self._forward_all(features, inputs, mask)
-        token_mask = torch.arange(T, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
-        emb = self.embed(inputs[token_mask])  # (N, E): the real steps, row-major in the input order
-        real_gates = self.gate_embed(emb)  # (N, 4H): all real steps at once
-        gates_embed = real_gates.new_zeros(B, T, real_gates.shape[-1])
-        gates_embed[token_mask] = real_gates
-        gates_embed = gates_embed.index_select(0, order)  # (B, T, 4H), longest caption first
-        features = features.index_select(0, order)
-        mask = mask.index_select(0, order) if mask is not None else None
+        active, order, token_mask = [B] * T, None, None  # rows going at each step; sorting; packing
+        if lengths is not None:
+            lengths = lengths.clamp(1, T)  # every caption predicts at least <end>
+            steps = torch.arange(T, device=lengths.device)
+            if bool((lengths < T).any()):  # else nothing to sort or pack
+                order = torch.argsort(lengths, descending=True, stable=True)
+                active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()  # one host read per pass
+                token_mask = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+        if token_mask is None:
+            emb = self.embed(inputs)  # (B, T, E)
+            gates_embed = self.gate_embed(emb)  # (B, T, 4H), all steps at once
+        else:
+            emb = self.embed(inputs[token_mask])  # (N, E): the real steps, row-major in the input order
+            real_gates = self.gate_embed(emb)  # (N, 4H), all real steps at once
+            gates_embed = real_gates.new_zeros(B, T, real_gates.shape[-1])
+            gates_embed[token_mask] = real_gates
+            gates_embed = gates_embed.index_select(0, order)  # longest caption first
+            features = features.index_select(0, order)
+            mask = mask.index_select(0, order) if mask is not None else None
         projected = self.precompute(features)  # once per image
         state = self.init_state(features)
         gates = self._step_weights()
@@ -277,48 +279,25 @@ class Decoder(nn.Module):
             if att.log_prob is not None:
                 log_probs.append(_pad_rows(att.log_prob, B))
                 entropies.append(_pad_rows(att.entropy, B))
-        steps = len(hs)
-        restore = torch.argsort(order)  # sorted row -> input row
+        restore = torch.argsort(order) if order is not None else None  # sorted row -> input row
 
-        def unsort(parts: list[Tensor]) -> Tensor:  # per-step (B, ...) in sorted order -> (B, T, ...) input order
+        def gather(parts: list[Tensor]) -> Tensor | None:
+            """Per-step (B, ...) rows -> (B, T, ...) in the input order, zeros after the last step."""
+            if not parts:
+                return None
             x = torch.stack(parts, 1)
-            if steps < T:
-                x = torch.cat([x, x.new_zeros(B, T - steps, *x.shape[2:])], 1)
-            return x.index_select(0, restore)
+            if x.shape[1] < T:
+                x = torch.cat([x, x.new_zeros(B, T - x.shape[1], *x.shape[2:])], 1)
+            return x if restore is None else x.index_select(0, restore)
 
-        logits = self._logits(emb, unsort(hs)[token_mask], unsort(zs)[token_mask])  # (N, V)
+        h, z = gather(hs), gather(zs)
+        if token_mask is not None:
+            h, z = h[token_mask], z[token_mask]  # (N, H), (N, C)
         return DecoderOutput(
-            logits=logits,
-            alphas=unsort(alphas),
-            betas=unsort(betas),
-            log_probs=unsort(log_probs) if log_probs else None,
-            entropies=unsort(entropies) if entropies else None,
+            logits=self._logits(emb, h, z),  # one matmul: (B, T, V), or (N, V) packed
+            alphas=gather(alphas),  # (B, T, L)
+            betas=gather(betas),  # (B, T)
+            log_probs=gather(log_probs),
+            entropies=gather(entropies),
             token_mask=token_mask,
-        )
-
-    def _forward_all(self, features: Tensor, inputs: Tensor, mask: Tensor | None) -> DecoderOutput:
-        """Every caption for all T steps (inputs (B, T)); logits (B, T, V)."""
-        T = inputs.shape[1]
-        emb = self.embed(inputs)  # (B, T, E)
-        gates_embed = self.gate_embed(emb)  # (B, T, 4H), all steps at once
-        projected = self.precompute(features)  # once per image
-        state = self.init_state(features)
-        gates = self._step_weights()
-        hs, zs, alphas, betas, log_probs, entropies = [], [], [], [], [], []
-        for t in range(T):
-            state, att, z, beta = self._advance(gates_embed[:, t], state, features, projected, mask, gates)
-            hs.append(state.h)
-            zs.append(z)
-            alphas.append(att.alpha)
-            betas.append(beta)
-            if att.log_prob is not None:
-                log_probs.append(att.log_prob)
-                entropies.append(att.entropy)
-        logits = self._logits(emb, torch.stack(hs, 1), torch.stack(zs, 1))  # (B, T, V), one matmul
-        return DecoderOutput(
-            logits=logits,
-            alphas=torch.stack(alphas, 1),  # (B, T, L)
-            betas=torch.stack(betas, 1),  # (B, T)
-            log_probs=torch.stack(log_probs, 1) if log_probs else None,
-            entropies=torch.stack(entropies, 1) if entropies else None,
         )
