@@ -96,11 +96,6 @@ def _narrow(projected, n: int):
     return projected
 
 
-def _pad_rows(x: Tensor, rows: int) -> Tensor:
-    """(n, ...) -> (rows, ...) with zeros below."""
-    return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
-
-
 class Decoder(nn.Module):
     """The attention LSTM decoder.
 
@@ -244,9 +239,9 @@ class Decoder(nn.Module):
         if lengths is not None:
             lengths = lengths.clamp(1, T)  # every caption predicts at least <end>
             steps = torch.arange(T, device=lengths.device)
-            if bool((lengths < T).any()):  # else nothing to sort or pack
+            active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()  # the one host read per pass
+            if active[-1] < B:  # else every caption runs all T steps: nothing to sort or pack
                 order = torch.argsort(lengths, descending=True, stable=True)
-                active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()  # one host read per pass
                 token_mask = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
         if token_mask is None:
             emb = self.embed(inputs)  # (B, T, E)
@@ -272,23 +267,28 @@ class Decoder(nn.Module):
                 features, projected = features[:n], _narrow(projected, n)
                 mask = mask[:n] if mask is not None else None
             state, att, z, beta = self._advance(gates_embed[:n, t], state, features, projected, mask, gates)
-            hs.append(_pad_rows(state.h, B))
-            zs.append(_pad_rows(z, B))
-            alphas.append(_pad_rows(att.alpha, B))
-            betas.append(_pad_rows(beta, B))
+            hs.append(state.h)
+            zs.append(z)
+            alphas.append(att.alpha)
+            betas.append(beta)
             if att.log_prob is not None:
-                log_probs.append(_pad_rows(att.log_prob, B))
-                entropies.append(_pad_rows(att.entropy, B))
-        restore = torch.argsort(order) if order is not None else None  # sorted row -> input row
+                log_probs.append(att.log_prob)
+                entropies.append(att.entropy)
+        if token_mask is not None:
+            # step t's rows are sorted rows 0..n_t-1: the True cells of the sorted mask, time-major
+            step_cells = token_mask.index_select(0, order).t()  # (T, B)
+            restore = torch.argsort(order)  # sorted row -> input row
 
         def gather(parts: list[Tensor]) -> Tensor | None:
-            """Per-step (B, ...) rows -> (B, T, ...) in the input order, zeros after the last step."""
+            """Per-step rows -> (B, T, ...) in the input order, zeros after a caption's end."""
             if not parts:
                 return None
-            x = torch.stack(parts, 1)
-            if x.shape[1] < T:
-                x = torch.cat([x, x.new_zeros(B, T - x.shape[1], *x.shape[2:])], 1)
-            return x if restore is None else x.index_select(0, restore)
+            if token_mask is None:
+                return torch.stack(parts, 1)
+            x = torch.cat(parts)  # (N, ...), time-major
+            cells = step_cells.view(T, B, *[1] * (x.dim() - 1))
+            full = x.new_zeros(T, B, *x.shape[1:]).masked_scatter_(cells, x)  # no host sync
+            return full.transpose(0, 1).index_select(0, restore)
 
         h, z = gather(hs), gather(zs)
         if token_mask is not None:
