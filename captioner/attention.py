@@ -362,7 +362,8 @@ class HardAttention(nn.Module):
         B = features.shape[0]
         if self.training:  # drawn once per pass, so a caption keeps its choice over all steps
             draws = B if self.mix_per == "caption" else 1
-            sample = (torch.rand(draws, device=features.device) >= self.mix_prob).expand(B)
+            # repeat, not expand: the flags own their memory (callers may write to them)
+            sample = (torch.rand(draws, device=features.device) >= self.mix_prob).repeat(B // draws)
         else:
             sample = torch.full((B,), self.inference != "expectation", device=features.device)
         return HardProjected(self.score.precompute(features), sample)

@@ -60,6 +60,19 @@ def test_expected_context_mixing_happens_at_the_configured_rate(per, rate):
     assert (out.alpha > 0).all()
 
 
+@pytest.mark.parametrize("per", ["caption", "batch"])
+@pytest.mark.parametrize("training", [True, False])
+def test_hard_precompute_flags_own_their_memory(per, training):
+    """The per-caption flags are a tensor of their own: one caption's flag can be changed
+    without touching the others (an expanded view fails on write in torch >= 2.14)."""
+    att = attention("hard", f"model.attention.hard.mix_per={per}").train(training)
+    flags = att.precompute(torch.randn(B, L, C)).sample
+    assert flags.shape == (B,) and flags.stride() == (1,)
+    before = flags.clone()
+    flags[0] = ~flags[0]
+    assert flags[0] != before[0] and torch.equal(flags[1:], before[1:])
+
+
 @pytest.mark.parametrize("mode", ["argmax", "expectation"])
 def test_hard_inference_modes(mode):
     att = attention("hard", f"model.attention.hard.inference={mode}").eval()
