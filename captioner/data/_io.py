@@ -137,13 +137,15 @@ def optional(entry: dict, key: str, kind: type, source: str | Path, where: str) 
 
 
 def check_caption(text: Any, source: str | Path, where: str) -> str:
-    """A caption stripped of surrounding whitespace; DataError if not a string or has no words."""
+    """A caption stripped of surrounding whitespace, or "" when it has no words (the loaders
+    skip such captions and count them: one empty caption in a large file does not stop a
+    run); DataError if it is not a string."""
     if not isinstance(text, str):
         raise DataError(f"{source}: {where}: caption must be a string, found {text!r:.60}")
     # Any letter or digit almost always makes a word; tokenize only the rare rest (speed:
     # Karpathy's COCO file has 616k sentences).
     if _LETTER_OR_DIGIT.search(text) is None and not tokenize(text):
-        raise DataError(f"{source}: {where}: caption {text!r:.60} is empty or has no words")
+        return ""
     return text.strip()
 
 
@@ -176,6 +178,7 @@ def finish(
     uncaptioned: int,
     image_dir: str | Path,
     check_files: bool,
+    empty_captions: int = 0,
 ) -> list[ImageRecord]:
     """Sort records by image id, warn about skipped images, and check the image files exist.
 
@@ -184,6 +187,7 @@ def finish(
         source: the annotation file, for messages.
         split: the split's name, for messages.
         uncaptioned: how many images of the split were skipped for having no captions.
+        empty_captions: how many captions without words were skipped (in the whole file).
         image_dir: the image folder, for messages.
         check_files: whether to require every record's image file to exist.
 
@@ -192,8 +196,11 @@ def finish(
             files are missing.
     """
     records = sorted(records, key=lambda r: r.image_id)
+    skipped = [f"skipped {empty_captions} caption(s) with no words"] if empty_captions else []
     if uncaptioned:
-        log.warning("%s: skipped %d image(s) of split %r with no captions", source, uncaptioned, split)
+        skipped.append(f"skipped {uncaptioned} image(s) of split {split!r} with no captions")
+    if skipped:
+        log.warning("%s: %s", source, "; ".join(skipped))
     if not records:
         raise DataError(f"{source}: no captioned images for split {split!r}")
     if check_files:

@@ -56,7 +56,7 @@ def load_coco(
 
     Raises:
         DataError: the file is missing, malformed or not a captions file; an entry
-            lacks a key or has a bad value; a caption is empty; an annotation points to
+            lacks a key or has a bad value (a caption without words is skipped and counted); an annotation points to
             an unknown image; ids repeat; the split is unknown; image files are missing.
     """
     src, image_dir = Path(captions_json), Path(image_dir)
@@ -78,10 +78,14 @@ def load_coco(
         }
 
     captions: dict[int, list[tuple[int, Caption]]] = {}
+    empty = 0
     for ann, ann_id, image_id, where in coco_annotations(data, src):
         if image_id not in images:
             raise DataError(f"{src}: {where}: image_id {image_id} is not in 'images'")
         text = check_caption(get(ann, "caption", None, src, where), src, where)
+        if not text:
+            empty += 1
+            continue
         grounding = _grounding(ann.get("grounding"), text, src, where)
         captions.setdefault(image_id, []).append((ann_id, Caption(text, grounding)))
 
@@ -105,6 +109,7 @@ def load_coco(
         uncaptioned=len(images) - len(records),
         image_dir=image_dir,
         check_files=check_files,
+        empty_captions=empty,
     )
 
 

@@ -49,14 +49,15 @@ def load_flickr8k(
         check_files: require every image file of the split to exist.
 
     Raises:
-        DataError: a file is missing or unreadable; a token line is malformed; a caption
-            is empty; a caption id (``name#index``) or a split-file name repeats; the
+        DataError: a file is missing or unreadable; a token line is malformed (a caption
+            without words is skipped and counted); a caption id (``name#index``) or a split-file name repeats; the
             split is unknown; image files are missing.
     """
     token_src, split_src, image_dir = Path(token_file), Path(split_file), Path(image_dir)
     check_split(split, split_src)
     captions = _read_tokens(token_src)
     ids = {name: i for i, name in enumerate(sorted(captions))}
+    empty = sum(1 for per_image in captions.values() for text in per_image.values() if not text)
 
     records, uncaptioned, seen = [], 0, set()
     for lineno, line in enumerate(read_text(split_src).splitlines(), start=1):
@@ -65,10 +66,10 @@ def load_flickr8k(
             continue
         check_new(name, seen, split_src, "file name", f"line {lineno}")
         seen.add(name)
-        if name not in captions:
+        texts = tuple(Caption(text) for _, text in sorted(captions.get(name, {}).items()) if text)
+        if not texts:
             uncaptioned += 1
             continue
-        texts = tuple(Caption(text) for _, text in sorted(captions[name].items()))
         records.append(ImageRecord(image_id=ids[name], path=image_dir / name, captions=texts, split=split))
     return finish(
         records,
@@ -77,6 +78,7 @@ def load_flickr8k(
         uncaptioned=uncaptioned,
         image_dir=image_dir,
         check_files=check_files,
+        empty_captions=empty,
     )
 
 

@@ -50,7 +50,7 @@ def load_folder(
 
     Raises:
         DataError: the file is missing, malformed or in neither layout; an entry lacks
-            a key or has a bad value; a caption is empty; a file name repeats; the split
+            a key or has a bad value (a caption without words is skipped and counted); a file name repeats; the split
             is unknown; image files are missing.
     """
     src, image_dir = Path(captions_json), Path(image_dir)
@@ -58,11 +58,13 @@ def load_folder(
     entries = _entries(read_json(src, unique_keys=True), src)
     ids = {name: i for i, name in enumerate(sorted(name for name, _, _ in entries))}
 
-    records = []
+    records, empty = [], 0
     for name, captions, where in entries:
         if not isinstance(captions, list):
             raise DataError(f"{src}: {where}: captions must be a list of strings, found {captions!r:.60}")
-        texts = tuple(Caption(check_caption(c, src, f"{where} caption {j}")) for j, c in enumerate(captions))
+        checked = [check_caption(c, src, f"{where} caption {j}") for j, c in enumerate(captions)]
+        texts = tuple(Caption(t) for t in checked if t)
+        empty += len(checked) - len(texts)
         if texts:
             records.append(ImageRecord(image_id=ids[name], path=image_dir / name, captions=texts, split=split))
     return finish(
@@ -72,6 +74,7 @@ def load_folder(
         uncaptioned=len(entries) - len(records),
         image_dir=image_dir,
         check_files=check_files,
+        empty_captions=empty,
     )
 
 

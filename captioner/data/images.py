@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
+from captioner.progress import tqdm
 
 from captioner.data.records import ImageRecord
 from captioner.errors import DataError

@@ -16,7 +16,8 @@ The layout it reads::
 ``filepath`` and ``cocoid`` appear in the COCO file only. The image path is
 ``image_root / filepath / filename`` (``image_root / filename`` without ``filepath``);
 the image id is ``cocoid`` when present (so COCO evaluation tools find the image), else
-``imgid``. A caption is the sentence's ``raw`` text, or its ``tokens`` joined by spaces
+``imgid`` (an entry needs one of the two). A sentence without words is skipped and counted
+in a warning, like an image without sentences. A caption is the sentence's ``raw`` text, or its ``tokens`` joined by spaces
 when ``raw`` is absent.
 
 Splits in the file are ``train``, ``restval``, ``val`` and ``test``. ``restval`` is the
@@ -70,7 +71,7 @@ def load_karpathy(
 
     Raises:
         DataError: the file is missing, malformed or not a Karpathy file; an image entry
-            lacks a key or has a bad value; a sentence is empty; image ids repeat; the
+            lacks a key or has a bad value; image ids repeat; the
             split is unknown; image files are missing.
     """
     src, image_root = Path(dataset_json), Path(image_root)
@@ -80,7 +81,7 @@ def load_karpathy(
         raise DataError(f"{src}: expected {_EXPECTED}, found {describe_json(data)}")
     wanted = {split, "restval"} if split == "train" and restval_in_train else {split}
 
-    records, uncaptioned, seen = [], 0, set()
+    records, uncaptioned, empty, seen = [], 0, 0, set()
     for i, image in enumerate(data["images"]):
         filename = get(image, "filename", str, src, f"images[{i}]")
         where = f"images[{i}] ({filename!r})"
@@ -88,13 +89,17 @@ def load_karpathy(
         if file_split not in FILE_SPLITS:
             valid = ", ".join(FILE_SPLITS)
             raise DataError(f"{src}: {where}: unknown split {file_split!r} in the file; expected one of {valid}")
-        imgid = get(image, "imgid", int, src, where)
+        imgid = optional(image, "imgid", int, src, where)
         image_id = optional(image, "cocoid", int, src, where)
+        if image_id is None and imgid is None:
+            raise DataError(f"{src}: {where}: missing key 'imgid' (and no 'cocoid' to use instead)")
         image_id = imgid if image_id is None else image_id
         check_new(image_id, seen, src, "image id", where)
         seen.add(image_id)
         sentences = get(image, "sentences", list, src, where)
-        captions = tuple(_caption(s, src, f"{where} sentence {j}") for j, s in enumerate(sentences))
+        checked = [_caption(s, src, f"{where} sentence {j}") for j, s in enumerate(sentences)]
+        captions = tuple(c for c in checked if c.text)
+        empty += len(checked) - len(captions)
         filepath = optional(image, "filepath", str, src, where)
 
         if file_split not in wanted:
@@ -118,6 +123,7 @@ def load_karpathy(
         uncaptioned=uncaptioned,
         image_dir=image_root,
         check_files=check_files,
+        empty_captions=empty,
     )
 
 

@@ -121,9 +121,6 @@ ENTRY_ERRORS = {
     "annotation not an object": (_replace("annotations", 0, "a dog"), ["annotations[0]", "expected a JSON object"]),
     "null caption": (_set("annotations", 0, "caption", None), ["(id 11)", "must be a string"]),
     "caption not a string": (_set("annotations", 1, "caption", 123), ["(id 12)", "must be a string"]),
-    "empty caption": (_set("annotations", 0, "caption", ""), ["(id 11)", "empty"]),
-    "whitespace caption": (_set("annotations", 0, "caption", "  \t "), ["(id 11)", "empty"]),
-    "caption without words": (_set("annotations", 2, "caption", " ... !"), ["(id 13)", "no words"]),
     "unknown image_id": (_set("annotations", 2, "image_id", 1234), ["(id 13)", "image_id 1234 is not in 'images'"]),
     "duplicate image id": (_append("images", {"id": 7, "file_name": "x.jpg"}), ["duplicate image id 7"]),
     "duplicate annotation id": (

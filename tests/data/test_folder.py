@@ -52,8 +52,6 @@ def test_check_files_false_allows_missing_images(folder, tmp_path):
 ERRORS = {
     "captions not a list": ({"b.png": "a red square"}, ["entry 'b.png'", "must be a list"]),
     "caption not a string": ({"b.png": ["a red square", 3]}, ["entry 'b.png' caption 1", "must be a string"]),
-    "empty caption": ({"b.png": [""]}, ["entry 'b.png' caption 0", "empty"]),
-    "whitespace caption": ([{"file": "b.png", "captions": [" \n "]}], ["entries[0] ('b.png') caption 0", "empty"]),
     "entry without file": ([{"captions": ["a"]}], ["entries[0]", "missing key 'file'"]),
     "entry without captions": ([{"file": "b.png"}], ["entries[0] ('b.png')", "missing key 'captions'"]),
     "entry not an object": ([["b.png", ["a"]]], ["entries[0]", "expected a JSON object"]),

@@ -124,16 +124,23 @@ def _sentences(index: int, sentences: list):
     return _set(index, "sentences", sentences)
 
 
+def _drop_both(index: int, *keys: str):
+    def mutate(data: dict) -> None:
+        for key in keys:
+            del data["images"][index][key]
+
+    return mutate
+
+
 ENTRY_ERRORS = {
     "image without filename": (_drop(1, "filename"), ["images[1]", "missing key 'filename'"]),
-    "image without imgid": (_drop(0, "imgid"), ["images[0] ('COCO_val2014_000000000005.jpg')", "'imgid'"]),
+    "image without imgid or cocoid": (_drop_both(0, "imgid", "cocoid"),
+                                      ["images[0] ('COCO_val2014_000000000005.jpg')", "'imgid'", "'cocoid'"]),
     "image without split": (_drop(2, "split"), ["images[2]", "'split'"]),
     "image without sentences": (_drop(1, "sentences"), ["images[1]", "'sentences'"]),
     "unknown split in file": (_set(0, "split", "testing"), ["images[0]", "unknown split 'testing'", "restval"]),
     "cocoid not an int": (_set(0, "cocoid", "5"), ["images[0]", "'cocoid' must be an integer"]),
     "caption not a string": (_sentences(1, [{"raw": 5}]), ["images[1]", "sentence 0", "must be a string"]),
-    "empty caption": (_sentences(1, [{"raw": "a b"}, {"raw": "   "}]), ["images[1]", "sentence 1", "empty"]),
-    "empty tokens": (_sentences(1, [{"tokens": []}]), ["images[1]", "sentence 0", "empty"]),
     "neither raw nor tokens": (_sentences(2, [{"sentid": 3}]), ["images[2]", "sentence 0", "'raw'", "'tokens'"]),
     "sentence not an object": (_sentences(2, ["a dog"]), ["images[2]", "sentence 0", "expected a JSON object"]),
     "duplicate cocoid": (_set(3, "cocoid", 3), ["duplicate image id 3"]),
@@ -198,3 +205,23 @@ def test_split_with_no_images(karpathy, data_error):
     data["images"] = [im for im in data["images"] if im["split"] != "test"]
     path, root = karpathy(data)
     data_error(lambda: load_karpathy(path, root, split="test"), path, "no captioned images for split 'test'")
+
+
+def test_an_entry_with_cocoid_and_no_imgid_loads_under_its_cocoid(karpathy):
+    data = coco_data()
+    for image in data["images"]:
+        del image["imgid"]
+    path, root = karpathy(data)
+    records = load_karpathy(path, root, split="test")
+    assert [r.image_id for r in records] == [5]
+
+
+def test_empty_sentences_are_skipped_and_counted(karpathy, caplog):
+    data = coco_data()
+    data["images"][1]["sentences"].append({"raw": "   "})
+    data["images"][1]["sentences"].append({"tokens": []})
+    path, root = karpathy(data)
+    with caplog.at_level(logging.WARNING, logger="captioner.data"):
+        records = load_karpathy(path, root, split="train", restval_in_train=False)
+    assert [[c.text for c in r.captions] for r in records] == [["A man riding a horse.", "Ein Mann reitet ein Pferd."]]
+    assert "skipped 2 caption(s) with no words" in caplog.text
