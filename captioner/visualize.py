@@ -19,7 +19,7 @@ Hm x Wm the resolution a map is rendered at.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
+from captioner.progress import tqdm
 
 from captioner.encoder import load_image
 from captioner.errors import CaptionerError
@@ -60,8 +60,11 @@ def _gaussian_blur(maps: Tensor, sigma: tuple[float, float]) -> Tensor:
     return maps
 
 
+NORMALIZATIONS = ("word", "caption", "absolute")
+
+
 def attention_maps(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tuple[int, int], *,
-                   smooth: float = 0.0, interpolation: str = "bilinear") -> np.ndarray:
+                   smooth: float = 0.0, interpolation: str = "bilinear", normalize: str = "word") -> np.ndarray:
     """Attention weights over the grid -> maps over the original image frame, for display.
 
     Grid cell (r, c) covers rows r*Hm/h .. (r+1)*Hm/h and columns c*Wm/w .. (c+1)*Wm/w of
@@ -76,10 +79,16 @@ def attention_maps(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tup
         smooth: sigma of an extra Gaussian blur in grid cells (0: none; the paper's
             figures were smoothed, ~0.5-1 cell looks alike).
         interpolation: ``bilinear``, ``bicubic`` (clamped at 0) or ``nearest`` (blocky cells).
+        normalize: the colour scale. ``word``: each map divided by its own maximum (shows the
+            shape of every map, but a nearly uniform map looks as hot as a peaked one);
+            ``caption``: all N maps divided by their common maximum (maps compare across
+            words); ``absolute``: the weights as they are (1 = all attention on one cell).
 
     Returns:
-        (N, Hm, Wm) float32 in [0, 1], each map divided by its own maximum (an all-zero map stays 0).
+        (N, Hm, Wm) float32 in [0, 1] (an all-zero map stays 0).
     """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
     h, w = grid
     maps = torch.as_tensor(alphas).detach().to("cpu", torch.float32)
     if maps.ndim == 1:
@@ -93,8 +102,18 @@ def attention_maps(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tup
     up = F.interpolate(maps, size=tuple(size), mode=interpolation, **extra).clamp_min(0)  # (N, 1, Hm, Wm)
     if smooth > 0:
         up = _gaussian_blur(up, (smooth * size[0] / h, smooth * size[1] / w))
-    peak = up.amax(dim=(2, 3), keepdim=True)  # (N, 1, 1, 1)
+    if normalize == "absolute":
+        return up.clamp_max(1.0)[:, 0].numpy()
+    dims = (2, 3) if normalize == "word" else (0, 1, 2, 3)
+    peak = up.amax(dim=dims, keepdim=True)  # (N, 1, 1, 1) or (1, 1, 1, 1)
     return (up / peak.clamp_min(1e-12))[:, 0].numpy()
+
+
+def peakedness(alphas: Tensor | np.ndarray) -> np.ndarray:
+    """How peaked each map is: its maximum over uniform attention's (1 / L). 1 is uniform,
+    L is all attention on one cell. alphas (N, L) -> (N,)."""
+    a = torch.as_tensor(alphas).detach().to("cpu", torch.float32)
+    return (a.amax(dim=-1) * a.shape[-1]).numpy()
 
 
 def support_box(alpha: Tensor | np.ndarray, grid: tuple[int, int]) -> tuple[int, int, int, int] | None:
@@ -146,7 +165,7 @@ def attention_figure(image: ImageLike, words: Sequence[str], alphas: Tensor | np
                      betas: Tensor | np.ndarray | Sequence[float] | None = None, title: str | None = None,
                      smooth: float = 0.0, interpolation: str = "bilinear", cmap: str = "jet",
                      opacity: float = 0.7, outline: bool = True, columns: int = 5,
-                     panel_inches: float = 2.2) -> Figure:
+                     panel_inches: float = 2.2, normalize: str = "caption") -> Figure:
     """One panel for the image, then one per word with its attention map over the image.
 
     The map of grid cell (r, c) is drawn over rows r*H/h .. (r+1)*H/h and columns
@@ -162,7 +181,9 @@ def attention_figure(image: ImageLike, words: Sequence[str], alphas: Tensor | np
         grid: (h, w).
         betas: (N,) or (N + 1,) gate values, shown in the titles.
         title: the figure's title (default: the caption).
-        smooth, interpolation: see :func:`attention_maps`.
+        smooth, interpolation, normalize: see :func:`attention_maps` (default ``caption``: one
+            colour scale for all the caption's maps). Each title also gives the map's peak over
+            uniform attention (:func:`peakedness`), whatever the scale.
         cmap, opacity: see :func:`overlay`.
         outline: frame the cells that got any weight when that is not the whole grid
             (hard attention's chosen cell, local attention's window).
@@ -183,8 +204,9 @@ def attention_figure(image: ImageLike, words: Sequence[str], alphas: Tensor | np
     Hd, Wd = display_size((H, W))
     shown = np.asarray(picture.resize((Wd, Hd), Image.BICUBIC))  # (Hd, Wd, 3), drawn over the original frame
     Hm, Wm = max(Hd, MIN_CELL_PIXELS * h), max(Wd, MIN_CELL_PIXELS * w)
-    colours = overlay(attention_maps(alphas[:n], grid, (Hm, Wm), smooth=smooth, interpolation=interpolation),
-                      cmap=cmap, opacity=opacity)  # (N, Hm, Wm, 4)
+    colours = overlay(attention_maps(alphas[:n], grid, (Hm, Wm), smooth=smooth, interpolation=interpolation,
+                                     normalize=normalize), cmap=cmap, opacity=opacity)  # (N, Hm, Wm, 4)
+    peaks = peakedness(alphas[:n])  # (N,)
 
     cols = max(1, min(columns, n + 1))
     rows = math.ceil((n + 1) / cols)
@@ -207,7 +229,10 @@ def attention_figure(image: ImageLike, words: Sequence[str], alphas: Tensor | np
             r0, c0, r1, c1 = box
             ax.add_patch(Rectangle((c0 * W / w, r0 * H / h), (c1 - c0 + 1) * W / w, (r1 - r0 + 1) * H / h,
                                    fill=False, edgecolor="white", linewidth=1.2))
-        label = words[k - 1] if gates is None else f"{words[k - 1]}\n\u03b2 = {gates[k - 1]:.2f}"
+        detail = f"peak {peaks[k - 1]:.1f}\u00d7 uniform"
+        if gates is not None:
+            detail = f"\u03b2 = {gates[k - 1]:.2f} \u00b7 " + detail
+        label = f"{words[k - 1]}\n{detail}"
         ax.set_title(label, fontsize=10)
     fig.suptitle(title if title is not None else " ".join(words), fontsize=11)
     return fig
@@ -268,31 +293,40 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 
 def visualize_images(model: Captioner, images: Sequence[str | Path], out_dir: str | Path, *,
                      beam_size: int | None = None, caption: str | None = None, max_len: int | None = None,
-                     smooth: float = 0.0, dpi: int = 110, progress: bool = False) -> list[Visualized]:
+                     smooth: float = 0.0, normalize: str = "caption", dpi: int = 110, progress: bool = False,
+                     on_bad_image: Callable[[Path, str], None] | None = None) -> list[Visualized]:
     """Caption each image (beam search, greedy for beam 1; or read the given ``caption``
     with teacher forcing) and write ``<out_dir>/<image stem>.png``.
 
     Args:
         beam_size, max_len: default to the checkpoint's ``decode`` section.
         caption: draw the attention for this caption instead of a generated one.
-        smooth: Gaussian smoothing in grid cells (see :func:`attention_maps`).
+        smooth, normalize: see :func:`attention_maps`.
+        on_bad_image: called with (path, reason) for each missing or unreadable image, which is
+            then skipped; None: the first one raises :class:`CaptionerError` before anything is drawn.
     """
     if caption is not None and not tokenize(caption):
         raise CaptionerError(f"the caption {caption!r} has no words")
     paths = [Path(p) for p in images]
     missing = [p for p in paths if not p.is_file()]
-    if missing:
+    if missing and on_bad_image is None:
         raise CaptionerError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = []
     for path, name in tqdm(list(zip(paths, _unique_names(paths))), desc="visualize", unit="img", disable=not progress):
-        picture = load_image(path)
+        try:
+            picture = load_image(path)
+        except CaptionerError as err:
+            if on_bad_image is None:
+                raise
+            on_bad_image(path, str(err).removeprefix(f"{path}: "))
+            continue
         if caption is not None:
             result = teacher_forced(model, picture, caption)
         else:
             result = model.caption(picture, beam_size=beam_size, max_len=max_len)
-        fig = result_figure(picture, result, smooth=smooth)
+        fig = result_figure(picture, result, smooth=smooth, normalize=normalize)
         target = out / f"{name}.png"
         fig.savefig(target, dpi=dpi, bbox_inches="tight", pad_inches=0.08)
         done.append(Visualized(path, result, target))

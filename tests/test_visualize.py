@@ -117,7 +117,9 @@ def test_one_panel_per_word_titled_with_word_and_beta():
                            betas=torch.tensor([0.25, 0.5, 0.75, 1.0]))
     titles = [ax.get_title() for ax in fig.axes]
     assert len(fig.axes) == 4 and titles[0] == "image 30\u00d720"
-    assert titles[1:] == ["a\n\u03b2 = 0.25", "red\n\u03b2 = 0.50", "circle\n\u03b2 = 0.75"]
+    peaks = [f"peak {6 * float(a.max()):.1f}\u00d7 uniform" for a in alphas[:3]]
+    assert titles[1:] == [f"a\n\u03b2 = 0.25 \u00b7 {peaks[0]}", f"red\n\u03b2 = 0.50 \u00b7 {peaks[1]}",
+                          f"circle\n\u03b2 = 0.75 \u00b7 {peaks[2]}"]
     with pytest.raises(ValueError, match="do not fit 2 words"):
         attention_figure(Image.new("RGB", (30, 20)), ["a", "b"], alphas, grid)
 
@@ -183,6 +185,10 @@ def test_cli_visualize_errors_are_one_line(problem, checkpoint, tmp_path, make_i
             "bad checkpoint": [image, "-c", tmp_path / "junk.pt"],
             "empty caption": [image, "-c", checkpoint, "--caption", "?!"]}[problem]
     code, _, err = run(capsys, "visualize", *argv, "--out", tmp_path / "o")
+    if problem == "missing image":  # named, the others processed (none here), exit 1 at the end
+        assert code == 1 and err.startswith(f"error: {tmp_path / 'nope.png'}: no such file")
+        assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 2 and "\r" not in err
+        return
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert {"missing image": "nope.png", "bad checkpoint": "junk.pt", "empty caption": "no words"}[problem] in err
 
