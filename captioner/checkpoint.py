@@ -88,3 +88,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"({FORMAT_VERSION}); upgrade captioner"
         )
     return data
+
+
+INFERENCE_KEYS = ("config", "vocab", "model")  # what captioning, evaluation and figures read
+
+
+def slim(data: dict[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint inference needs: config, vocabulary and model weights (no
+    optimizer moments, scheduler, loss buffers or trainer state: those only serve a resume)."""
+    return {key: data[key] for key in INFERENCE_KEYS}
+
+
+def export_checkpoint(source: str | Path, target: str | Path) -> int:
+    """Write the inference-only part of the checkpoint ``source`` to ``target`` (atomically);
+    returns the new file's size in bytes."""
+    if Path(source).resolve() == Path(target).resolve():
+        raise CheckpointError(f"{target}: export would overwrite its source; choose another --out")
+    save_checkpoint(target, slim(load_checkpoint(source)))
+    return Path(target).stat().st_size

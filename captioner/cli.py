@@ -7,9 +7,14 @@
     captioner visualize IMAGE... --checkpoint CKPT --out DIR   per-word attention heatmaps (PNG)
     captioner report CKPT --images IMAGE... --out DIR  an HTML page: n-best captions, hover a word
     captioner demo                                      data, training, evaluation, heatmaps, report
+    captioner export CKPT --out SLIM                    a checkpoint for inference only
+
+Also ``python -m captioner ...``.
 
 A mistake in the user's input (a file, a key, a value) prints one line, ``error: ...``,
-and exits with code 2; ``--debug`` shows the traceback instead.
+and exits with code 2; ``--debug`` shows the traceback instead. The commands that read many
+images (caption, visualize, report, evaluate) process every readable one, name each
+unreadable one on stderr with its reason, and exit with code 1 at the end if there was any.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ EXAMPLES = """examples:
   captioner train configs/shapes_soft.yaml
   captioner train configs/shapes_soft.yaml train.epochs=5 train.lr=1e-3
   captioner caption photo.jpg --checkpoint runs/shapes_soft/best.pt
+  captioner caption photos/ -c runs/shapes_soft/best.pt --out results.json
+  captioner caption photos/ -c runs/shapes_soft/best.pt --beam 5 --n-best 3 --out nbest.jsonl
   captioner evaluate runs/shapes_soft/best.pt --split test --beam 5
   captioner data shapes --out data/shapes --n 3000 --seed 0
   captioner visualize photo.jpg --checkpoint runs/shapes_soft/best.pt --out attention --beam 3
   captioner report runs/shapes_soft/best.pt --images data/shapes/test --max-images 8 --out report
   captioner demo
+  captioner export runs/shapes_soft/best.pt --out slim.pt
 """
 
 
@@ -59,45 +67,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_caption(args: argparse.Namespace) -> int:
+class _BadInputs:
+    """The inference commands' policy for unreadable inputs: every readable image is still
+    processed; each unreadable one is named on stderr with its reason, as it is met; the
+    command exits 1 at the end (after writing what it could) when there was any."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def __call__(self, path: str | Path, reason: str) -> None:
+        self.items.append((str(path), reason))
+        print(f"error: {path}: {reason}", file=sys.stderr)
+
+    def exit_code(self, processed: int) -> int:
+        """0 when every input was read, else 1 after a summary line."""
+        if not self.items:
+            return 0
+        print(f"error: {len(self.items)} of {processed + len(self.items)} images could not be read "
+              f"(named above); the other {processed} were processed", file=sys.stderr)
+        return 1
+
+
+def _checked_beam(beam: int | None) -> None:
+    if beam is not None and beam < 1:
+        raise CaptionerError(f"--beam must be >= 1; got {beam}")
+
+
+def _load_model(args: argparse.Namespace):
+    from captioner.device import resolve_device
     from captioner.model import Captioner
 
-    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise CaptionerError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if args.beam is not None and args.beam < 1:
-        raise CaptionerError(f"--beam must be >= 1; got {args.beam}")
-    results = model.caption(list(args.images), max_len=args.max_len, beam_size=args.beam)
-    for path, res in zip(args.images, results):
-        print(f"{path}\t{res.text}")
-    return 0
+    return Captioner.from_checkpoint(args.checkpoint, device=resolve_device(args.device))
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from captioner.config import replace
-    from captioner.evaluate import evaluate
-    from captioner.model import Captioner
-
-    if args.beam < 1:
-        raise CaptionerError(f"--beam must be >= 1; got {args.beam}")
-    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
-    data = model.config.data
-    if args.data_root:
-        data = replace(data, root=args.data_root)
-    out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
-    result = evaluate(model, data, split=args.split, beam_size=args.beam, length_penalty=args.length_penalty,
-                      max_len=args.max_len or model.config.decode.max_len, max_images=args.max_images,
-                      out_dir=out_dir, use_java=False if args.no_java else None, spice=not args.no_spice,
-                      progress=True)
-    print(f"{args.split} split, {len(result.captions)} images, beam {args.beam}")
-    print(result.table())
-    print("wrote " + ", ".join(str(f) for f in result.files))
-    return 0
-
-
-def _image_files(paths: list[str], limit: int = 0) -> list[Path]:
-    """Image files from files and folders (a folder's images in name order); the first ``limit`` (0: all)."""
+def _image_files(paths: list[str], limit: int = 0, on_missing=None) -> list[Path]:
+    """Image files from files and folders (a folder's images in name order); the first ``limit``
+    (0: all). A path that does not exist goes to ``on_missing(path, reason)`` when given, else raises."""
     suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
     files: list[Path] = []
     for text in paths:
@@ -106,37 +111,126 @@ def _image_files(paths: list[str], limit: int = 0) -> list[Path]:
             files += sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
         elif path.is_file():
             files.append(path)
+        elif on_missing is not None:
+            on_missing(path, "no such file or folder")
         else:
             raise CaptionerError(f"image not found: {path}")
-    if not files:
+    if not files and on_missing is None:
         raise CaptionerError(f"no images in {', '.join(paths)}")
     return files[:limit] if limit else files
 
 
+def _readable(files: list[Path], bad: _BadInputs) -> list[tuple[Path, object]]:
+    """(path, PIL image) of every file that loads; the others go to ``bad``."""
+    from captioner.data.images import load_image
+
+    out = []
+    for path in files:
+        try:
+            out.append((path, load_image(path)))
+        except CaptionerError as err:
+            bad(path, str(err).removeprefix(f"{path}: "))
+    return out
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from captioner.results import caption_records, write_results
+
+    _checked_beam(args.beam)
+    if args.n_best is not None and args.n_best < 1:
+        raise CaptionerError(f"--n-best must be >= 1; got {args.n_best}")
+    fmt = args.format or ("jsonl" if args.out and args.out.endswith(".jsonl") else "coco")
+    model = _load_model(args)
+    bad = _BadInputs()
+    files = _image_files(args.images, on_missing=bad)
+    images = _readable(files, bad)
+    records = caption_records(model, images, beam_size=args.beam, n_best=args.n_best, max_len=args.max_len)
+    for rec in records:
+        print(f"{rec['file']}\t{rec['caption']}")
+    if args.out:
+        write_results(records, args.out, fmt=fmt)
+        print(f"wrote {len(records)} captions to {args.out} ({fmt})", file=sys.stderr)
+    if not files and not bad.items:
+        raise CaptionerError(f"no images in {', '.join(args.images)}")
+    return bad.exit_code(len(records))
+
+
+def _data_with_root(model, data_root: str | None):
+    """The checkpoint's data section, at ``--data-root`` when given; a missing root says so."""
+    from captioner.config import replace
+
+    data = model.config.data
+    if data_root:
+        data = replace(data, root=data_root)
+    if data.format != "shapes" and not Path(data.root).exists():
+        raise CaptionerError(f"data not found at {data.root} (the checkpoint's data.root); "
+                             "pass --data-root DIR where the data set is now")
+    return data
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from captioner.evaluate import evaluate
+
+    _checked_beam(args.beam)
+    model = _load_model(args)
+    data = _data_with_root(model, args.data_root)
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    bad = _BadInputs()
+    result = evaluate(model, data, split=args.split, beam_size=args.beam, length_penalty=args.length_penalty,
+                      max_len=args.max_len or model.config.decode.max_len, max_images=args.max_images,
+                      out_dir=out_dir, use_java=False if args.no_java else None, spice=not args.no_spice,
+                      progress=True, on_bad_image=bad)
+    print(f"{args.split} split, {len(result.captions)} images, beam {args.beam}")
+    print(result.table())
+    print("wrote " + ", ".join(str(f) for f in result.files))
+    return bad.exit_code(len(result.captions))
+
+
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from captioner.model import Captioner
     from captioner.visualize import visualize_images
 
-    images = _image_files(args.images)
-    if args.beam is not None and args.beam < 1:
-        raise CaptionerError(f"--beam must be >= 1; got {args.beam}")
-    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    _checked_beam(args.beam)
+    model = _load_model(args)
+    bad = _BadInputs()
+    images = _image_files(args.images, on_missing=bad)
+    if args.caption is not None:
+        _warn_unknown_words(model, args.caption)
     done = visualize_images(model, images, args.out, beam_size=args.beam, caption=args.caption,
-                            max_len=args.max_len, smooth=args.smooth, progress=True)
+                            max_len=args.max_len, smooth=args.smooth, normalize=args.normalize,
+                            progress=True, on_bad_image=bad)
     for item in done:
         print(f"{item.image}\t{item.result.text}\t{item.figure}")
-    return 0
+    return bad.exit_code(len(done))
+
+
+def _warn_unknown_words(model, caption: str) -> None:
+    from captioner.vocab import tokenize
+
+    unknown = sorted({w for w in tokenize(caption) if w not in model.vocab})
+    if unknown:
+        print(f"warning: not in the model's vocabulary, read as <unk>: {', '.join(unknown)}", file=sys.stderr)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from captioner.model import Captioner
     from captioner.report import write_report
 
-    images = _image_files(args.images, args.max_images)
-    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    model = _load_model(args)
+    bad = _BadInputs()
+    images = _image_files(args.images, args.max_images, on_missing=bad)
+    missing = len(bad.items)
     path = write_report(model, images, args.out, beam_size=args.beam, n_best=args.n_best, max_len=args.max_len,
-                        metrics=args.metrics, checkpoint=args.checkpoint, smooth=args.smooth, progress=True)
-    print(f"wrote {path} ({len(images)} images, beam {args.beam}); open it in a browser")
+                        metrics=args.metrics, checkpoint=args.checkpoint, smooth=args.smooth, progress=True,
+                        on_bad_image=bad)
+    shown = len(images) - (len(bad.items) - missing)
+    print(f"wrote {path} ({shown} images, beam {args.beam}); open it in a browser")
+    return bad.exit_code(shown)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from captioner.checkpoint import export_checkpoint
+
+    size = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {args.out} ({size / 2**20:.1f} MB: config, vocabulary and model weights only)")
     return 0
 
 
@@ -160,13 +254,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="captioner", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Show, Attend and Tell: image captioning with visual attention.", epilog=EXAMPLES)
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="make or prepare data sets")
     data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     shapes = data_sub.add_parser("shapes", help="generate the built-in shapes captioning set (COCO layout)",
@@ -179,44 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--workers", type=int, default=0, help="worker processes (default 0: in-process)")
     shapes.set_defaults(func=_cmd_shapes)
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train a captioner from a YAML config",
                            description="Train a captioner. CONFIG is a YAML file (configs/*.yaml); key=value "
-                                       "arguments override it, e.g. train.epochs=5 model.attention.name=soft. "
-                                       "The run folder (train.out_dir) gets config.yaml, vocab.json, "
-                                       "metrics.jsonl, last.pt and best.pt.")
+                                       "arguments override it, e.g. train.epochs=5 model.attention.name=soft, "
+                                       "before or after the options. The run folder (train.out_dir) gets "
+                                       "config.yaml, vocab.json, metrics.jsonl, last.pt and best.pt.")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     train.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint ('auto': the run's last.pt)")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(func=_cmd_train)
-
-    cap = sub.add_parser("caption", help="caption images with a trained checkpoint",
-                         description="Print 'IMAGE<TAB>caption' for each image.")
-    cap.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    cap.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by captioner train")
-    cap.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
-    cap.add_argument("--beam", type=int, default=None, help="beam size (default: the config's decode.beam_size; 1 is greedy)")
-    cap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    cap.set_defaults(func=_cmd_caption)
-
-    ev = sub.add_parser("evaluate", help="score a checkpoint on a split with the COCO caption metrics",
-                        description="Decode a split with beam search and print BLEU-1..4, METEOR, ROUGE-L, "
-                                    "CIDEr-D (and SPICE when it can run), computed as the COCO caption "
-                                    "evaluation does, plus attention correctness when the split has instance "
-                                    "annotations. Writes the captions in the COCO results format and the "
-                                    "metrics as JSON.")
-    ev.add_argument("checkpoint", help="a checkpoint written by captioner train")
-    ev.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
-    ev.add_argument("--beam", type=int, default=5, help="beam size (default 5; 1 is greedy)")
-    ev.add_argument("--length-penalty", type=float, default=0.0, help="rank beams by log p / (words + 1) ** this")
-    ev.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
-    ev.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (default: all)")
-    ev.add_argument("--data-root", default=None, help="where the data set is, if not where it was for training")
-    ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
-    ev.add_argument("--no-java", action="store_true", help="skip METEOR, SPICE and the PTB tokenizer")
-    ev.add_argument("--no-spice", action="store_true", help="skip SPICE")
-    ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ev.set_defaults(func=_cmd_evaluate)
 
     feats = sub.add_parser("features", help="cache a frozen encoder's features on disk")
     feats_sub = feats.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -231,36 +293,91 @@ def build_parser() -> argparse.ArgumentParser:
                      help="splits to encode (default: train val)")
     ext.set_defaults(func=_cmd_features)
 
+
+def _add_inference_options(cmd, *, beam_default: int | None) -> None:
+    """Options every command that decodes with a checkpoint shares."""
+    beam_help = f"beam size (default {beam_default}; 1 is greedy)" if beam_default else \
+        "beam size (default: the config's decode.beam_size; 1 is greedy)"
+    cmd.add_argument("--beam", type=int, default=beam_default, help=beam_help)
+    cmd.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
+    cmd.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
+
+
+def _add_caption(sub) -> None:
+    cap = sub.add_parser("caption", help="caption images with a trained checkpoint",
+                         description="Print 'IMAGE<TAB>caption' for each image (files or folders); --out also "
+                                     "writes them for programs: COCO results json ([{image_id, caption}]) or JSON "
+                                     "lines with the n-best captions and their log-probabilities. Unreadable "
+                                     "images are named on stderr; the others are captioned; the exit code is 1 "
+                                     "if any image could not be read.")
+    cap.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    cap.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by captioner train")
+    _add_inference_options(cap, beam_default=None)
+    cap.add_argument("--out", default=None, help="write the captions to this file too (.json or .jsonl)")
+    cap.add_argument("--format", choices=("coco", "jsonl"), default=None,
+                     help="coco: [{image_id, caption}]; jsonl: one line per image with the n-best "
+                          "(default: jsonl for a .jsonl file, else coco)")
+    cap.add_argument("--n-best", type=int, default=None, help="captions per image in jsonl (default 1; <= beam)")
+    cap.set_defaults(func=_cmd_caption)
+
+
+def _add_evaluate(sub) -> None:
+    ev = sub.add_parser("evaluate", help="score a checkpoint on a split with the COCO caption metrics",
+                        description="Decode a split with beam search and print BLEU-1..4, METEOR, ROUGE-L, "
+                                    "CIDEr-D (and SPICE when it can run), computed as the COCO caption "
+                                    "evaluation does, plus attention correctness when the split has instance "
+                                    "annotations. Writes the captions in the COCO results format and the "
+                                    "metrics as JSON. Unreadable images are named, left out of the scores and "
+                                    "listed in the metrics file; the exit code is then 1.")
+    ev.add_argument("checkpoint", help="a checkpoint written by captioner train")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    _add_inference_options(ev, beam_default=5)
+    ev.add_argument("--length-penalty", type=float, default=0.0, help="rank beams by log p / (words + 1) ** this")
+    ev.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (default: all)")
+    ev.add_argument("--data-root", default=None, help="where the data set is, if not where it was for training")
+    ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
+    ev.add_argument("--no-java", action="store_true", help="skip METEOR, SPICE and the PTB tokenizer")
+    ev.add_argument("--no-spice", action="store_true", help="skip SPICE")
+    ev.set_defaults(func=_cmd_evaluate)
+
+
+def _add_visualize(sub) -> None:
     vis = sub.add_parser("visualize", help="draw where the model looked, word by word (PNG per image)",
                          description="Caption each image (or read --caption with teacher forcing) and write "
                                      "OUT/<image name>.png: the image, then one panel per word with its attention "
-                                     "map over the whole original image and the gate value beta.")
+                                     "map over the whole original image, the gate value beta and how peaked the "
+                                     "map is (its maximum over uniform attention's). Unreadable images are "
+                                     "named on stderr and skipped; the exit code is then 1.")
     vis.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     vis.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by captioner train")
     vis.add_argument("--out", required=True, help="output folder for the PNGs")
-    vis.add_argument("--beam", type=int, default=None, help="beam size (default: the config's decode.beam_size; 1 is greedy)")
+    _add_inference_options(vis, beam_default=None)
     vis.add_argument("--caption", default=None, help='draw the attention for this caption instead (e.g. "a red circle")')
-    vis.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
     vis.add_argument("--smooth", type=float, default=0.0, help="Gaussian smoothing of the maps in grid cells (default 0)")
-    vis.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    vis.add_argument("--normalize", choices=("word", "caption", "absolute"), default="caption",
+                     help="colour scale: each map to its own maximum (word), all maps of a caption to their "
+                          "common maximum (caption, the default), or weights as they are, 0..1 (absolute)")
     vis.set_defaults(func=_cmd_visualize)
 
+
+def _add_report(sub) -> None:
     rep = sub.add_parser("report", help="write a self-contained HTML report: n-best captions, hover a word",
                          description="Beam-search each image and write OUT/report.html, one static file (images "
                                      "and maps inline; no server, no network): per image the n-best captions with "
-                                     "their log-probabilities; hover or click a word to see its attention map.")
+                                     "their log-probabilities; hover or click a word to see its attention map. "
+                                     "Unreadable images are named on stderr and left out; the exit code is then 1.")
     rep.add_argument("checkpoint", help="a checkpoint written by captioner train")
     rep.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="image files or folders")
     rep.add_argument("--out", required=True, help="output folder (gets report.html)")
-    rep.add_argument("--beam", type=int, default=3, help="beam size (default 3)")
+    _add_inference_options(rep, beam_default=3)
     rep.add_argument("--n-best", type=int, default=None, help="captions per image (default: the beam size)")
-    rep.add_argument("--max-len", type=int, default=None, help="maximum words (default: the config's decode.max_len)")
     rep.add_argument("--max-images", type=int, default=0, help="the first N images only (default: all)")
     rep.add_argument("--metrics", default=None, help="a metrics_<split>.json from captioner evaluate to show on top")
     rep.add_argument("--smooth", type=float, default=0.0, help="initial smoothing in grid cells (a slider on the page)")
-    rep.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     rep.set_defaults(func=_cmd_report)
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="the whole pipeline on the shapes set in about 10 minutes",
                           description="Generate the shapes set if absent (data/shapes), train soft attention "
                                       "(configs/shapes_soft.yaml, a time budget), evaluate on the test split, "
@@ -275,7 +392,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="delete the demo's run folder and train again")
     demo.add_argument("--tiny", action="store_true", help="a tiny set and model, in seconds: a smoke test")
     demo.set_defaults(func=_cmd_demo)
+
+    export = sub.add_parser("export", help="write a slim checkpoint for inference (no optimizer or trainer state)",
+                            description="Copy a checkpoint's config, vocabulary and model weights into a new file, "
+                                        "leaving out what only resuming needs (optimizer moments, scheduler, "
+                                        "RNG states): about a third of a paper-size best.pt.")
+    export.add_argument("checkpoint", help="a checkpoint written by captioner train")
+    export.add_argument("--out", required=True, help="the slim checkpoint to write")
+    export.set_defaults(func=_cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="captioner", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Show, Attend and Tell: image captioning with visual attention.", epilog=EXAMPLES)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_data, _add_train, _add_caption, _add_evaluate, _add_visualize, _add_report, _add_demo):
+        add(sub)
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; ``key=value`` overrides may also come after the options (``train CFG --resume auto k=v``)."""
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    stray = [e for e in extra if not (takes_overrides and "=" in e and not e.startswith("-"))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
 
 
 def _one_line(err: BaseException) -> str:
@@ -288,7 +435,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return args.func(args)
     except CaptionerError as err:

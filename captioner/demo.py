@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from captioner.progress import tqdm
 
 from captioner.checkpoint import load_checkpoint
 from captioner.config import Config, config_to_dict, load_config

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from captioner.progress import tqdm
 
 from captioner.config import DataConfig
 from captioner.correctness import CorrectnessReport, attention_correctness, load_regions
 from captioner.data import load_split
 from captioner.data.dataset import ImageDataset, collate_images
+from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
 from captioner.metrics import MetricReport, caption_metrics
 from captioner.model import Captioner
@@ -123,7 +124,8 @@ def instances_file(cfg: DataConfig, split: str) -> Path | None:
 
 def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_size: int = 5,
              length_penalty: float = 0.0, max_len: int = 20, max_images: int = 0, out_dir: str | Path | None = None,
-             use_java: bool | None = None, spice: bool = True, progress: bool = False) -> EvalResult:
+             use_java: bool | None = None, spice: bool = True, progress: bool = False,
+             on_bad_image: Callable[[Path, str], None] | None = None) -> EvalResult:
     """Decode ``split`` with beam search and score it.
 
     Args:
@@ -132,10 +134,19 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
         max_images: evaluate the first N images only (0: all).
         out_dir: where to write the captions and metrics json (None: nowhere).
         use_java: None auto-detects Java for METEOR, SPICE and the PTB tokenizer.
+        on_bad_image: called with (path, reason) for each unreadable image, which is then left
+            out of the scores (and listed in the metrics file under ``skipped_images``); None:
+            ``data.bad_images`` decides (``error`` raises, ``skip`` leaves them out silently).
     """
     records = load_split(data, split, progress=progress)
     if max_images:
         records = records[:max_images]
+    found = check_images(records, policy="skip" if on_bad_image else data.bad_images, workers=data.num_workers,
+                         progress=progress)
+    for path, reason in found.bad:
+        if on_bad_image is not None:
+            on_bad_image(path, reason)
+    records = found.good
     decoded = decode_records(model, records, max_len=max_len, beam_size=beam_size, length_penalty=length_penalty,
                              num_workers=data.num_workers, progress=progress)
     captions = {r.image_id: " ".join(d.words) for r, d in zip(records, decoded)}
@@ -158,7 +169,8 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
         files[-1].write_text(json.dumps(results, indent=1), encoding="utf-8")
         summary = {"split": split, "images": len(records), "beam_size": beam_size, "length_penalty": length_penalty,
                    "scores": metrics.scores, "unavailable": metrics.unavailable, "tokenizer": metrics.tokenizer,
-                   "attention_correctness": correctness.as_dict() if correctness is not None else None}
+                   "attention_correctness": correctness.as_dict() if correctness is not None else None,
+                   "skipped_images": [{"file": str(p), "reason": r} for p, r in found.bad]}
         files.append(out / f"metrics_{split}.json")
         files[-1].write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return EvalResult(metrics, correctness, captions, files)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -22,10 +23,10 @@ from captioner.decoder import Decoder, DecoderOutput
 from captioner.decoding import Decoded, beam_search, greedy
 from captioner.data.images import load_image, to_rgb
 from captioner.encoder import Encoder, PositionEmbedding2D
-from captioner.errors import CheckpointError, ConfigError
+from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.vocab import Vocabulary
 
-ImageLike = Image.Image | str | Path
+ImageLike = Image.Image | str | Path | np.ndarray | Tensor
 
 
 @dataclass
@@ -49,6 +50,55 @@ class CaptionResult:
     @property
     def text(self) -> str:
         return " ".join(self.words)
+
+
+def _array_to_image(array: np.ndarray, *, layout: str) -> Image.Image:
+    """One image as an array -> PIL. ``layout`` "hwc" (numpy, PIL) or "chw" (torch); values
+    uint8 in 0..255 or floats in [0, 1]; 1, 3 or 4 channels, or a 2-D grey image."""
+    if array.ndim == 3 and layout == "chw":
+        array = array.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        want = "(C, H, W)" if layout == "chw" else "(H, W, C)"
+        raise CaptionerError(f"an image array must be {want} with 1, 3 or 4 channels, or (H, W); "
+                             f"got shape {tuple(array.shape)}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+            raise CaptionerError(f"an image array must hold numbers; got dtype {array.dtype}")
+        array = np.clip(np.nan_to_num(array.astype(np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def as_images(images: ImageLike | Sequence[ImageLike]) -> tuple[list[Image.Image | str | Path], bool]:
+    """What :meth:`Captioner.caption` accepts -> (images or paths, whether one image was given).
+
+    One image: a path, a PIL image, an ndarray (H, W[, C]), or a tensor (C, H, W). A batch:
+    a list or tuple of those, an ndarray (B, H, W, C) or a tensor (B, C, H, W). Arrays hold
+    uint8 0..255 or floats in [0, 1].
+    """
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images], True
+    if isinstance(images, Tensor):
+        array, layout, batch_dims = images.detach().cpu().numpy(), "chw", 4
+    elif isinstance(images, np.ndarray):
+        array, layout, batch_dims = images, "hwc", 4
+    elif isinstance(images, (list, tuple)):
+        out: list[Image.Image | str | Path] = []
+        for item in images:
+            if isinstance(item, (list, tuple)):
+                raise CaptionerError("a list of images must hold images, not lists")
+            got, single = as_images(item)
+            if not single:
+                raise CaptionerError("a list of images must hold single images, not batches")
+            out += got
+        return out, False
+    else:
+        raise CaptionerError(f"cannot caption a {type(images).__name__}: give a path, a PIL image, an ndarray, "
+                             "a tensor, or a list of them")
+    if array.ndim == batch_dims:
+        return [_array_to_image(a, layout=layout) for a in array], False
+    return [_array_to_image(array, layout=layout)], True
 
 
 def check_names(cfg: Config) -> None:
@@ -160,16 +210,26 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def caption(self, images: ImageLike | Sequence[ImageLike], *, max_len: int | None = None,
                 beam_size: int | None = None, batch_size: int = 16) -> CaptionResult | list[CaptionResult]:
-        """Caption one image (PIL image or path) or a list of them.
+        """Caption one image or a batch of them.
 
-        ``max_len`` and ``beam_size`` default to the config's ``decode`` section.
-        Returns a :class:`CaptionResult` for one image, a list for a list.
+        Args:
+            images: one image (a path, a PIL image, an ndarray (H, W, C), a tensor (C, H, W))
+                or a batch (a list of those, an ndarray (B, H, W, C), a tensor (B, C, H, W));
+                arrays hold uint8 0..255 or floats in [0, 1]. See :func:`as_images`.
+            max_len, beam_size: default to the config's ``decode`` section; beam 1 is greedy.
+
+        Returns:
+            A :class:`CaptionResult` for one image, a list for a batch.
+
+        Raises:
+            CaptionerError: an unreadable image or array, or ``beam_size``/``max_len`` < 1.
         """
-        single = isinstance(images, (Image.Image, str, Path))
-        items = [images] if single else list(images)
+        items, single = as_images(images)
         decode = self.config.decode if self.config else DecodeConfig()
-        max_len = max_len or decode.max_len
-        beam_size = beam_size or decode.beam_size
+        max_len = decode.max_len if max_len is None else max_len
+        beam_size = decode.beam_size if beam_size is None else beam_size
+        if beam_size < 1 or max_len < 1:
+            raise CaptionerError(f"beam_size and max_len must be >= 1; got beam_size {beam_size}, max_len {max_len}")
         was_training = self.training
         self.eval()
         tf = self.encoder.transform()

@@ -19,7 +19,7 @@ import base64
 import html
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import matplotlib
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from captioner.progress import tqdm
 
 from captioner.config import DecodeConfig
 from captioner.decoding import beam_search
@@ -354,13 +354,15 @@ def read_metrics(path: str | Path) -> dict:
 def write_report(model: Captioner, images: Sequence[str | Path], out_dir: str | Path, *, beam_size: int = 3,
                  n_best: int | None = None, max_len: int | None = None, metrics: str | Path | None = None,
                  title: str = "Where the model looks", checkpoint: str = "", smooth: float = 0.0,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, on_bad_image: Callable[[Path, str], None] | None = None) -> Path:
     """Caption ``images`` with beam search and write ``<out_dir>/report.html``.
 
     Args:
         beam_size: K; n_best: captions shown per image (default K).
         metrics: a ``metrics_<split>.json`` from ``captioner evaluate`` to show on top.
         checkpoint: the checkpoint's path, named on the page.
+        on_bad_image: called with (path, reason) for each unreadable image, which is then left
+            out of the page; None: the first one raises :class:`CaptionerError`.
 
     Returns:
         The report's path.
@@ -369,8 +371,16 @@ def write_report(model: Captioner, images: Sequence[str | Path], out_dir: str | 
     if beam_size < 1 or not 1 <= n_best <= beam_size:
         raise CaptionerError(f"need beam >= 1 and 1 <= n-best <= beam; got beam {beam_size}, n-best {n_best}")
     scores = read_metrics(metrics) if metrics else None
-    paths = [Path(p) for p in images]
-    pictures = [load_image(p) for p in tqdm(paths, desc="read images", unit="img", disable=not progress)]
+    paths, pictures = [], []
+    for path in tqdm([Path(p) for p in images], desc="read images", unit="img", disable=not progress):
+        try:
+            pictures.append(load_image(path))
+        except CaptionerError as err:
+            if on_bad_image is None:
+                raise
+            on_bad_image(path, str(err).removeprefix(f"{path}: "))
+            continue
+        paths.append(path)
     captions = nbest_captions(model, pictures, beam_size=beam_size, n_best=n_best, max_len=max_len, progress=progress)
     cfg = model.config
     info = " \u00b7 ".join(part for part in (

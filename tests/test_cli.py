@@ -59,10 +59,10 @@ def test_train_then_caption_good_and_corrupt_images(capsys, tiny_config, shapes_
     assert code == 0 and out.startswith(f"{image}\t") and len(out.strip().split("\t")) == 2
     bad = tmp_path / "bad.png"
     bad.write_bytes(image.read_bytes()[:100])  # truncated PNG
-    code, _, err = run(capsys, "caption", str(bad), "--checkpoint", ckpt)
-    assert_one_line_error(code, err, "bad.png")
-    code, _, err = run(capsys, "caption", str(tmp_path / "nope.jpg"), "--checkpoint", ckpt)
-    assert_one_line_error(code, err, "nope.jpg")
+    code, out, err = run(capsys, "caption", str(bad), "--checkpoint", ckpt)
+    assert code == 1 and out == "" and "bad.png: truncated PNG" in err and "Traceback" not in err
+    code, out, err = run(capsys, "caption", str(tmp_path / "nope.jpg"), "--checkpoint", ckpt)
+    assert code == 1 and out == "" and "nope.jpg: no such file" in err
 
 
 def test_data_shapes_command(capsys, tmp_path):

@@ -250,13 +250,18 @@ def test_cli_report_errors_are_one_line(problem, tmp_path, capsys, make_image):
     image = make_image(tmp_path / "ok.png")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "metrics.json").write_text("{not json")
-    good = untrained_checkpoint(tmp_path / "tiny.pt") if problem in ("bad metrics", "n-best over beam") else None
+    good = untrained_checkpoint(tmp_path / "tiny.pt") if problem != "bad checkpoint" else None
     argv, fragment = {
-        "missing image": ([tmp_path / "junk.pt", "--images", tmp_path / "nope.png"], "nope.png"),
+        "missing image": ([good, "--images", tmp_path / "nope.png", image], "nope.png"),
         "bad checkpoint": ([tmp_path / "junk.pt", "--images", image], "junk.pt"),
         "bad metrics": ([good, "--images", image, "--metrics", tmp_path / "metrics.json"], "metrics.json"),
         "n-best over beam": ([good, "--images", image, "--beam", 2, "--n-best", 3], "n-best"),
     }[problem]
     code, _, err = run(capsys, "report", *argv, "--out", tmp_path / "r")
+    if problem == "missing image":  # named; the readable image is still reported; exit 1 at the end
+        assert code == 1 and err.startswith(f"error: {tmp_path / 'nope.png'}: no such file")
+        assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 2 and "\r" not in err
+        assert "ok.png" in (tmp_path / "r" / "report.html").read_text()
+        return
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
     assert not (tmp_path / "r" / "report.html").exists()
