@@ -52,8 +52,16 @@ def test_quick_run_writes_every_section(tmp_path):
             assert len(row["times_s"]) == (1 if section == "epoch" else 2), where  # an epoch is a whole fit()
             assert 0 < row["gflop_needed"] <= row["gflop_executed"] * (1 + 1e-9), where
             assert row["share_of_peak"] > 0 and row["peak_mem_mib"] > 0, where
-    assert [r["case"] for r in results["sections"]["beam"]] == ["k=1", "k=3", "k=5"]
-    assert {r["case"] for r in results["sections"]["train"]} == {"soft", "hard"}
+    assert [r["case"] for r in results["sections"]["beam"]] == ["k=1", "k=3", "k=5", "k=5 bf16"]
+    assert {r["case"] for r in results["sections"]["train"]} == {"soft", "hard", "soft bf16"}
+    assert results["machine"]["cpu_bf16"] in ("AMX", "AVX512-BF16", "none")
+    for section, peak in results["section_peaks"].items():  # the bf16 rows are measured against the bf16 peak
+        assert peak["bf16"]["dtype"] == "bfloat16" and peak["bf16"]["gflops"] > 0, section
+    for row in results["sections"]["train"] + results["sections"]["beam"]:
+        expected = results["section_peaks"][row["section"]]
+        expected = expected["bf16"] if row["case"].endswith("bf16") else expected
+        assert row["peak_gflops"] == expected["gflops"], row["case"]
+    assert "bfloat16 matmul peak (CPU bf16: " in proc.stdout
     assert {r["case"] for r in results["sections"]["epoch"]} == {"cache", "no cache", "per caption"}
     assert set(results["targets"]) == {"train soft", "train hard", "beam k=5"}
     assert "% peak" in proc.stdout and "train" in proc.stdout  # the table
@@ -132,3 +140,9 @@ def test_caption_batch_is_collated_like_the_data():
         assert row[n + 1] == bench.END and (row[n + 2:] == bench.PAD).all()
         assert (row[1:n + 1] >= 4).all()  # ordinary words, no specials
         assert m.sum() == n + 2 and m[: n + 2].all()
+
+
+@pytest.mark.parametrize("flags, expected", [({"fpu", "avx512_bf16", "amx_bf16", "amx_tile"}, "AMX"),
+                                             ({"avx512f", "avx512_bf16"}, "AVX512-BF16"), ({"avx2"}, "none")])
+def test_cpu_bf16_support_is_named_from_the_flags(flags, expected):
+    assert bench.cpu_bf16_support(flags) == expected
