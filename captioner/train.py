@@ -218,6 +218,7 @@ class Trainer:
         self.skipped = 0  # batches skipped for a non-finite loss (train.nonfinite=skip)
 
     def run(self) -> FitResult:
+        """The whole job: :meth:`setup`, :meth:`train`, :meth:`cleanup`."""
         self.setup()
         result = self.train()
         self.cleanup()
