@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.autograd import StepSum
+from captioner import kernels
 from captioner.config import AttentionConfig
 from captioner.registry import Registry
 
@@ -56,81 +56,6 @@ class AttentionOutput:
 SCORES: Registry[nn.Module] = Registry("score function (model.attention.score)")
 
 
-class _TanhScore(torch.autograd.Function):
-    """w^T tanh(keys + query) over L locations, fused, with tanh(x) = 2 sigmoid(2x) - 1.
-
-    The same function as ``torch.tanh(keys + query) @ w``, but the CPU's sigmoid runs about
-    3x faster than its tanh, the tanh is never materialised (w^T (2s - 1) = 2 w^T s - sum w),
-    and the backward is written out: it is the hottest elementwise work of a training step
-    (B x L x A values at every word). Absolute error ~1e-7 per element, as float32 rounding.
-    With ``keys_sum`` (a :class:`~captioner.autograd.StepSum`) the keys' gradient is added
-    into its buffer in place, one pass per step, and scaled by 4w once at the end.
-
-    keys (B, L, A), query (B, K, A), w (A,) -> scores (B, K, L).
-    """
-
-    @staticmethod
-    def forward(ctx, keys: Tensor, query: Tensor, w: Tensor, keys_sum: StepSum | None = None) -> Tensor:
-        x = torch.add(keys.unsqueeze(1), query.unsqueeze(2))  # (B, K, L, A)
-        s = x.mul_(2.0).sigmoid_()  # sigmoid(2x), in place
-        ctx.w_dtype, ctx.keys_sum = w.dtype, keys_sum
-        w = w.to(s.dtype)
-        ctx.save_for_backward(s, w)
-        return torch.matmul(s, 2.0 * w) - w.sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        s, w = ctx.saved_tensors
-        grad_keys = grad_query = grad_w = None
-        B, K, L, A = s.shape
-        grad = grad.to(s.dtype)
-        if ctx.needs_input_grad[2]:  # d/dw of w^T (2s - 1) = 2 sum g s - sum g: one matrix-vector product
-            grad_w = (2.0 * torch.mv(s.reshape(-1, A).t(), grad.reshape(-1)) - grad.sum()).to(ctx.w_dtype)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            d = torch.addcmul(s, s, s, value=-1.0)  # s (1 - s); d tanh(x)/dx = 4 s (1 - s)
-            w4 = 4.0 * w
-            if ctx.needs_input_grad[1]:  # sum over L of g d, then times 4w: one batched product
-                grad_query = torch.bmm(grad.reshape(B * K, 1, L), d.reshape(B * K, L, A)).view(B, K, A) * w4
-            if ctx.needs_input_grad[0]:
-                if ctx.keys_sum is not None:  # sum_t g_t d_t into the pass's buffer; 4w at the end
-                    buffer = ctx.keys_sum.buffer(B)
-                    if K == 1:
-                        buffer.addcmul_(d.squeeze(1), grad.squeeze(1).unsqueeze(-1))
-                    else:
-                        buffer.add_((d * grad.unsqueeze(-1)).sum(1))
-                else:
-                    dk = d.mul_(grad.unsqueeze(-1)).mul_(w4)  # (B, K, L, A), in place
-                    grad_keys = dk.sum(dim=1) if K > 1 else dk.squeeze(1)  # (B, L, A)
-        return grad_keys, grad_query, grad_w, None
-
-
-@dataclass
-class SummedKeys:
-    """What the additive tanh score's ``precompute`` returns in training: the projected keys
-    (B, L, A), whose gradient the steps sum in place (see :class:`_TanhScore`)."""
-
-    keys: Tensor
-    keys_sum: StepSum
-
-
-def _tanh_score_no_grad(keys: Tensor, query: Tensor, w: Tensor) -> Tensor:
-    """:class:`_TanhScore`'s forward for decoding, one query of each image at a time in one
-    reused (B, L, A) buffer: a (B, K, L, A) temporary is tens of MB for a beam search, and
-    the allocator hands blocks that large out as fresh pages from the OS at every step
-    (page faults cost more than the arithmetic)."""
-    B, K, _ = query.shape
-    L, A = keys.shape[1:]
-    w = w.to(keys.dtype)
-    w2 = 2.0 * w
-    scores = keys.new_empty(K, B * L)
-    buffer = torch.empty_like(keys)
-    for k in range(K):
-        torch.add(keys, query[:, k].unsqueeze(1), out=buffer)
-        torch.mv(buffer.mul_(2.0).sigmoid_().view(B * L, A), w2, out=scores[k])
-    return scores.sub_(w.sum()).view(K, B, L).transpose(0, 1)  # (B, K, L)
-
-
 def _grouped(query: Tensor) -> Tensor:
     """A query (B, Q) or (B, K, Q) (K queries of one image, e.g. beams) as (B, K, Q)."""
     return query.unsqueeze(1) if query.dim() == 2 else query
@@ -150,42 +75,45 @@ def _dot(keys: Tensor, query: Tensor) -> Tensor:
 class AdditiveScore(nn.Module):
     """The paper's f_att: w^T act(W_a a_i + W_h h + b) (Bahdanau et al., 2015).
 
-    With tanh (the paper's) the elementwise part runs as one fused function (see
-    :class:`_TanhScore`); with ReLU as plain torch ops.
+    With tanh (the paper's) and ``fused`` the elementwise part runs as one fused kernel,
+    :func:`captioner.kernels.tanh_score`; otherwise as the plain expression below.
     """
 
-    def __init__(self, *, key_dim: int, query_dim: int, dim: int, activation: str = "tanh") -> None:
+    def __init__(self, *, key_dim: int, query_dim: int, dim: int, activation: str = "tanh",
+                 fused: bool = True) -> None:
         super().__init__()
         self.key = nn.Linear(key_dim, dim)
         self.query = nn.Linear(query_dim, dim, bias=False)
         self.out = nn.Linear(dim, 1, bias=False)  # a bias would cancel in the softmax
         self.activation = activation
         self.act = {"tanh": torch.tanh, "relu": F.relu}[activation]
+        self.fused = fused
 
-    def precompute(self, keys: Tensor) -> Tensor | SummedKeys:
-        projected = self.key(keys)  # (B, L, A)
-        if self.activation == "tanh":
-            keys_sum = StepSum(projected, finish=lambda total: total.mul_(4.0 * self.out.weight.view(-1)))
-            if keys_sum.deferred:  # a teacher-forced pass that needs gradients
-                return SummedKeys(keys_sum.tensor, keys_sum)
-        return projected
+    @property
+    def uses_kernel(self) -> bool:
+        return self.fused and self.activation == "tanh"
 
-    def forward(self, projected: Tensor | SummedKeys, query: Tensor) -> Tensor:
-        if isinstance(projected, SummedKeys):
-            projected, keys_sum = projected.keys, projected.keys_sum
-        else:
-            keys_sum = None
-        q = _grouped(self.query(query))  # (B, K, A)
-        if self.activation == "tanh":
-            w = self.out.weight.view(-1)
-            if torch.is_grad_enabled() and (projected.requires_grad or q.requires_grad or w.requires_grad):
-                scores = _TanhScore.apply(projected, q.to(projected.dtype), w, keys_sum)
-            else:
-                scores = _tanh_score_no_grad(projected, q.to(projected.dtype), w)
+    def precompute(self, keys: Tensor) -> Tensor | kernels.SummedKeys:
+        projected = self.key(keys)  # (B, L, A): W_a a_i + b
+        return kernels.summed_keys(projected, self.out.weight.view(-1)) if self.uses_kernel else projected
+
+    def forward(self, projected: Tensor | kernels.SummedKeys, query: Tensor) -> Tensor:
+        q = _grouped(self.query(query))  # (B, K, A): W_h h
+        if self.uses_kernel:
+            scores = kernels.tanh_score(projected, q, self.out.weight.view(-1))  # (B, K, L)
         else:
             hidden = self.act(projected.unsqueeze(1) + q.unsqueeze(2))  # (B, K, L, A)
-            scores = self.out(hidden).squeeze(-1)
+            scores = self.out(hidden).squeeze(-1)  # (B, K, L)
         return _ungrouped(scores, query)  # (B, L) or (B, K, L)
+
+
+def use_fused_kernels(module: nn.Module, enabled: bool) -> nn.Module:
+    """Switch every score in ``module`` that has a fused kernel to it (or to its plain
+    expression): ``model.attention.fused``. Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, AdditiveScore):
+            m.fused = enabled
+    return module
 
 
 @SCORES.register("dot")
@@ -445,4 +373,5 @@ class LocalAttention(nn.Module):
 def build_attention(cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
                     grid: tuple[int, int] = (1, 1)) -> nn.Module:
     """The attention module named by ``cfg.name`` (an unknown name lists the valid ones)."""
-    return ATTENTIONS.get(cfg.name).from_config(cfg, feature_dim=feature_dim, hidden_dim=hidden_dim, grid=grid)
+    module = ATTENTIONS.get(cfg.name).from_config(cfg, feature_dim=feature_dim, hidden_dim=hidden_dim, grid=grid)
+    return use_fused_kernels(module, cfg.fused)

@@ -195,12 +195,15 @@ class LocalAttentionConfig:
 class AttentionConfig:
     """The attention module: ``name`` from the attention registry (soft, hard, local,
     none), ``score`` from the score registry (additive is the paper's MLP; dot, general,
-    scaled_dot), ``dim`` the attention space, ``activation`` of the additive score."""
+    scaled_dot), ``dim`` the attention space, ``activation`` of the additive score;
+    ``fused``: the additive tanh score runs as a fused kernel (captioner/kernels.py), the
+    same function as the plain expression, faster (false: the plain expression)."""
 
     name: str = "soft"
     score: str = "additive"
     dim: int = 512
     activation: str = "tanh"
+    fused: bool = True
     hard: HardAttentionConfig = HardAttentionConfig()
     local: LocalAttentionConfig = LocalAttentionConfig()
 

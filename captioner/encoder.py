@@ -20,8 +20,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms import v2 as T
 
 from captioner.config import EncoderConfig
-from captioner.data.images import load_image  # noqa: F401  (re-exported: its home was here)
-from captioner.errors import ConfigError, CaptionerError
+from captioner.errors import CaptionerError, ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -30,8 +30,8 @@ from PIL import Image
 from captioner.progress import tqdm
 
 from captioner.config import DecodeConfig
+from captioner.data.images import load_image
 from captioner.decoding import beam_search
-from captioner.encoder import load_image
 from captioner.errors import CaptionerError
 from captioner.metrics import DISPLAY_NAMES as METRIC_NAMES
 from captioner.metrics import METRICS

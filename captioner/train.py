@@ -1,16 +1,33 @@
 """The training loop: fit, validate by real decoding, checkpoint, resume, stop early.
 
-``fit(cfg)`` is the whole job behind ``captioner train``. With a frozen encoder (the
-paper's setting) each image is encoded once, before the first epoch, and the epochs run on
-the stored features. When pixels go through the encoder in the training step (a fine-tuned
-encoder, or ``train.cache_features: false``) a batch is made of images, each with up to
-``train.captions_per_image`` of its captions, so each image is encoded once per epoch, not
-once per caption.
+``fit(cfg)`` is the whole job behind ``captioner train``: it builds a :class:`Trainer` and
+runs its phases, each a method short enough to read alone (torchtune's recipes, minGPT's
+``Trainer``)::
+
+    setup()            process (seed, ranks, device, run folder, log) -> records and
+                       vocabulary -> model, loss, optimizer, scheduler, restored state ->
+                       features -> batches -> validation references and baseline -> step
+    train()            for each epoch: train_epoch() -> end_epoch() (validate, schedule,
+                       log, checkpoint, stop early) or stop_mid_epoch() on a time/step limit
+      train_step()     one optimizer step: compute_loss(), the non-finite policy, backward
+      validate()       greedy decoding of the val images, scored by score_captions()
+      save_checkpoint  last.pt / best.pt: everything an exact resume needs
+    cleanup()          ranks agree, the process group ends
+
+With a frozen encoder (the paper's setting) each image is encoded once, before the first
+epoch, and the epochs run on the stored features. When pixels go through the encoder in the
+training step (a fine-tuned encoder, or ``train.cache_features: false``) a batch is made of
+images, each with up to ``train.captions_per_image`` of its captions, so each image is
+encoded once per epoch, not once per caption.
 
 Validation decodes greedily (no teacher forcing) with the evaluation's own code and scores
 BLEU-1..4, ROUGE-L and CIDEr-D (pure Python, no Java); ``train.val_metric`` (CIDEr-D by
 default) picks the best checkpoint, ``best.pt``, and drives early stopping; the latest is
 ``last.pt``; metrics go to ``metrics.jsonl``, one JSON object a line.
+
+To extend: a new validation score goes into :meth:`Trainer.score_captions` (every key it
+returns is logged as ``val_<key>`` and ``baseline_<key>``); a new training objective
+overrides :meth:`Trainer.compute_loss` (batch -> :class:`~captioner.losses.LossOutput`).
 """
 
 from __future__ import annotations
@@ -35,10 +52,10 @@ from captioner.data.cache import default_cache_dir, open_cache
 from captioner.data.dataset import CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
 from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
-from captioner.errors import CaptionerError, CheckpointError, ConfigError
-from captioner.losses import CaptionLoss
 from captioner.distributed import finish, init_distributed, max_parameter_difference, shard, wrap
+from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.evaluate import decode_records, encode_records, references
+from captioner.losses import CaptionLoss, LossOutput
 from captioner.metrics import caption_metrics
 from captioner.model import Captioner, check_names
 from captioner.vocab import Vocabulary, tokenize
@@ -85,7 +102,7 @@ def most_common_caption(records: Sequence[ImageRecord]) -> list[str]:
     return counts.most_common(1)[0][0].split()
 
 
-def _optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
     t = cfg.train
     groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad],
                "lr": t.lr}]
@@ -104,7 +121,7 @@ def _optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
 
 
-def _scheduler(cfg: Config, opt: torch.optim.Optimizer):
+def build_scheduler(cfg: Config, opt: torch.optim.Optimizer):
     t = cfg.train
     if t.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=t.lr_decay, patience=t.lr_patience)
@@ -115,7 +132,8 @@ def _scheduler(cfg: Config, opt: torch.optim.Optimizer):
     return None
 
 
-def epoch_order(n: int, t: TrainConfig, epoch: int, first_batch: int = 0, *, batch_size: int | None = None) -> list[int]:
+def epoch_order(n: int, t: TrainConfig, epoch: int, first_batch: int = 0, *,
+                batch_size: int | None = None) -> list[int]:
     """The shuffled sample order of ``epoch``: a function of (seed, epoch) alone, so a run
     resumed mid-epoch sees the same batches; the first ``first_batch`` batches of
     ``batch_size`` samples (default ``t.batch_size``; images when batches are made of images)
@@ -168,259 +186,403 @@ class _Log:
             f.write(json.dumps(entry) + "\n")
 
 
-# ----------------------------------------------------------------------------- fit
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class Validation:
+    """One validation pass: ``scores`` by metric name, ``captions`` by image id."""
+
+    scores: dict[str, float]
+    captions: dict[int, str]
+
+
+class Trainer:
+    """Training as named phases, with the run's state on the object.
+
+    ``Trainer(cfg).run()`` is ``setup()``, ``train()``, ``cleanup()``. Position and record
+    (``epoch``, ``step``, ``best``, ``bad_epochs``, ``history``) are attributes, saved into
+    every checkpoint by :meth:`state` and restored from one by :meth:`restore`.
+
+    Args:
+        cfg: the whole run's configuration.
+        quiet: no progress lines (the metrics file is written all the same).
+    """
+
+    def __init__(self, cfg: Config, *, quiet: bool = False) -> None:
+        self.cfg, self.t, self.quiet = cfg, cfg.train, quiet
+        self.metric = cfg.train.val_metric
+        self.start_epoch, self.start_batch = 0, 0  # where this process starts (a resume moves it)
+        self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -1.0, 0
+        self.history: list[dict] = []
+        self.skipped = 0  # batches skipped for a non-finite loss (train.nonfinite=skip)
+
+    def run(self) -> FitResult:
+        """The whole job: :meth:`setup`, :meth:`train`, :meth:`cleanup`."""
+        self.setup()
+        result = self.train()
+        self.cleanup()
+        return result
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Everything before the first step, in an order that keeps resume exact."""
+        self.setup_process()
+        self.setup_records()
+        ckpt = self.load_resume()
+        self.setup_model()
+        if ckpt is not None:
+            self.restore(ckpt)
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.log.say(f"run {self.run_dir}: {len(self.train_records)} train / {len(self.val_records)} val images, "
+                     f"{len(self.vocab)} words, grid {self.model.encoder.grid}, {n_params / 1e6:.2f}M trainable "
+                     f"parameters, {self.device}")
+        self.setup_features()
+        self.setup_batches()
+        self.setup_validation()
+        self.setup_step()
+
+    def setup_process(self) -> None:
+        """Seeds, ranks, device, the run folder (rank 0 writes) and the log."""
+        t = self.t
+        check_names(self.cfg)
+        self.ddp = ddp = init_distributed(t.device)  # rank 0 of 1 unless launched by torchrun
+        torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
+        random.seed(t.seed)
+        use_rank_gpu = ddp.enabled and t.device != "cpu" and torch.cuda.is_available()
+        self.device = torch.device("cuda", ddp.local_rank) if use_rank_gpu else resolve_device(t.device)
+        self.run_dir = run_dir_of(self.cfg)
+        if ddp.is_main:  # only rank 0 writes: config, logs, checkpoints
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self.log = _Log(self.run_dir / "metrics.jsonl", self.quiet or not ddp.is_main, write=ddp.is_main)
+        if ddp.is_main:
+            for stale in remove_stale_temporaries(self.run_dir):
+                self.log.say(f"removed {stale.name}: a checkpoint write that a killed run left unfinished")
+        self.progress = t.progress and not self.quiet and ddp.is_main
+
+    def setup_records(self) -> None:
+        """The train and val records (unreadable images stop the run or are skipped) and the vocabulary."""
+        cfg = self.cfg
+        train = load_split(cfg.data, "train", progress=self.progress)
+        val = load_split(cfg.data, "val")
+        if self.t.val_images:
+            val = val[: self.t.val_images]
+        self.train_records = self._readable(train, "train")
+        self.val_records = self._readable(val, "val")
+        self.vocab = Vocabulary.build((c.text for r in self.train_records for c in r.captions),
+                                      min_count=cfg.vocab.min_count, max_size=cfg.vocab.max_size)
+
+    def _readable(self, records: list[ImageRecord], split: str) -> list[ImageRecord]:
+        """A fast pre-check: unreadable images stop the run now, or are skipped and logged."""
+        found = check_images(records, policy=self.cfg.data.bad_images, workers=self.cfg.data.num_workers,
+                             progress=self.progress)
+        if found.bad:
+            self.log.say(f"{split}: {found.summary()}; skipped (data.bad_images=skip)")
+            self.log.record({"split": split, "skipped_images": [[str(p), reason] for p, reason in found.bad]})
+        return found.good
+
+    def load_resume(self) -> dict | None:
+        """The checkpoint to resume from (None: a fresh run); its vocabulary must be this data's."""
+        resume = self.t.resume
+        if resume == "auto":
+            resume = str(self.run_dir / "last.pt") if (self.run_dir / "last.pt").is_file() else ""
+        self.resume = resume
+        ckpt = load_checkpoint(resume) if resume else None
+        if ckpt is not None:
+            saved = Vocabulary.from_dict(ckpt["vocab"])
+            if saved != self.vocab:
+                raise CheckpointError(
+                    f"{resume}: the checkpoint's vocabulary ({len(saved)} words) differs from the one built "
+                    f"from this training data ({len(self.vocab)} words); resume on the data it was trained on"
+                )
+        if self.ddp.is_main:
+            (self.run_dir / "vocab.json").write_text(json.dumps(self.vocab.to_dict()), encoding="utf-8")
+        self.fresh = ckpt is None
+        return ckpt
+
+    def setup_model(self) -> None:
+        """Model (pretrained weights only on a fresh run), loss, optimizer and scheduler."""
+        self.model = Captioner.from_config(self.cfg, self.vocab, load_weights=self.fresh).to(self.device)
+        self.criterion = CaptionLoss.from_config(self.t).to(self.device)  # holds the REINFORCE baseline
+        self.opt = build_optimizer(self.cfg, self.model)
+        self.sched = build_scheduler(self.cfg, self.opt)
+
+    def restore(self, ckpt: dict) -> None:
+        """Weights, optimizer, scheduler, position and RNG from ``ckpt``: the run goes on exactly."""
+        tr = _trainer_state(ckpt, self.resume)
+        self.model.load_model_state(ckpt["model"], source=self.resume)
+        self.criterion.load_state_dict(ckpt["loss"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.sched is not None and ckpt.get("scheduler") is not None:
+            self.sched.load_state_dict(ckpt["scheduler"])
+        self.start_epoch, self.start_batch, self.step = tr["epoch"], tr["batch"], tr["step"]
+        self.best, self.bad_epochs, self.history = tr["best_score"], tr["bad_epochs"], list(tr["history"])
+        _set_rng_state(tr["rng"])  # after building the model, whose initialisation draws from the RNG
+        self.log.say(f"resumed from {self.resume} at epoch {self.start_epoch + 1}, batch {self.start_batch}, "
+                     f"step {self.step}")
+
+    def setup_features(self) -> None:
+        """With a frozen encoder, every image encoded once: from the on-disk cache, else now, in memory."""
+        cfg = self.cfg
+        self.cached = self.model.encoder.frozen and self.t.cache_features
+        self.train_feats = self.val_feats = None
+        if not self.cached:
+            return
+        folder = default_cache_dir(cfg)
+        self.train_feats = open_cache(folder, self.model.encoder, self.train_records, split="train")
+        val_cache = open_cache(folder, self.model.encoder, load_split(cfg.data, "val"), split="val")
+        if self.train_feats is not None and val_cache is not None:
+            self.val_feats = val_cache[torch.arange(len(self.val_records))]
+            self.log.say(f"features from the cache {folder}")
+            return
+        workers = cfg.data.num_workers
+        self.train_feats = encode_records(self.model, self.train_records, num_workers=workers,
+                                          progress=self.progress, desc="encode train")
+        self.val_feats = encode_records(self.model, self.val_records, num_workers=workers, progress=self.progress,
+                                        desc="encode val")
+
+    def setup_batches(self) -> None:
+        """What a loader sample is: a caption (cached features are looked up by its image's index,
+        or train.captions_per_image=0 encodes its image anew) or an image with up to k captions
+        (encoded once per epoch, its features repeated to its captions by batch.image_index)."""
+        cfg, t, ddp = self.cfg, self.t, self.ddp
+        self.per_image = not self.cached and t.captions_per_image > 0
+        if self.per_image:
+            self.dataset = ImageCaptionsDataset(self.train_records, self.vocab, max_len=cfg.vocab.max_len,
+                                                captions_per_image=t.captions_per_image, seed=t.seed,
+                                                transform=self.model.encoder.transform())
+            self.collate, self.batch_size = collate_image_captions, images_per_batch(t)
+            if self.batch_size % ddp.world:
+                raise ConfigError(f"train.batch_size={t.batch_size} with train.captions_per_image="
+                                  f"{t.captions_per_image} makes global batches of {self.batch_size} images, which "
+                                  f"must be a multiple of the {ddp.world} processes")
+            self.log.say(f"batches of {self.batch_size} images x up to {t.captions_per_image} captions "
+                         f"({self.dataset.captions_in_epoch()} captions per epoch): each image encoded once per "
+                         f"epoch")
+        else:
+            self.dataset = CaptionDataset(self.train_records, self.vocab, max_len=cfg.vocab.max_len,
+                                          transform=None if self.cached else self.model.encoder.transform())
+            self.collate, self.batch_size = collate_captions, t.batch_size
+            self.log.say(f"batches of {self.batch_size} captions: "
+                         + ("each image encoded once per run" if self.cached else
+                            "each image encoded once per caption (train.captions_per_image=0)"))
+        self.n_batches = math.ceil(len(self.dataset) / self.batch_size)
+
+    def setup_validation(self) -> None:
+        """The val references and the baseline: the most common training caption for every image."""
+        self.refs = references(self.val_records)
+        self.baseline_caption = common = " ".join(most_common_caption(self.train_records))
+        self.baseline = self.score_captions({r.image_id: common for r in self.val_records})
+        self.log.say(f"baseline (\"{common}\" for every image): val {self.metric} {self.baseline[self.metric]:.4f}, "
+                     f"BLEU-4 {self.baseline['bleu4']:.4f}")
+
+    def setup_step(self) -> None:
+        """Mixed precision, the DDP wrapper and ``torch.compile`` of the training call."""
+        t = self.t
+        if t.amp == "fp16" and self.device.type != "cuda":
+            raise CaptionerError("train.amp=fp16 needs a CUDA GPU; on the CPU use train.amp=bf16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
+        self.train_model = wrap(self.model, self.ddp, self.device)  # DDP averages the gradients over the ranks
+        if t.compile:  # compile the training call only: checkpoints keep the plain module's keys
+            self.train_model = torch.compile(self.train_model, dynamic=True)
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> FitResult:
+        """The epochs, from where the run stands to ``train.epochs`` or an earlier stop."""
+        self.started = time.monotonic()
+        self.epoch = self.start_epoch
+        for epoch in range(self.start_epoch, self.t.epochs):
+            self.epoch = epoch
+            sums, stopped_at = self.train_epoch(epoch)
+            if stopped_at is not None:
+                self.stop_mid_epoch(epoch, stopped_at)
+                break
+            if self.end_epoch(epoch, sums):
+                break
+        return FitResult(run_dir=self.run_dir, metric=self.metric, best_score=self.best,
+                         baseline_score=self.baseline[self.metric], epochs=self.epoch + 1, history=self.history)
+
+    def loader(self, epoch: int, first: int) -> DataLoader:
+        """This rank's batches of ``epoch`` from batch ``first`` on, in the (seed, epoch) order."""
+        order = shard(epoch_order(len(self.dataset), self.t, epoch, first, batch_size=self.batch_size),
+                      batch_size=self.batch_size, ddp=self.ddp)
+        if self.per_image:
+            self.dataset.set_epoch(epoch)  # before the loader copies the dataset into its workers
+        return DataLoader(self.dataset, batch_size=self.batch_size // self.ddp.world, sampler=order,
+                          num_workers=0 if self.cached else self.cfg.data.num_workers, collate_fn=self.collate,
+                          generator=torch.Generator())  # its own generator: the global RNG is not touched
+
+    def train_epoch(self, epoch: int) -> tuple[Counter, int | None]:
+        """One epoch from its first unseen batch; -> the loss sums, and the batch where a time or
+        step limit stopped it (None: the epoch ran to its end)."""
+        self.model.train()
+        self.criterion.train()
+        first = self.start_batch if epoch == self.start_epoch else 0
+        sums: Counter = Counter()
+        bar = tqdm(self.loader(epoch, first), desc=f"epoch {epoch + 1}/{self.t.epochs}", disable=not self.progress,
+                   leave=False, initial=first, total=self.n_batches)
+        for index, batch in enumerate(bar, start=first):
+            self.batch_index = index
+            loss = self.train_step(batch.to(self.device))
+            if loss is None:  # skipped: a non-finite loss under train.nonfinite=skip
+                continue
+            sums.update(n=1, loss=loss.total.item(), xent=loss.xent.item())
+            if self.step % self.t.log_every == 0:
+                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}")
+                self.log_step(loss)
+            not_last = self.batch_index + 1 < self.n_batches
+            if self.t.checkpoint_every and self.step % self.t.checkpoint_every == 0 and not_last:
+                self.save_checkpoint("last.pt", epoch, self.batch_index + 1)
+            if self.out_of_budget() and not_last:
+                return sums, self.batch_index + 1
+        return sums, None
+
+    def compute_loss(self, batch) -> LossOutput:
+        """The training objective on one batch: teacher-forced forward, then the caption loss."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            if self.cached:
+                feats = self.train_feats[batch.index.cpu()].to(self.device)
+                out = self.train_model(batch.captions, raw_features=feats)
+            else:  # image_index is None for one sample per caption
+                out = self.train_model(batch.captions, images=batch.images, image_index=batch.image_index)
+        mask = batch.mask[:, 1:]
+        return self.criterion(out, batch.captions[:, 1:], mask, words=self.ddp.words(mask))
+
+    def train_step(self, batch) -> LossOutput | None:
+        """One optimizer step on ``batch``; None when its loss was not finite and it was skipped."""
+        loss = self.compute_loss(batch)
+        if self.ddp.any(not bool(torch.isfinite(loss.total)), self.device):
+            self.on_nonfinite(loss)
+            return None
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss.total).backward()
+        if self.t.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.step += 1
+        return loss
+
+    def on_nonfinite(self, loss: LossOutput) -> None:
+        """train.nonfinite: ``stop`` raises (the last good checkpoint stays); ``skip`` counts, up to a limit."""
+        t = self.t
+        where = f"at step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_index + 1})"
+        if t.nonfinite == "stop":
+            raise TrainingError(f"the loss became {loss.total.item()} {where}; the last good checkpoint "
+                                f"is kept. Lower train.lr, check the data, or set train.nonfinite=skip")
+        self.skipped += 1
+        self.log.say(f"skipped a batch with a non-finite loss {where} ({self.skipped} so far)")
+        self.log.record({"step": self.step, "epoch": self.epoch + 1, "batch": self.batch_index + 1,
+                         "skipped_nonfinite": self.skipped})
+        if self.skipped > t.max_skipped:
+            raise TrainingError(f"{self.skipped} batches had a non-finite loss (more than train.max_skipped="
+                                f"{t.max_skipped}); stopping. The last good checkpoint is kept.")
+
+    def log_step(self, loss: LossOutput) -> None:
+        self.log.record({"step": self.step, "epoch": self.epoch + 1, "loss": loss.total.item(),
+                         "xent": loss.xent.item(), "dsr": loss.dsr.item(), "reinforce": loss.reinforce.item(),
+                         "entropy": loss.entropy.item(), "baseline": self.criterion.baseline.value.item(),
+                         "lr": self.opt.param_groups[0]["lr"]})
+
+    def out_of_budget(self) -> bool:
+        """train.max_minutes or train.max_steps is spent (the same answer on every rank)."""
+        t = self.t
+        out_of_time = bool(t.max_minutes) and self.ddp.any(time.monotonic() - self.started > 60 * t.max_minutes,
+                                                           self.device)
+        return out_of_time or bool(t.max_steps and self.step >= t.max_steps)
+
+    # ------------------------------------------------------------------ validate, stop
+
+    def validate(self) -> Validation:
+        """Greedy decoding of the val images (no teacher forcing), scored."""
+        decoded = decode_records(self.model, self.val_records, max_len=self.cfg.decode.max_len,
+                                 features=self.val_feats, num_workers=self.cfg.data.num_workers,
+                                 progress=self.progress)
+        captions = {r.image_id: " ".join(d.words) for r, d in zip(self.val_records, decoded)}
+        return Validation(self.score_captions(captions), captions)
+
+    def score_captions(self, captions: dict[int, str]) -> dict[str, float]:
+        """Scores of val captions (image id -> caption) against the references, by metric name."""
+        return caption_metrics(captions, self.refs, use_java=False, spice=False).scores
+
+    def end_epoch(self, epoch: int, sums: Counter) -> bool:
+        """Validate, step the scheduler, log, checkpoint; -> whether the run stops here."""
+        val = self.validate()
+        value = val.scores[self.metric]
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.sched.step(value)
+        elif self.sched is not None:
+            self.sched.step()
+        improved = value > self.best
+        self.best, self.bad_epochs = (value, 0) if improved else (self.best, self.bad_epochs + 1)
+        entry = self.epoch_entry(epoch, sums, val)
+        self.history.append(entry)
+        self.log.record(entry)
+        self.log.say(f"epoch {epoch + 1}: loss {entry['train_loss']:.3f}  val {self.metric} {value:.4f}  "
+                     f"BLEU-4 {val.scores['bleu4']:.4f}{' (best)' if improved else ''}  e.g. \"{entry['example']}\"")
+        self.save_checkpoint("last.pt", epoch + 1, 0)
+        if improved:
+            self.save_checkpoint("best.pt", epoch + 1, 0)
+        if self.t.max_steps and self.step >= self.t.max_steps:
+            return True
+        if self.t.patience and self.bad_epochs >= self.t.patience:
+            self.log.say(f"stopping early: no better val {self.metric} for {self.bad_epochs} epochs")
+            return True
+        return False
+
+    def epoch_entry(self, epoch: int, sums: Counter, val: Validation) -> dict:
+        """The epoch's line of metrics.jsonl."""
+        n = max(sums["n"], 1)
+        return {"epoch": epoch + 1, "step": self.step, "train_loss": sums["loss"] / n, "train_xent": sums["xent"] / n,
+                **{f"val_{k}": v for k, v in val.scores.items()},
+                **{f"baseline_{k}": v for k, v in self.baseline.items()},
+                "lr": self.opt.param_groups[0]["lr"], "minutes": (time.monotonic() - self.started) / 60,
+                "example": next(iter(val.captions.values()), "")}
+
+    def stop_mid_epoch(self, epoch: int, stopped_at: int) -> None:
+        """Out of time (or steps) mid-epoch: last.pt resumes exactly here; the validation only
+        reports and keeps best.pt, without stepping the scheduler or early stopping."""
+        self.save_checkpoint("last.pt", epoch, stopped_at)
+        value = self.validate().scores[self.metric]
+        if value > self.best:
+            self.best = value
+            self.save_checkpoint("best.pt", epoch, stopped_at)
+        self.log.say(f"stopping in epoch {epoch + 1} at step {self.step} (train.max_minutes={self.t.max_minutes}, "
+                     f"train.max_steps={self.t.max_steps}); val {self.metric} {value:.4f}")
+
+    # ------------------------------------------------------------------ checkpoint, cleanup
+
+    def state(self, epoch: int, batch: int) -> dict:
+        """Everything a resume needs: at ``batch`` batches into epoch ``epoch`` (0-based)."""
+        return {
+            "config": config_to_dict(self.cfg), "vocab": self.vocab.to_dict(), "model": self.model.state_dict(),
+            "loss": self.criterion.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else None,
+            "trainer": {"epoch": epoch, "batch": batch, "step": self.step, "best_score": self.best,
+                        "bad_epochs": self.bad_epochs, "history": self.history, "rng": _rng_state()},
+        }
+
+    def save_checkpoint(self, name: str, epoch: int, batch: int) -> None:
+        """Write :meth:`state` to the run folder as ``name`` (rank 0 only; atomically)."""
+        if self.ddp.is_main:
+            save_checkpoint(self.run_dir / name, self.state(epoch, batch))
+
+    def cleanup(self) -> None:
+        """Every rank must hold the same weights: say how far apart they are; end the process group."""
+        if self.ddp.enabled:
+            diff = max_parameter_difference(self.model, self.ddp)
+            self.log.record({"ddp_world_size": self.ddp.world, "ddp_max_parameter_difference": diff})
+            self.log.say(f"{self.ddp.world} processes; largest parameter difference between ranks: {diff:.3g}")
+            finish(self.ddp)
+        self.log.say(f"done: best val {self.metric} {self.best:.4f} (baseline {self.baseline[self.metric]:.4f}); "
+                     f"checkpoint {self.run_dir / 'best.pt'}")
 
 
 def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
     """Train a captioner as ``cfg`` says; returns where the run is and how it scored."""
-    t = cfg.train
-    check_names(cfg)
-    ddp = init_distributed(t.device)  # rank 0 of 1 unless launched by torchrun
-    torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
-    random.seed(t.seed)
-    device = torch.device("cuda", ddp.local_rank) if ddp.enabled and t.device != "cpu" and \
-        torch.cuda.is_available() else resolve_device(t.device)
-    run_dir = run_dir_of(cfg)
-    if ddp.is_main:  # only rank 0 writes: config, logs, checkpoints
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    log = _Log(run_dir / "metrics.jsonl", quiet or not ddp.is_main, write=ddp.is_main)
-    if ddp.is_main:
-        for stale in remove_stale_temporaries(run_dir):
-            log.say(f"removed {stale.name}: a checkpoint write that a killed run left unfinished")
-    progress = t.progress and not quiet and ddp.is_main
-
-    train_records = load_split(cfg.data, "train", progress=progress)
-    val_records = load_split(cfg.data, "val")
-    if t.val_images:
-        val_records = val_records[: t.val_images]
-    for name in ("train", "val"):  # a fast pre-check: unreadable images stop the run now, or are skipped
-        found = check_images(train_records if name == "train" else val_records, policy=cfg.data.bad_images,
-                             workers=cfg.data.num_workers, progress=progress)
-        if found.bad:
-            log.say(f"{name}: {found.summary()}; skipped (data.bad_images=skip)")
-            log.record({"split": name, "skipped_images": [[str(p), reason] for p, reason in found.bad]})
-        if name == "train":
-            train_records = found.good
-        else:
-            val_records = found.good
-    vocab = Vocabulary.build((c.text for r in train_records for c in r.captions), min_count=cfg.vocab.min_count,
-                             max_size=cfg.vocab.max_size)
-
-    resume = t.resume
-    if resume == "auto":
-        resume = str(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else ""
-    ckpt = load_checkpoint(resume) if resume else None
-    if ckpt is not None:
-        saved = Vocabulary.from_dict(ckpt["vocab"])
-        if saved != vocab:
-            raise CheckpointError(
-                f"{resume}: the checkpoint's vocabulary ({len(saved)} words) differs from the one built "
-                f"from this training data ({len(vocab)} words); resume on the data it was trained on"
-            )
-    if ddp.is_main:
-        (run_dir / "vocab.json").write_text(json.dumps(vocab.to_dict()), encoding="utf-8")
-
-    model = Captioner.from_config(cfg, vocab, load_weights=ckpt is None).to(device)
-    criterion = CaptionLoss.from_config(t).to(device)  # holds the REINFORCE baseline
-    opt = _optimizer(cfg, model)
-    sched = _scheduler(cfg, opt)
-    start_epoch, start_batch, step, best, bad_epochs, history = 0, 0, 0, -1.0, 0, []
-    if ckpt is not None:
-        tr = _trainer_state(ckpt, resume)
-        model.load_model_state(ckpt["model"], source=resume)
-        criterion.load_state_dict(ckpt["loss"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if sched is not None and ckpt.get("scheduler") is not None:
-            sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, start_batch, step = tr["epoch"], tr["batch"], tr["step"]
-        best, bad_epochs, history = tr["best_score"], tr["bad_epochs"], list(tr["history"])
-        _set_rng_state(tr["rng"])  # after building the model, whose initialisation draws from the RNG
-        log.say(f"resumed from {resume} at epoch {start_epoch + 1}, batch {start_batch}, step {step}")
-
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.say(f"run {run_dir}: {len(train_records)} train / {len(val_records)} val images, "
-            f"{len(vocab)} words, grid {model.encoder.grid}, {n_params / 1e6:.2f}M trainable parameters, {device}")
-
-    cached = model.encoder.frozen and t.cache_features
-    train_feats = val_feats = None
-    if cached:  # encode each image once: from the on-disk cache if there is one, else now, in memory
-        folder = default_cache_dir(cfg)
-        train_feats = open_cache(folder, model.encoder, train_records, split="train")
-        val_cache = open_cache(folder, model.encoder, load_split(cfg.data, "val"), split="val")
-        if train_feats is not None and val_cache is not None:
-            val_feats = val_cache[torch.arange(len(val_records))]
-            log.say(f"features from the cache {folder}")
-        else:
-            train_feats = encode_records(model, train_records, num_workers=cfg.data.num_workers,
-                                         progress=progress, desc="encode train")
-            val_feats = encode_records(model, val_records, num_workers=cfg.data.num_workers, progress=progress,
-                                       desc="encode val")
-    # What a loader sample is: a caption (cached features are looked up by its image's index,
-    # or train.captions_per_image=0 encodes its image anew) or an image with up to k captions
-    # (encoded once per epoch, its features repeated to its captions by batch.image_index).
-    per_image = not cached and t.captions_per_image > 0
-    if per_image:
-        dataset = ImageCaptionsDataset(train_records, vocab, max_len=cfg.vocab.max_len,
-                                       captions_per_image=t.captions_per_image, seed=t.seed,
-                                       transform=model.encoder.transform())
-        collate, batch_size = collate_image_captions, images_per_batch(t)
-        if batch_size % ddp.world:
-            raise ConfigError(f"train.batch_size={t.batch_size} with train.captions_per_image={t.captions_per_image} "
-                              f"makes global batches of {batch_size} images, which must be a multiple of the "
-                              f"{ddp.world} processes")
-        log.say(f"batches of {batch_size} images x up to {t.captions_per_image} captions "
-                f"({dataset.captions_in_epoch()} captions per epoch): each image encoded once per epoch")
-    else:
-        dataset = CaptionDataset(train_records, vocab, max_len=cfg.vocab.max_len,
-                                 transform=None if cached else model.encoder.transform())
-        collate, batch_size = collate_captions, t.batch_size
-        log.say(f"batches of {batch_size} captions: "
-                + ("each image encoded once per run" if cached else
-                   "each image encoded once per caption (train.captions_per_image=0)"))
-
-    refs = references(val_records)
-    metric = t.val_metric
-
-    def score(captions: dict[int, str]) -> dict[str, float]:
-        return caption_metrics(captions, refs, use_java=False, spice=False).scores
-
-    common = " ".join(most_common_caption(train_records))
-    baseline = score({r.image_id: common for r in val_records})
-    log.say(f"baseline (\"{common}\" for every image): val {metric} {baseline[metric]:.4f}, "
-            f"BLEU-4 {baseline['bleu4']:.4f}")
-
-    def state(epoch: int, batch: int) -> dict:
-        """Everything a resume needs: at ``batch`` batches into epoch ``epoch`` (0-based)."""
-        return {
-            "config": config_to_dict(cfg), "vocab": vocab.to_dict(), "model": model.state_dict(),
-            "loss": criterion.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "trainer": {"epoch": epoch, "batch": batch, "step": step, "best_score": best, "bad_epochs": bad_epochs,
-                        "history": history, "rng": _rng_state()},
-        }
-
-    def validate() -> tuple[dict[str, float], dict[int, str]]:
-        decoded = decode_records(model, val_records, max_len=cfg.decode.max_len, features=val_feats,
-                                 num_workers=cfg.data.num_workers, progress=progress)
-        hyps = {r.image_id: " ".join(d.words) for r, d in zip(val_records, decoded)}
-        return score(hyps), hyps
-
-    def save(name: str, st: dict) -> None:
-        if ddp.is_main:
-            save_checkpoint(run_dir / name, st)
-
-    if t.amp == "fp16" and device.type != "cuda":
-        raise CaptionerError("train.amp=fp16 needs a CUDA GPU; on the CPU use train.amp=bf16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
-    train_model = wrap(model, ddp, device)  # DDP averages the gradients over the ranks
-    if t.compile:  # compile the training call only: checkpoints keep the plain module's keys
-        train_model = torch.compile(train_model, dynamic=True)
-    started = time.monotonic()
-    n_batches = math.ceil(len(dataset) / batch_size)
-    skipped = 0  # batches skipped for a non-finite loss (train.nonfinite=skip)
-    epoch = start_epoch
-    for epoch in range(start_epoch, t.epochs):
-        model.train()
-        criterion.train()
-        first = start_batch if epoch == start_epoch else 0
-        order = shard(epoch_order(len(dataset), t, epoch, first, batch_size=batch_size), batch_size=batch_size,
-                      ddp=ddp)
-        if per_image:
-            dataset.set_epoch(epoch)  # before the loader copies the dataset into its workers
-        loader = DataLoader(dataset, batch_size=batch_size // ddp.world, sampler=order,
-                            num_workers=0 if cached else cfg.data.num_workers, collate_fn=collate,
-                            generator=torch.Generator())  # its own generator: the global RNG is not touched
-        sums: Counter = Counter()
-        stopped_at = None  # the batch where train.max_minutes ran out
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not progress, leave=False,
-                   initial=first, total=n_batches)
-        for i, batch in enumerate(bar, start=first):
-            batch = batch.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                if cached:
-                    out = train_model(batch.captions, raw_features=train_feats[batch.index.cpu()].to(device))
-                else:  # image_index is None for one sample per caption
-                    out = train_model(batch.captions, images=batch.images, image_index=batch.image_index)
-            loss = criterion(out, batch.captions[:, 1:], batch.mask[:, 1:], words=ddp.words(batch.mask[:, 1:]))
-            if ddp.any(not bool(torch.isfinite(loss.total)), device):
-                where = f"at step {step + 1} (epoch {epoch + 1}, batch {i + 1})"
-                if t.nonfinite == "stop":
-                    raise TrainingError(f"the loss became {loss.total.item()} {where}; the last good checkpoint "
-                                        f"is kept. Lower train.lr, check the data, or set train.nonfinite=skip")
-                skipped += 1
-                log.say(f"skipped a batch with a non-finite loss {where} ({skipped} so far)")
-                log.record({"step": step, "epoch": epoch + 1, "batch": i + 1, "skipped_nonfinite": skipped})
-                if skipped > t.max_skipped:
-                    raise TrainingError(f"{skipped} batches had a non-finite loss (more than train.max_skipped="
-                                        f"{t.max_skipped}); stopping. The last good checkpoint is kept.")
-                continue
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss.total).backward()
-            if t.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            sums.update(n=1, loss=loss.total.item(), xent=loss.xent.item())
-            if step % t.log_every == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}")
-                log.record({"step": step, "epoch": epoch + 1, "loss": loss.total.item(), "xent": loss.xent.item(),
-                            "dsr": loss.dsr.item(), "reinforce": loss.reinforce.item(),
-                            "entropy": loss.entropy.item(), "baseline": criterion.baseline.value.item(),
-                            "lr": opt.param_groups[0]["lr"]})
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and i + 1 < n_batches:
-                save("last.pt", state(epoch, i + 1))
-            out_of_time = bool(t.max_minutes) and ddp.any(time.monotonic() - started > 60 * t.max_minutes, device)
-            if (out_of_time or (t.max_steps and step >= t.max_steps)) and i + 1 < n_batches:
-                stopped_at = i + 1
-                break
-
-        if stopped_at is not None:
-            # Out of time (or steps) mid-epoch: last.pt resumes exactly here; the validation below only
-            # reports and keeps best.pt, without stepping the scheduler or early stopping.
-            save("last.pt", state(epoch, stopped_at))
-            scores, hyps = validate()
-            if scores[metric] > best:
-                best = scores[metric]
-                save("best.pt", state(epoch, stopped_at))
-            log.say(f"stopping in epoch {epoch + 1} at step {step} (train.max_minutes={t.max_minutes}, "
-                    f"train.max_steps={t.max_steps}); val {metric} {scores[metric]:.4f}")
-            break
-
-        scores, hyps = validate()
-        value = scores[metric]
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(value)
-        elif sched is not None:
-            sched.step()
-        improved = value > best
-        best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
-        n = max(sums["n"], 1)
-        entry = {"epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / n, "train_xent": sums["xent"] / n,
-                 **{f"val_{k}": v for k, v in scores.items()}, **{f"baseline_{k}": v for k, v in baseline.items()},
-                 "lr": opt.param_groups[0]["lr"], "minutes": (time.monotonic() - started) / 60,
-                 "example": next(iter(hyps.values()), "")}
-        history.append(entry)
-        log.record(entry)
-        log.say(f"epoch {epoch + 1}: loss {entry['train_loss']:.3f}  val {metric} {value:.4f}  "
-                f"BLEU-4 {scores['bleu4']:.4f}{' (best)' if improved else ''}  e.g. \"{entry['example']}\"")
-        save("last.pt", state(epoch + 1, 0))
-        if improved:
-            save("best.pt", state(epoch + 1, 0))
-        if t.max_steps and step >= t.max_steps:
-            break
-        if t.patience and bad_epochs >= t.patience:
-            log.say(f"stopping early: no better val {metric} for {bad_epochs} epochs")
-            break
-
-    if ddp.enabled:  # every rank must hold the same weights; say how far apart they are
-        diff = max_parameter_difference(model, ddp)
-        log.record({"ddp_world_size": ddp.world, "ddp_max_parameter_difference": diff})
-        log.say(f"{ddp.world} processes; largest parameter difference between ranks: {diff:.3g}")
-        finish(ddp)
-    log.say(f"done: best val {metric} {best:.4f} (baseline {baseline[metric]:.4f}); checkpoint {run_dir / 'best.pt'}")
-    return FitResult(run_dir=run_dir, metric=metric, best_score=best, baseline_score=baseline[metric],
-                     epochs=epoch + 1, history=history)
+    return Trainer(cfg, quiet=quiet).run()

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import Tensor
 from captioner.progress import tqdm
 
-from captioner.encoder import load_image
+from captioner.data.images import load_image
 from captioner.errors import CaptionerError
 from captioner.model import Captioner, CaptionResult, ImageLike
 from captioner.vocab import UNK, tokenize

@@ -77,34 +77,6 @@ def test_unknown_names_list_the_valid_ones():
         make("soft", "cosine")
 
 
-@pytest.mark.parametrize("K", [1, 3])
-def test_fused_tanh_score_matches_plain_tanh_in_value_and_gradient(K):
-    from captioner.attention import _TanhScore
-
-    g = torch.Generator().manual_seed(0)
-    keys = torch.randn(2, 5, 4, dtype=torch.double, generator=g, requires_grad=True)
-    query = torch.randn(2, K, 4, dtype=torch.double, generator=g, requires_grad=True)
-    w = torch.randn(4, dtype=torch.double, generator=g, requires_grad=True)
-    plain = torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2)) @ w  # (2, K, 5)
-    fused = _TanhScore.apply(keys, query, w)
-    torch.testing.assert_close(fused, plain)
-    upstream = torch.randn(plain.shape, dtype=torch.double, generator=g)
-    expected = torch.autograd.grad(plain, (keys, query, w), upstream)
-    got = torch.autograd.grad(fused, (keys, query, w), upstream)
-    for e, r in zip(expected, got):
-        torch.testing.assert_close(r, e)
-    assert torch.autograd.gradcheck(_TanhScore.apply, (keys, query, w))
-
-
-def test_fused_tanh_score_is_accurate_in_float32_far_from_zero_and_saturated():
-    from captioner.attention import _TanhScore
-
-    keys = torch.tensor([[[-30.0, -3.0, -1e-4, 0.0, 1e-4, 0.5, 3.0, 30.0]]])  # (1, 1, 8)
-    w = torch.ones(8)
-    fused = _TanhScore.apply(keys.view(1, 8, 1), torch.zeros(1, 1, 1), w[:1])  # one channel per location
-    torch.testing.assert_close(fused.view(-1), torch.tanh(keys.view(-1)), atol=2e-7, rtol=0)
-
-
 @pytest.mark.parametrize("score", SCORES.names())
 @pytest.mark.parametrize("name", ATTENTIONS.names())
 def test_k_queries_per_image_equal_the_same_queries_on_copied_images(name, score):

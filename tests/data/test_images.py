@@ -158,12 +158,6 @@ def test_to_rgb_is_a_new_image():
     assert to_rgb(Image.new("RGBA", (1, 1), (0, 0, 0, 0))).getpixel((0, 0)) == WHITE
 
 
-def test_encoder_reexports_load_image():
-    from captioner.encoder import load_image as old_home
-
-    assert old_home is load_image
-
-
 # ----------------------------------------------------------------------------- the quick check
 
 

@@ -1,0 +1,228 @@
+"""Every fused kernel in captioner/kernels.py against the plain expression it replaces: value and gradient."""
+
+import pytest
+import torch
+
+from captioner import kernels
+from captioner.attention import AdditiveScore, build_attention
+from captioner.config import AttentionConfig, load_config
+from captioner.decoder import Decoder
+from captioner.losses import CaptionLoss
+
+
+def recurrence(weight, x0, steps, rows, linear):
+    """A toy time loop: h_t = tanh(x0[:n_t] W^T + h_{t-1}[:n_t] W^T), rows shrinking."""
+    h, outs = x0, []
+    for n in rows[:steps]:
+        h = torch.tanh(linear(x0[:n]) + linear(h[:n]))
+        outs.append(h.sum() * n)
+    return sum(outs)
+
+
+@pytest.mark.parametrize("rows", [[4, 4, 4], [5, 3, 3, 1]])
+def test_step_weight_gives_the_plain_gradients(rows):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 6, dtype=torch.double, generator=g, requires_grad=True)
+    x0 = torch.randn(rows[0], 6, dtype=torch.double, generator=g, requires_grad=True)
+    plain = recurrence(w, x0, len(rows), rows, lambda x: x @ w.t())
+    expected = torch.autograd.grad(plain, (w, x0))
+    step = kernels.StepWeight(w)
+    assert step.deferred
+    deferred = recurrence(w, x0, len(rows), rows, step)
+    torch.testing.assert_close(deferred, plain)
+    got = torch.autograd.grad(deferred, (w, x0))
+    for e, r in zip(expected, got):
+        torch.testing.assert_close(r, e)
+    assert step.inputs == [] and step.grads == []  # nothing left over for a later pass
+
+
+def test_step_weight_adds_the_gradient_of_other_uses_and_runs_plain_without_grad():
+    w = torch.randn(3, 3, requires_grad=True)
+    x = torch.randn(2, 3)
+    step = kernels.StepWeight(w)
+    loss = step(x).sum() + (step.weight ** 2).sum()  # a use outside the steps: plain autograd
+    loss.backward()
+    torch.testing.assert_close(w.grad, torch.ones(2, 3).t() @ x + 2 * w.detach())
+    with torch.no_grad():
+        assert not kernels.StepWeight(w).deferred
+        torch.testing.assert_close(kernels.StepWeight(w)(x), x @ w.t())
+
+
+def test_step_weight_under_bf16_autocast():
+    w = torch.randn(4, 5, requires_grad=True)
+    x = torch.randn(3, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step = kernels.StepWeight(w)
+        y = step(x)
+        assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad, torch.ones(3, 4).t() @ x.detach(), atol=0.05, rtol=0.02)
+
+
+def test_step_sum_hands_the_buffer_to_the_tensor_once():
+    t = torch.randn(4, 2, requires_grad=True)
+    acc = kernels.StepSum(t, finish=lambda b: 3 * b)
+    view = acc.tensor[:2]
+    (view * 0).sum().backward(retain_graph=True)  # the steps add their shares themselves
+    assert t.grad.abs().sum() == 0
+    t.grad = None
+    acc.buffer(2).add_(1.0)
+    (view * 0).sum().backward()
+    expected = torch.zeros(4, 2)
+    expected[:2] = 3.0
+    torch.testing.assert_close(t.grad, expected)
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard", "local"])
+def test_decoder_gradients_match_plain_autograd(attention, monkeypatch):
+    """The teacher-forced pass with its deferred sums (weights, keys) against the same pass
+    with plain autograd everywhere, in double precision."""
+    cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
+                             "model.decoder.dropout=0.0", f"model.attention.name={attention}",
+                             "model.attention.hard.inference=argmax"]).model
+    torch.manual_seed(0)
+    dec = Decoder.from_config(cfg, vocab_size=20, feature_dim=8).double().eval()
+    feats = torch.randn(3, 10, 8, dtype=torch.double)
+    caps = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 7, 8, 9, 10, 2], [1, 4, 2, 0, 0, 0]])
+    mask = caps[:, 1:] != 0
+
+    def grads():
+        dec.zero_grad()
+        out = dec(feats, caps, lengths=mask.sum(1))
+        CaptionLoss(alpha_c=1.0)(out, caps[:, 1:], mask).total.backward()
+        return {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+
+    deferred = grads()
+    monkeypatch.setattr("captioner.kernels._deferring", lambda tensor: False)
+    plain = grads()
+    assert deferred.keys() == plain.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(deferred[name], plain[name], msg=name)
+
+
+# ----------------------------------------------------------------------------- the additive tanh score
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_fused_tanh_score_matches_plain_tanh_in_value_and_gradient(K):
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 5, 4, dtype=torch.double, generator=g, requires_grad=True)
+    query = torch.randn(2, K, 4, dtype=torch.double, generator=g, requires_grad=True)
+    w = torch.randn(4, dtype=torch.double, generator=g, requires_grad=True)
+    plain = kernels.tanh_score_plain(keys, query, w)  # (2, K, 5)
+    torch.testing.assert_close(plain, torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2)) @ w)
+    fused = kernels.TanhScore.apply(keys, query, w)
+    torch.testing.assert_close(fused, plain)
+    upstream = torch.randn(plain.shape, dtype=torch.double, generator=g)
+    expected = torch.autograd.grad(plain, (keys, query, w), upstream)
+    got = torch.autograd.grad(fused, (keys, query, w), upstream)
+    for e, r in zip(expected, got):
+        torch.testing.assert_close(r, e)
+    assert torch.autograd.gradcheck(kernels.TanhScore.apply, (keys, query, w))
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.tanh_score_no_grad(keys, query, w), plain.detach())
+
+
+def test_fused_tanh_score_is_accurate_in_float32_far_from_zero_and_saturated():
+    keys = torch.tensor([[[-30.0, -3.0, -1e-4, 0.0, 1e-4, 0.5, 3.0, 30.0]]])  # (1, 1, 8)
+    w = torch.ones(8)
+    fused = kernels.TanhScore.apply(keys.view(1, 8, 1), torch.zeros(1, 1, 1), w[:1])  # one channel per location
+    torch.testing.assert_close(fused.view(-1), torch.tanh(keys.view(-1)), atol=2e-7, rtol=0)
+
+
+def test_summed_keys_over_many_steps_give_the_plain_gradient():
+    """Keys read at every step of a loop, their gradient summed in one buffer (as the decoder's
+    teacher-forced pass reads them), against plain autograd over the same loop."""
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(3, 5, 4, dtype=torch.double, generator=g, requires_grad=True)
+    w = torch.randn(4, dtype=torch.double, generator=g, requires_grad=True)
+    queries = [torch.randn(n, 1, 4, dtype=torch.double, generator=g, requires_grad=True) for n in (3, 3, 2, 1)]
+
+    def loop(score, keys_in):
+        return sum((score(keys_in if q.shape[0] == 3 else _rows(keys_in, q.shape[0]), q, w) ** 2).sum()
+                   for q in queries)
+
+    plain = loop(kernels.tanh_score_plain, keys)
+    expected = torch.autograd.grad(plain, (keys, w, *queries))
+    summed = kernels.summed_keys(keys, w)
+    assert isinstance(summed, kernels.SummedKeys)
+    fused = loop(kernels.tanh_score, summed)
+    torch.testing.assert_close(fused, plain)
+    got = torch.autograd.grad(fused, (keys, w, *queries))
+    for e, r in zip(expected, got):
+        torch.testing.assert_close(r, e)
+
+
+def _rows(keys, n):
+    """The first n images' keys, plain or summed (a packed pass's shrinking batch)."""
+    if isinstance(keys, kernels.SummedKeys):
+        return kernels.SummedKeys(keys.keys[:n], keys.keys_sum)
+    return keys[:n]
+
+
+def test_summed_keys_only_where_a_gradient_is_wanted():
+    keys, w = torch.randn(2, 3, 4, requires_grad=True), torch.randn(4)
+    with torch.no_grad():
+        assert kernels.summed_keys(keys, w) is keys
+    assert not isinstance(kernels.summed_keys(keys.detach(), w), kernels.SummedKeys)
+
+
+# ----------------------------------------------------------------------------- selected by config
+
+
+def test_attention_fused_config_selects_the_kernel_or_the_plain_expression(monkeypatch):
+    calls = []
+    real = kernels.tanh_score
+    monkeypatch.setattr(kernels, "tanh_score", lambda *a: calls.append(1) or real(*a))
+    feats, h = torch.randn(2, 6, 5), torch.randn(2, 7)
+    for fused in (True, False):
+        torch.manual_seed(0)
+        att = build_attention(AttentionConfig(name="soft", dim=4, fused=fused), feature_dim=5, hidden_dim=7)
+        assert all(m.fused is fused for m in att.modules() if isinstance(m, AdditiveScore))
+        calls.clear()
+        att(feats, att.precompute(feats), h)
+        assert bool(calls) is fused
+    assert load_config(None, ["model.attention.fused=false"]).model.attention.fused is False
+    assert load_config(None, []).model.attention.fused is True
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_additive_score_fused_and_plain_agree_with_and_without_gradients(K):
+    torch.manual_seed(0)
+    fused = AdditiveScore(key_dim=5, query_dim=7, dim=6)
+    plain = AdditiveScore(key_dim=5, query_dim=7, dim=6, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    keys, query = torch.randn(3, 8, 5), torch.randn(3, K, 7)
+    a, b = fused(fused.precompute(keys), query), plain(plain.precompute(keys), query)
+    torch.testing.assert_close(a, b)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(fused.precompute(keys), query), b.detach())
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard", "local"])
+def test_decoder_with_fused_kernels_matches_the_plain_model(attention):
+    """The whole teacher-forced pass, model.attention.fused true against false: same loss and
+    same gradients, in double precision."""
+    def grads(fused):
+        cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
+                                 "model.decoder.dropout=0.0", f"model.attention.name={attention}",
+                                 "model.attention.hard.inference=argmax", f"model.attention.fused={fused}"]).model
+        torch.manual_seed(0)
+        dec = Decoder.from_config(cfg, vocab_size=20, feature_dim=8).double().eval()
+        feats = torch.randn(3, 10, 8, dtype=torch.double)
+        caps = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 7, 8, 9, 10, 2], [1, 4, 2, 0, 0, 0]])
+        mask = caps[:, 1:] != 0
+        loss = CaptionLoss(alpha_c=1.0)(dec(feats, caps, lengths=mask.sum(1)), caps[:, 1:], mask).total
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in dec.named_parameters() if p.grad is not None}
+
+    (loss_f, fused), (loss_p, plain) = grads("true"), grads("false")
+    torch.testing.assert_close(loss_f, loss_p)
+    assert fused.keys() == plain.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], msg=name)
