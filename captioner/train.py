@@ -43,21 +43,22 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from captioner.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
-from captioner.config import Config, TrainConfig, config_to_dict, save_config
+from captioner.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, slim
+from captioner.config import Config, TrainConfig, config_to_dict, replace, save_config
 from captioner.data import load_split
 from captioner.data.cache import default_cache_dir, open_cache
 from captioner.data.dataset import CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
 from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
+from captioner.device import resolve_device
 from captioner.distributed import finish, init_distributed, max_parameter_difference, shard, wrap
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.evaluate import decode_records, encode_records, references
 from captioner.losses import CaptionLoss, LossOutput
 from captioner.metrics import caption_metrics
 from captioner.model import Captioner, check_names
+from captioner.progress import tqdm
 from captioner.vocab import Vocabulary, tokenize
 
 
@@ -77,16 +78,14 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CaptionerError(f"train.device: unknown device {name!r} (use auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CaptionerError(f"train.device={name!r} but no CUDA GPU is available; use train.device=cpu")
-    return device
+def portable_config(cfg: Config) -> dict:
+    """The config as a checkpoint stores it: ``data.root`` and ``data.feature_cache`` as
+    absolute paths, so ``evaluate`` and the figures find the data from any folder."""
+    data = cfg.data
+    absolute = {"root": str(Path(data.root).resolve())}
+    if data.feature_cache:
+        absolute["feature_cache"] = str(Path(data.feature_cache).resolve())
+    return config_to_dict(replace(cfg, data=replace(data, **absolute)))
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -251,7 +250,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
         random.seed(t.seed)
         use_rank_gpu = ddp.enabled and t.device != "cpu" and torch.cuda.is_available()
-        self.device = torch.device("cuda", ddp.local_rank) if use_rank_gpu else resolve_device(t.device)
+        self.device = torch.device("cuda", ddp.local_rank) if use_rank_gpu else resolve_device(t.device, key="train.device")
         self.run_dir = run_dir_of(self.cfg)
         if ddp.is_main:  # only rank 0 writes: config, logs, checkpoints
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +289,9 @@ class Trainer:
             resume = str(self.run_dir / "last.pt") if (self.run_dir / "last.pt").is_file() else ""
         self.resume = resume
         ckpt = load_checkpoint(resume) if resume else None
+        if ckpt is not None and "optimizer" not in ckpt:
+            raise CheckpointError(f"{resume}: an inference checkpoint (config and weights only, like best.pt or "
+                                  "an export): resume from the run's last.pt")
         if ckpt is not None:
             saved = Vocabulary.from_dict(ckpt["vocab"])
             if saved != self.vocab:
@@ -560,7 +562,7 @@ class Trainer:
     def state(self, epoch: int, batch: int) -> dict:
         """Everything a resume needs: at ``batch`` batches into epoch ``epoch`` (0-based)."""
         return {
-            "config": config_to_dict(self.cfg), "vocab": self.vocab.to_dict(), "model": self.model.state_dict(),
+            "config": portable_config(self.cfg), "vocab": self.vocab.to_dict(), "model": self.model.state_dict(),
             "loss": self.criterion.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched is not None else None,
             "trainer": {"epoch": epoch, "batch": batch, "step": self.step, "best_score": self.best,
@@ -568,9 +570,16 @@ class Trainer:
         }
 
     def save_checkpoint(self, name: str, epoch: int, batch: int) -> None:
-        """Write :meth:`state` to the run folder as ``name`` (rank 0 only; atomically)."""
-        if self.ddp.is_main:
-            save_checkpoint(self.run_dir / name, self.state(epoch, batch))
+        """Write :meth:`state` to the run folder as ``name`` (rank 0 only; atomically). ``best.pt``
+        is for inference: config, vocabulary, weights and where it was taken (no optimizer
+        state, a third of the size at the paper's dims); ``last.pt`` carries everything."""
+        if not self.ddp.is_main:
+            return
+        state = self.state(epoch, batch)
+        if name == "best.pt":
+            trainer = state["trainer"]
+            state = {**slim(state), "trainer": {k: trainer[k] for k in ("epoch", "batch", "step", "best_score")}}
+        save_checkpoint(self.run_dir / name, state)
 
     def cleanup(self) -> None:
         """Every rank must hold the same weights: say how far apart they are; end the process group."""
