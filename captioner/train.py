@@ -155,7 +155,8 @@ def _trainer_state(ckpt: dict, source: str) -> dict:
     missing = [k for k in needed if not isinstance(tr, dict) or k not in tr]
     if missing or "optimizer" not in ckpt or "loss" not in ckpt:
         raise CheckpointError(f"{source}: cannot resume from this checkpoint: it has no training state "
-                              f"({', '.join(missing) or 'optimizer/loss'} missing); start a new run instead")
+                              f"({', '.join(missing) or 'optimizer/loss'} missing: best.pt and exports hold weights only); "
+                              "resume from the run's last.pt, or start a new run")
     return {"batch": 0, **tr}  # epoch-end checkpoints of earlier versions have no batch position
 
 
@@ -289,9 +290,6 @@ class Trainer:
             resume = str(self.run_dir / "last.pt") if (self.run_dir / "last.pt").is_file() else ""
         self.resume = resume
         ckpt = load_checkpoint(resume) if resume else None
-        if ckpt is not None and "optimizer" not in ckpt:
-            raise CheckpointError(f"{resume}: an inference checkpoint (config and weights only, like best.pt or "
-                                  "an export): resume from the run's last.pt")
         if ckpt is not None:
             saved = Vocabulary.from_dict(ckpt["vocab"])
             if saved != self.vocab:

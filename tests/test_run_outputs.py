@@ -24,7 +24,7 @@ def test_best_pt_holds_no_optimizer_state_and_last_pt_does(tiny_config):
     assert {"optimizer", "loss", "scheduler"} <= set(last) and "rng" in last["trainer"]
     assert best["trainer"]["step"] == last["trainer"]["step"] > 0
     assert (run_dir / "best.pt").stat().st_size < (run_dir / "last.pt").stat().st_size
-    with pytest.raises(CheckpointError, match="inference checkpoint .* resume from the run's last.pt"):
+    with pytest.raises(CheckpointError, match="best.pt: cannot resume.*no training state.*resume from the run's last.pt"):
         fit(tiny_config("train.epochs=2", f"train.resume={run_dir / 'best.pt'}"), quiet=True)
 
 
