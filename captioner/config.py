@@ -275,6 +275,9 @@ class TrainConfig:
         checkpoint_every: also write last.pt every N steps within an epoch (0: at epoch ends only).
         nonfinite: a NaN or inf loss ``stop``s the run (the last good checkpoint is kept) or
             ``skip``s the batch, at most ``max_skipped`` times.
+        tensorboard: also write every metrics line as TensorBoard scalars and, at each
+            validation, the attention figures of three val images, to ``<run folder>/tensorboard``
+            (needs the ``tensorboard`` extra).
     """
 
     epochs: int = 20
@@ -310,6 +313,7 @@ class TrainConfig:
     max_skipped: int = 10
     log_every: int = 50
     progress: bool = True
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every"):

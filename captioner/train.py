@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from captioner.board import Board
 from captioner.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, slim
 from captioner.config import Config, TrainConfig, config_to_dict, replace, save_config
 from captioner.data import load_split
@@ -172,8 +173,8 @@ def _set_rng_state(state: dict) -> None:
 class _Log:
     """Writes progress lines (through tqdm) and metrics as JSON lines (``write``: rank 0 only)."""
 
-    def __init__(self, path: Path, quiet: bool, write: bool = True) -> None:
-        self.path, self.quiet, self.write = path, quiet, write
+    def __init__(self, path: Path, quiet: bool, write: bool = True, board: Board | None = None) -> None:
+        self.path, self.quiet, self.write, self.board = path, quiet, write, board
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -184,6 +185,8 @@ class _Log:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+        if self.board is not None:
+            self.board.record(entry)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -256,7 +259,8 @@ class Trainer:
         if ddp.is_main:  # only rank 0 writes: config, logs, checkpoints
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        self.log = _Log(self.run_dir / "metrics.jsonl", self.quiet or not ddp.is_main, write=ddp.is_main)
+        board = Board(self.run_dir / "tensorboard") if t.tensorboard and ddp.is_main else None
+        self.log = _Log(self.run_dir / "metrics.jsonl", self.quiet or not ddp.is_main, write=ddp.is_main, board=board)
         if ddp.is_main:
             for stale in remove_stale_temporaries(self.run_dir):
                 self.log.say(f"removed {stale.name}: a checkpoint write that a killed run left unfinished")
@@ -523,6 +527,7 @@ class Trainer:
         entry = self.epoch_entry(epoch, sums, val)
         self.history.append(entry)
         self.log.record(entry)
+        self.board_figures()
         self.log.say(f"epoch {epoch + 1}: loss {entry['train_loss']:.3f}  val {self.metric} {value:.4f}  "
                      f"BLEU-4 {val.scores['bleu4']:.4f}{' (best)' if improved else ''}  e.g. \"{entry['example']}\"")
         self.save_checkpoint("last.pt", epoch + 1, 0)
@@ -534,6 +539,16 @@ class Trainer:
             self.log.say(f"stopping early: no better val {self.metric} for {self.bad_epochs} epochs")
             return True
         return False
+
+    def board_figures(self, images: int = 3) -> None:
+        """With TensorBoard: the attention figures of the first few val images (greedy captions)."""
+        if self.log.board is None:
+            return
+        from captioner.visualize import result_figure
+
+        for record in self.val_records[:images]:
+            result = self.model.caption(record.path, beam_size=1)
+            self.log.board.figure(f"attention/{record.path.name}", result_figure(record.path, result), self.step)
 
     def epoch_entry(self, epoch: int, sums: Counter, val: Validation) -> dict:
         """The epoch's line of metrics.jsonl."""
@@ -588,6 +603,8 @@ class Trainer:
             finish(self.ddp)
         self.log.say(f"done: best val {self.metric} {self.best:.4f} (baseline {self.baseline[self.metric]:.4f}); "
                      f"checkpoint {self.run_dir / 'best.pt'}")
+        if self.log.board is not None:
+            self.log.board.close()
 
 
 def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
