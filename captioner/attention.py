@@ -464,7 +464,8 @@ class LocalAttention(nn.Module):
     on the grid and weighs the alignment softmax(f(a_i, h)) by a Gaussian
     exp(-|i - p_t|^2 / (2 sigma^2)) around it. As Luong's eq. 10, the product is NOT
     renormalised (alpha sums to less than 1: a window far from everything attends little);
-    with ``renormalise`` it is (softmax(score + log Gaussian)). With ``restrict`` only the
+    with ``renormalise`` it is (softmax(score + log Gaussian)). ``probs`` is alpha normalised
+    to sum to 1: where it looks, for correctness, heatmaps and the doubly stochastic term. With ``restrict`` only the
     (2D+1)^2 cells of the window around the rounded centre take part (the softmax runs over
     them). The centre gets gradients through the Gaussian. The query is h_{t-1} in the
     paper's decoder, h_t in Luong's arrangement (``model.decoder.arrangement``).
@@ -516,7 +517,8 @@ class LocalAttention(nn.Module):
             alpha = masked_softmax(scores + log_gauss, mask)
         else:  # Luong's eq. 10: the window's alignment times the Gaussian
             alpha = masked_softmax(scores, mask) * torch.exp(log_gauss)
-        return AttentionOutput(context=attend(alpha, features), alpha=alpha)
+        probs = alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-12)  # where it looks, as a distribution
+        return AttentionOutput(context=attend(alpha, features), alpha=alpha, probs=probs)
 
 
 def build_attention(cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,

@@ -21,12 +21,11 @@ def make(name, score="additive"):
 
 
 def check_distributions(out, name):
-    """alpha and probs are non-negative with mass at most 1; probs sums to 1 except for
-    local attention (Luong's window times a Gaussian is not renormalised)."""
+    """alpha is non-negative with mass at most 1 (local: Luong's window times a Gaussian is
+    not renormalised; none: attends nothing); probs is a distribution."""
     for x in (out.alpha, out.probs):
         assert x.shape == (B, L) and (x >= 0).all() and (x.sum(-1) <= 1 + 1e-5).all()
-    if name != "local":
-        torch.testing.assert_close(out.probs.sum(-1), torch.ones(B))
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(B))
 
 
 @pytest.mark.parametrize("name", ATTENTIONS.names())

@@ -114,7 +114,9 @@ def test_local_p_multiplies_the_window_softmax_by_the_gaussian(renormalise):
             p.zero_()
         att.centre[2].bias.copy_(torch.logit(torch.tensor([2 / 3, 1 / 4])))  # centre (2, 1) on a 4 x 5 grid
     feats = torch.zeros(B, L, C)  # equal scores: the window's softmax is 1/9 everywhere in it
-    maps = att(feats, att.precompute(feats), torch.randn(B, H)).alpha.view(B, *GRID)
+    out = att(feats, att.precompute(feats), torch.randn(B, H))
+    torch.testing.assert_close(out.probs, out.alpha / out.alpha.sum(-1, keepdim=True))  # where it looks
+    maps = out.alpha.view(B, *GRID)
     rows, cols = torch.meshgrid(torch.arange(1, 4), torch.arange(0, 3), indexing="ij")
     gauss = torch.exp(-((rows - 2.0) ** 2 + (cols - 1.0) ** 2) / 2)  # (3, 3)
     expected = gauss / gauss.sum() if renormalise else gauss / 9
