@@ -1,0 +1,29 @@
+"""The ablation's variants and table (the runs themselves are measured, not tested here)."""
+
+from pathlib import Path
+
+import torch
+
+from captioner import ablation
+from captioner.config import load_config
+
+
+def test_every_estimator_is_a_row_on_the_hard_config():
+    for estimator in ("reinforce", "loo", "gumbel"):
+        stem, overrides = ablation.VARIANTS[f"hard_{estimator}"]
+        cfg = load_config(Path("configs") / f"shapes_{stem}.yaml", list(overrides))
+        assert cfg.model.attention.name == "hard" and cfg.model.attention.hard.estimator == estimator
+    assert {"soft", "local", "none"} <= set(ablation.DEFAULT_VARIANTS)
+
+
+def test_argmax_maps_are_one_hot_at_the_distributions_mode():
+    probs = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
+    torch.testing.assert_close(ablation._argmax_maps(probs), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_table_reports_correctness_on_the_distribution_and_on_its_argmax():
+    row = ablation.Row(attention="hard_gumbel", bleu4=0.3, meteor=None, cider=0.9, correctness=0.12,
+                       argmax_correctness=0.35, uniform=0.04, val_bleu4=0.2, val_cider=0.7, epochs=4)
+    table = ablation.markdown([row], epochs=4, beam=3)
+    assert "| correctness | argmax correctness | uniform |" in table
+    assert "| hard_gumbel | 30.0 | n/a | 90.0 | 12.0 | 35.0 | 4.0 | 20.0 | 70.0 |" in table
