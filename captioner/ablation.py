@@ -21,21 +21,39 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from captioner.attention import HardAttention
 from captioner.config import load_config
 from captioner.errors import CaptionerError
 
-# variant -> (configs/shapes_<stem>.yaml, overrides)
-VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "soft": ("soft", ()),
-    "hard": ("hard", ()),  # the estimator shapes_hard.yaml names
-    "hard_reinforce": ("hard", ("model.attention.hard.estimator=reinforce",)),
-    "hard_loo": ("hard", ("model.attention.hard.estimator=loo",)),
-    "hard_gumbel": ("hard", ("model.attention.hard.estimator=gumbel",)),
-    "local": ("local", ()),
-    "none": ("none", ()),
-    "mean": ("none", ("model.attention.name=mean",)),
+@dataclass(frozen=True)
+class Variant:
+    """A row: ``configs/shapes_<stem>.yaml`` with ``overrides``. ``run`` names the training run
+    it shares with another row (default: its own) and ``inference`` the hard attention's
+    test-time location when it differs from the config's: an evaluation-only row."""
+
+    stem: str
+    overrides: tuple[str, ...] = ()
+    run: str = ""
+    inference: str = ""
+
+
+def _estimator(name: str) -> tuple[str, ...]:
+    return (f"model.attention.hard.estimator={name}",)
+
+
+VARIANTS: dict[str, Variant] = {
+    "soft": Variant("soft"),
+    # hard_<estimator>: shapes_hard.yaml (test-time expectation, as the authors' generate_caps.py)
+    # with that estimator; hard_<estimator>_argmax: the same checkpoint attending the argmax location
+    **{f"hard_{e}": Variant("hard", _estimator(e)) for e in ("reinforce", "loo", "gumbel")},
+    **{f"hard_{e}_argmax": Variant("hard", _estimator(e), run=f"hard_{e}", inference="argmax")
+       for e in ("reinforce", "loo", "gumbel")},
+    "local": Variant("local"),
+    "none": Variant("none"),
+    "mean": Variant("none", ("model.attention.name=mean",)),
 }
-DEFAULT_VARIANTS = ("soft", "hard_reinforce", "hard_loo", "hard_gumbel", "local", "none")
+DEFAULT_VARIANTS = ("soft", "hard_reinforce", "hard_reinforce_argmax", "hard_loo", "hard_loo_argmax", "hard_gumbel",
+                    "hard_gumbel_argmax", "local", "none")
 
 
 @dataclass
@@ -89,13 +107,15 @@ def run_variant(name: str, *, config_dir: Path, out_root: Path, epochs: int, bea
     from captioner.model import Captioner
     from captioner.train import fit
 
-    stem, own = VARIANTS[name]
-    cfg = load_config(config_dir / f"shapes_{stem}.yaml", [
-        *own, f"train.epochs={epochs}", "train.patience=0", "train.max_minutes=0", "train.resume=auto",
-        f"train.out_dir={out_root / name}", *overrides])
+    v = VARIANTS[name]
+    cfg = load_config(config_dir / f"shapes_{v.stem}.yaml", [
+        *v.overrides, f"train.epochs={epochs}", "train.patience=0", "train.max_minutes=0", "train.resume=auto",
+        f"train.out_dir={out_root / (v.run or name)}", *overrides])
     result = fit(cfg, quiet=True)
     best = max(result.history, key=lambda h: h[f"val_{result.metric}"])
     model = Captioner.from_checkpoint(result.run_dir / "best.pt")
+    if isinstance(model.decoder.attention, HardAttention):  # the row's test-time location, not the checkpoint's
+        model.decoder.attention.inference = v.inference or cfg.model.attention.hard.inference
     test = score_test(model, cfg, beam=beam, use_java=use_java)
     return Row(attention=name, **test, val_bleu4=best["val_bleu4"], val_cider=best["val_cider"],
                epochs=len(result.history))

@@ -10,9 +10,11 @@ from captioner.config import load_config
 
 def test_every_estimator_is_a_row_on_the_hard_config():
     for estimator in ("reinforce", "loo", "gumbel"):
-        stem, overrides = ablation.VARIANTS[f"hard_{estimator}"]
-        cfg = load_config(Path("configs") / f"shapes_{stem}.yaml", list(overrides))
+        v = ablation.VARIANTS[f"hard_{estimator}"]
+        cfg = load_config(Path("configs") / f"shapes_{v.stem}.yaml", list(v.overrides))
         assert cfg.model.attention.name == "hard" and cfg.model.attention.hard.estimator == estimator
+        argmax = ablation.VARIANTS[f"hard_{estimator}_argmax"]  # the same run, evaluated at the argmax
+        assert argmax.run == f"hard_{estimator}" and argmax.inference == "argmax" and argmax.overrides == v.overrides
     assert {"soft", "local", "none"} <= set(ablation.DEFAULT_VARIANTS)
 
 
