@@ -104,6 +104,24 @@ def score_test(model, cfg, *, beam: int, use_java: bool | None) -> dict:
 
 def run_variant(name: str, *, config_dir: Path, out_root: Path, epochs: int, beam: int,
                 overrides: list[str], use_java: bool | None) -> Row:
+    """Train (or resume, or reuse) the variant's run and score it on the test split. A row
+    already scored with the same epochs, beam and overrides (``<out>/<name>.row.json``) is
+    reused as it is: delete that file to score again."""
+    saved = out_root / f"{name}.row.json"
+    key = {"epochs": epochs, "beam": beam, "overrides": list(overrides), "java": use_java is not False}
+    if saved.is_file():
+        data = json.loads(saved.read_text(encoding="utf-8"))
+        if data.get("key") == key:
+            return Row(**data["row"])
+    row = _train_and_score(name, config_dir=config_dir, out_root=out_root, epochs=epochs, beam=beam,
+                           overrides=overrides, use_java=use_java)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"key": key, "row": asdict(row)}, indent=1), encoding="utf-8")
+    return row
+
+
+def _train_and_score(name: str, *, config_dir: Path, out_root: Path, epochs: int, beam: int,
+                     overrides: list[str], use_java: bool | None) -> Row:
     from captioner.model import Captioner
     from captioner.train import fit
 
@@ -156,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_variant(name, config_dir=Path(args.configs), out_root=out_root, epochs=args.epochs,
                                     beam=args.beam, overrides=args.overrides,
                                     use_java=False if args.no_java else None))
+            print(markdown(rows[-1:], epochs=args.epochs, beam=args.beam).splitlines()[-1], flush=True)
     except CaptionerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
