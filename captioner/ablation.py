@@ -43,17 +43,16 @@ def _estimator(name: str) -> tuple[str, ...]:
 
 VARIANTS: dict[str, Variant] = {
     "soft": Variant("soft"),
-    # hard_<estimator>: shapes_hard.yaml (test-time expectation, as the authors' generate_caps.py)
-    # with that estimator; hard_<estimator>_argmax: the same checkpoint attending the argmax location
+    # hard_<estimator>: shapes_hard.yaml (argmax at test time) with that estimator;
+    # hard_<estimator>_expectation: the same checkpoint fed the expected context (the authors' generate_caps.py)
     **{f"hard_{e}": Variant("hard", _estimator(e)) for e in ("reinforce", "loo", "gumbel")},
-    **{f"hard_{e}_argmax": Variant("hard", _estimator(e), run=f"hard_{e}", inference="argmax")
+    **{f"hard_{e}_expectation": Variant("hard", _estimator(e), run=f"hard_{e}", inference="expectation")
        for e in ("reinforce", "loo", "gumbel")},
     "local": Variant("local"),
     "none": Variant("none"),
     "mean": Variant("none", ("model.attention.name=mean",)),
 }
-DEFAULT_VARIANTS = ("soft", "hard_reinforce", "hard_reinforce_argmax", "hard_loo", "hard_loo_argmax", "hard_gumbel",
-                    "hard_gumbel_argmax", "local", "none")
+DEFAULT_VARIANTS = ("soft", "hard_reinforce", "hard_loo", "hard_gumbel", "hard_gumbel_expectation", "local", "none")
 
 
 @dataclass

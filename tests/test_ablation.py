@@ -13,8 +13,8 @@ def test_every_estimator_is_a_row_on_the_hard_config():
         v = ablation.VARIANTS[f"hard_{estimator}"]
         cfg = load_config(Path("configs") / f"shapes_{v.stem}.yaml", list(v.overrides))
         assert cfg.model.attention.name == "hard" and cfg.model.attention.hard.estimator == estimator
-        argmax = ablation.VARIANTS[f"hard_{estimator}_argmax"]  # the same run, evaluated at the argmax
-        assert argmax.run == f"hard_{estimator}" and argmax.inference == "argmax" and argmax.overrides == v.overrides
+        other = ablation.VARIANTS[f"hard_{estimator}_expectation"]  # the same run, fed the expected context
+        assert other.run == f"hard_{estimator}" and other.inference == "expectation" and other.overrides == v.overrides
     assert {"soft", "local", "none"} <= set(ablation.DEFAULT_VARIANTS)
 
 
