@@ -9,9 +9,9 @@ parameters and on the same batch, each estimator draws ``--draws`` gradients of 
 with respect to the attention's parameters (every caption samples its locations:
 ``mix_prob = 0``), and the table reports, per estimator:
 
-- ``|E g|``: the norm of the mean gradient;
+- ``‖E g‖``: the norm of the mean gradient;
 - ``tr Var g``: the summed per-coordinate variance of one gradient draw;
-- ``Var / |E g|^2``: the same relative to the signal (lower is better);
+- ``tr Var g / ‖E g‖²``: the same relative to the signal (lower is better);
 - ``ms/draw``: the time of one draw (``loo`` runs ``samples`` paths per caption).
 
 Letters: B batch, L locations, C channels.
@@ -110,7 +110,7 @@ def gradient_spread(estimator: str, state: dict, *, draws: int, batch: int, samp
 
 
 def table(rows: list[Spread]) -> str:
-    lines = ["| estimator | |E g| | tr Var g | Var / |E g|^2 | ms/draw |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| estimator | ‖E g‖ | tr Var g | tr Var g / ‖E g‖² | ms/draw |", "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r.estimator} | {r.mean_norm:.3g} | {r.variance:.3g} | {r.relative:.3g} | {r.ms_per_draw:.1f} |"
               for r in rows]
     return "\n".join(lines)
