@@ -41,3 +41,13 @@ def test_a_scored_row_is_reused_only_for_the_same_budget(tmp_path, monkeypatch):
     assert ablation.run_variant("soft", epochs=4, **kw) == row and calls == [4]  # reused
     ablation.run_variant("soft", epochs=5, **kw)
     assert calls == [4, 5]  # another budget: trained and scored again
+
+
+def test_gradvar_reports_a_finite_spread_per_estimator():
+    from captioner import gradvar
+
+    state = gradvar.warm_up(2, batch=8, seed=0)
+    rows = [gradvar.gradient_spread(e, state, draws=3, batch=8, samples=2, seed=0) for e in gradvar.ESTIMATORS]
+    assert [r.estimator for r in rows] == list(gradvar.ESTIMATORS)
+    assert all(r.variance > 0 and r.mean_norm > 0 and r.ms_per_draw > 0 for r in rows)
+    assert gradvar.table(rows).count("\n") == 4  # header, rule, three rows
