@@ -43,12 +43,23 @@ class AttentionOutput:
         alpha: (B, L) the weights actually used (one-hot for a sampled hard location).
         log_prob: (B,) log p(s_t | a) of a sampled location (stochastic variants only).
         entropy: (B,) entropy of the location distribution (stochastic variants only).
+        probs: (B, L) the distribution the weights came from (soft: ``alpha`` itself; hard:
+            the location probabilities). The doubly stochastic term, attention correctness
+            and the heatmaps read it; the context reads ``alpha``. None means ``alpha``.
+        sampled: (B,) bool, True where ``alpha`` is a sampled location (hard attention in
+            training; False where the caption used the expected context), else None.
     """
 
     context: Tensor
     alpha: Tensor
     log_prob: Tensor | None = None
     entropy: Tensor | None = None
+    probs: Tensor | None = None
+    sampled: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.probs is None:
+            self.probs = self.alpha
 
 
 # ----------------------------------------------------------------------------- scores
@@ -118,17 +129,20 @@ def use_fused_kernels(module: nn.Module, enabled: bool) -> nn.Module:
 
 @SCORES.register("dot")
 class DotScore(nn.Module):
-    """k . q (Luong et al., 2015); the query is projected to C channels when H != C."""
+    """k . q (Luong et al., 2015): no parameters, so it needs C == H (a learned projection
+    between them is ``general``)."""
 
     def __init__(self, *, key_dim: int, query_dim: int, dim: int = 0, activation: str = "") -> None:
         super().__init__()
-        self.query = nn.Identity() if key_dim == query_dim else nn.Linear(query_dim, key_dim, bias=False)
+        if key_dim != query_dim:
+            raise ValueError(f"the dot score needs feature channels == decoder hidden size, got C={key_dim}, "
+                             f"H={query_dim}; use score 'general' (k^T W q) for a learned projection")
 
     def precompute(self, keys: Tensor) -> Tensor:
         return keys  # (B, L, C)
 
     def forward(self, projected: Tensor, query: Tensor) -> Tensor:
-        return _dot(projected, self.query(query))
+        return _dot(projected, query)
 
 
 @SCORES.register("general")
@@ -217,10 +231,21 @@ class SoftAttention(nn.Module):
         return AttentionOutput(context=attend(alpha, features), alpha=alpha)
 
 
+def _uniform(features: Tensor, mask: Tensor | None, lead: tuple[int, ...]) -> Tensor:
+    """Uniform weights over the valid locations: (*lead, L), lead (B,) or (B, K)."""
+    B, L, _ = features.shape
+    if mask is None:
+        return features.new_full((*lead, L), 1.0 / L)
+    alpha = (mask.float() / mask.sum(dim=1, keepdim=True)).to(features.dtype)  # (B, L)
+    return alpha.unsqueeze(1).expand(*lead, L) if len(lead) == 2 else alpha
+
+
 @ATTENTIONS.register("none")
 class NoAttention(nn.Module):
-    """The ablation baseline ("Show and Tell" with the same LSTM): the context is the mean
-    annotation vector at every step; alpha is uniform."""
+    """The ablation baseline, Show and Tell (Vinyals et al., 2015): the image enters once,
+    before the first word (here through h_0, c_0 = tanh(f_init(mean a))), and never again:
+    the context is zero at every step. ``alpha`` is zero (nothing is attended); ``probs``
+    is uniform, so correctness and heatmaps read as no preference."""
 
     def __init__(self, *, feature_dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -231,18 +256,37 @@ class NoAttention(nn.Module):
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim)
 
     def precompute(self, features: Tensor) -> Tensor:
+        return features.new_zeros(features.shape[0], 0)  # (B, 0): nothing depends on the image
+
+    def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mask: Tensor | None = None) -> AttentionOutput:
+        lead = tuple(hidden.shape[:-1])  # (B,) or (B, K)
+        probs = _uniform(features, mask, lead)  # (*lead, L)
+        return AttentionOutput(context=features.new_zeros(*lead, features.shape[-1]), alpha=torch.zeros_like(probs),
+                               probs=probs)
+
+
+@ATTENTIONS.register("mean")
+class MeanAttention(nn.Module):
+    """A baseline between ``none`` and attention: the mean annotation vector is the context at
+    every step (uniform alpha)."""
+
+    def __init__(self, *, feature_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+
+    @classmethod
+    def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
+                    grid: tuple[int, int]) -> "MeanAttention":
+        return cls(feature_dim=feature_dim, hidden_dim=hidden_dim)
+
+    def precompute(self, features: Tensor) -> Tensor:
         return features.mean(dim=1)  # (B, C), once per image
 
     def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mask: Tensor | None = None) -> AttentionOutput:
-        B, L, C = features.shape
-        lead = hidden.shape[:-1]  # (B,) or (B, K)
+        lead = tuple(hidden.shape[:-1])  # (B,) or (B, K)
+        alpha = _uniform(features, mask, lead)  # (*lead, L)
         if mask is None:
-            alpha = features.new_full((*lead, L), 1.0 / L)
-            context = projected if len(lead) == 1 else projected.unsqueeze(1).expand(*lead, C)
+            context = projected if len(lead) == 1 else projected.unsqueeze(1).expand(*lead, features.shape[-1])
             return AttentionOutput(context=context, alpha=alpha)
-        alpha = (mask.float() / mask.sum(dim=1, keepdim=True)).to(features.dtype)  # (B, L)
-        if len(lead) == 2:
-            alpha = alpha.unsqueeze(1).expand(*lead, L)
         return AttentionOutput(context=attend(alpha, features), alpha=alpha)
 
 
@@ -255,43 +299,67 @@ class HardProjected:
     sample: Tensor
 
 
+def straight_through_gumbel(probs: Tensor, tau: float = 1.0) -> Tensor:
+    """A one-hot sample of ``probs`` (..., L) whose gradient is that of the relaxed sample
+    softmax((log p + g) / tau), g ~ Gumbel(0, 1) (Jang et al., 2017; Bengio et al., 2013).
+    Locations with p = 0 are never drawn."""
+    logits = torch.where(probs > 0, torch.log(probs.clamp_min(1e-30)), float("-inf"))
+    gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp(1e-10, 1.0 - 1e-7)))
+    soft = torch.softmax((logits + gumbel) / tau, dim=-1)  # (..., L)
+    hard = F.one_hot(soft.argmax(-1), probs.shape[-1]).to(probs.dtype)
+    return hard + soft - soft.detach()
+
+
 @ATTENTIONS.register("hard")
 class HardAttention(nn.Module):
     """Stochastic hard attention (Section 4.1): s_t ~ Multinoulli(alpha_t), z_t = a_{s_t}.
 
-    Trained through the variational lower bound with REINFORCE: the location is not
-    differentiable, so the attention learns from ``log_prob`` (and ``entropy``), which the
-    loss weighs by the baseline-corrected log-likelihood of the caption. With probability
-    ``mix_prob`` a caption (or the whole batch) uses the expected context instead (Section
-    4.1: "we use the expectation ... with probability 0.5"), which is differentiable.
+    The location is not differentiable; ``estimator`` says how the attention learns:
+
+    - ``reinforce``: the paper's variational lower bound; the loss weighs ``log_prob`` (and
+      ``entropy``) by the caption's log-likelihood minus a moving-average baseline.
+    - ``loo``: the same with ``samples`` = k paths per caption (the decoder runs each caption
+      k times in training) and each path's baseline the mean reward of the other k - 1
+      (leave-one-out, Kool et al., 2019): lower variance, k times the work.
+    - ``gumbel``: a straight-through Gumbel-softmax sample: the forward pass uses the
+      one-hot location, the backward the gradient of the relaxed sample at temperature
+      ``tau``; no REINFORCE term (no ``log_prob``).
+
+    With probability ``mix_prob`` a caption (or the whole batch) uses the expected context
+    instead (Section 4.1: "we use the expectation ... with probability 0.5"), which is
+    differentiable. ``probs`` carries the location probabilities.
 
     Args:
         feature_dim: C. hidden_dim: H. dim: A. score: a name in :data:`SCORES`.
         mix_prob: probability of the expected context in training.
         mix_per: "caption" or "batch": how often that choice is drawn.
         inference: "argmax", "expectation" or "sample": the location at test time.
+        estimator, samples, tau: see above.
     """
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
                  activation: str = "tanh", mix_prob: float = 0.5, mix_per: str = "caption",
-                 inference: str = "argmax") -> None:
+                 inference: str = "argmax", estimator: str = "reinforce", samples: int = 4, tau: float = 1.0) -> None:
         super().__init__()
         self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
         self.mix_prob, self.mix_per, self.inference = mix_prob, mix_per, inference
+        self.estimator, self.tau = estimator, tau
+        self.samples = samples if estimator == "loo" else 1  # paths per caption in training (the decoder reads it)
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
                     grid: tuple[int, int]) -> "HardAttention":
         h = cfg.hard
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
-                   activation=cfg.activation, mix_prob=h.mix_prob, mix_per=h.mix_per, inference=h.inference)
+                   activation=cfg.activation, mix_prob=h.mix_prob, mix_per=h.mix_per, inference=h.inference,
+                   estimator=h.estimator, samples=h.samples, tau=h.tau)
 
     def precompute(self, features: Tensor) -> HardProjected:
         B = features.shape[0]
         if self.training:  # drawn once per pass, so a caption keeps its choice over all steps
-            draws = B if self.mix_per == "caption" else 1
-            # repeat, not expand: the flags own their memory (callers may write to them)
-            sample = (torch.rand(draws, device=features.device) >= self.mix_prob).repeat(B // draws)
+            draws = max(B // self.samples, 1) if self.mix_per == "caption" else 1  # k paths of a caption share it
+            # repeat_interleave, not expand: the flags own their memory (callers may write to them)
+            sample = (torch.rand(draws, device=features.device) >= self.mix_prob).repeat_interleave(B // draws)
         else:
             sample = torch.full((B,), self.inference != "expectation", device=features.device)
         return HardProjected(self.score.precompute(features), sample)
@@ -299,45 +367,50 @@ class HardAttention(nn.Module):
     def forward(self, features: Tensor, projected: HardProjected, hidden: Tensor,
                 mask: Tensor | None = None) -> AttentionOutput:
         probs = masked_softmax(self.score(projected.keys, hidden), mask)  # (B, L) or (B, K, L)
+        sample = projected.sample.view(-1, *[1] * (probs.dim() - 2)).expand(probs.shape[:-1])  # (B,) or (B, K)
+        if self.training and self.estimator == "gumbel":
+            alpha = torch.where(sample.unsqueeze(-1), straight_through_gumbel(probs, self.tau), probs)
+            return AttentionOutput(context=attend(alpha, features), alpha=alpha, probs=probs, sampled=sample)
         L = probs.shape[-1]
         if self.training or self.inference == "sample":
             loc = torch.multinomial(probs.detach().float().reshape(-1, L), 1).view(probs.shape[:-1])
         else:
             loc = probs.argmax(dim=-1)  # (B,) or (B, K)
-        onehot = F.one_hot(loc, L).to(probs.dtype)
-        sample = projected.sample.view(-1, *[1] * (probs.dim() - 2))  # (B,) or (B, 1): per image
-        alpha = torch.where(sample.unsqueeze(-1), onehot, probs)  # the weights actually used
+        alpha = torch.where(sample.unsqueeze(-1), F.one_hot(loc, L).to(probs.dtype), probs)  # the weights used
         log_prob = torch.log(probs.gather(-1, loc.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12))
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
         return AttentionOutput(context=attend(alpha, features), alpha=alpha,
                                log_prob=log_prob * sample.to(log_prob.dtype),  # 0 where expectation
-                               entropy=entropy)
+                               entropy=entropy, probs=probs, sampled=sample)
 
 
 @ATTENTIONS.register("local")
 class LocalAttention(nn.Module):
     """Local attention (Luong et al., 2015, "local-p") carried to a 2-D grid.
 
-    From h_{t-1} it predicts a centre p_t = (h - 1, w - 1) * sigmoid(v_p^T tanh(W_p h_{t-1}))
-    on the grid, and weighs the alignment softmax(f(a_i, h_{t-1})) by a Gaussian
-    exp(-|i - p_t|^2 / (2 sigma^2)) around it, renormalised so alpha sums to 1 (the same as
-    softmax(score + log Gaussian)). With ``restrict`` only the (2D+1)^2 cells of the window
-    around the rounded centre take part. Differentiable almost everywhere: the centre gets
-    gradients through the Gaussian.
+    From the query h it predicts a centre p_t = (h - 1, w - 1) * sigmoid(v_p^T tanh(W_p h))
+    on the grid and weighs the alignment softmax(f(a_i, h)) by a Gaussian
+    exp(-|i - p_t|^2 / (2 sigma^2)) around it. As Luong's eq. 10, the product is NOT
+    renormalised (alpha sums to less than 1: a window far from everything attends little);
+    with ``renormalise`` it is (softmax(score + log Gaussian)). ``probs`` is alpha normalised
+    to sum to 1: where it looks, for correctness, heatmaps and the doubly stochastic term. With ``restrict`` only the
+    (2D+1)^2 cells of the window around the rounded centre take part (the softmax runs over
+    them). The centre gets gradients through the Gaussian. The query is h_{t-1} in the
+    paper's decoder, h_t in Luong's arrangement (``model.decoder.arrangement``).
 
     Args:
         feature_dim: C. hidden_dim: H. dim: A. score: a name in :data:`SCORES`.
         grid: (h, w) of the L = h * w locations (row-major).
-        window: D. sigma: the Gaussian's width in cells (0: D / 2). restrict: see above.
+        window: D. sigma: the Gaussian's width in cells (0: D / 2). restrict, renormalise: see above.
     """
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, grid: tuple[int, int], dim: int = 512,
                  score: str = "additive", activation: str = "tanh", window: int = 3, sigma: float = 0.0,
-                 restrict: bool = True) -> None:
+                 restrict: bool = True, renormalise: bool = False) -> None:
         super().__init__()
         self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
         self.centre = nn.Sequential(nn.Linear(hidden_dim, dim), nn.Tanh(), nn.Linear(dim, 2))  # W_p, v_p
-        self.window, self.restrict = window, restrict
+        self.window, self.restrict, self.renormalise = window, restrict, renormalise
         self.sigma = sigma or max(window / 2, 0.5)
         rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
         self.register_buffer("coords", torch.stack([rows, cols], -1).flatten(0, 1).float(), persistent=False)  # (L, 2)
@@ -348,7 +421,8 @@ class LocalAttention(nn.Module):
                     grid: tuple[int, int]) -> "LocalAttention":
         o = cfg.local
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, grid=grid, dim=cfg.dim, score=cfg.score,
-                   activation=cfg.activation, window=o.window, sigma=o.sigma, restrict=o.restrict)
+                   activation=cfg.activation, window=o.window, sigma=o.sigma, restrict=o.restrict,
+                   renormalise=o.renormalise)
 
     def precompute(self, features: Tensor) -> Tensor:
         return self.score.precompute(features)
@@ -366,8 +440,13 @@ class LocalAttention(nn.Module):
             if mask is not None and mask.dim() < inside.dim():
                 mask = mask.unsqueeze(1)
             mask = inside if mask is None else mask & inside
-        alpha = masked_softmax(self.score(projected, hidden) + log_gauss, mask)  # (B, [K,] L)
-        return AttentionOutput(context=attend(alpha, features), alpha=alpha)
+        scores = self.score(projected, hidden)  # (B, [K,] L)
+        if self.renormalise:
+            alpha = masked_softmax(scores + log_gauss, mask)
+        else:  # Luong's eq. 10: the window's alignment times the Gaussian
+            alpha = masked_softmax(scores, mask) * torch.exp(log_gauss)
+        probs = alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-12)  # where it looks, as a distribution
+        return AttentionOutput(context=attend(alpha, features), alpha=alpha, probs=probs)
 
 
 def build_attention(cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,

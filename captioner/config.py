@@ -159,16 +159,25 @@ class HardAttentionConfig:
         mix_per: draw that choice per ``caption`` or once per ``batch`` (the authors' code).
         inference: at test time attend the ``argmax`` location, the ``expectation`` (soft),
             or ``sample`` a location.
+        estimator: how the sampled location learns: ``reinforce`` (the paper's), ``loo``
+            (``samples`` paths per caption, leave-one-out baseline), ``gumbel``
+            (straight-through Gumbel-softmax at temperature ``tau``).
     """
 
     mix_prob: float = 0.5
     mix_per: str = "caption"
     inference: str = "argmax"
+    estimator: str = "reinforce"
+    samples: int = 4
+    tau: float = 1.0
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.mix_prob <= 1.0, "mix_prob", f"must be in [0, 1]; got {self.mix_prob}")
         _choice(self.mix_per, "mix_per", ("caption", "batch"))
         _choice(self.inference, "inference", ("argmax", "expectation", "sample"))
+        _choice(self.estimator, "estimator", ("reinforce", "loo", "gumbel"))
+        _check(self.samples >= 2, "samples", f"must be >= 2 (the leave-one-out baseline); got {self.samples}")
+        _check(self.tau > 0, "tau", f"must be > 0; got {self.tau}")
 
 
 @dataclass(frozen=True)
@@ -180,11 +189,13 @@ class LocalAttentionConfig:
         sigma: the Gaussian's standard deviation in cells (0: D / 2, Luong's choice).
         restrict: attend only inside the (2D+1) x (2D+1) window (else the whole grid,
             weighted by the Gaussian alone).
+        renormalise: softmax(score + log Gaussian) instead of Luong's softmax(score) * Gaussian.
     """
 
     window: int = 3
     sigma: float = 0.0
     restrict: bool = True
+    renormalise: bool = False
 
     def __post_init__(self) -> None:
         _check(self.window >= 0, "window", f"must be >= 0; got {self.window}")
@@ -219,6 +230,10 @@ class DecoderConfig:
     Attributes:
         beta_gate: scale the context by the scalar gate sigma(f_beta(h_{t-1})) (Section 4.2.1).
         deep_output: logits from E y_{t-1} + L_h h_t + L_z z_t (eq. 7) instead of from h_t alone.
+        dropout_hidden: also drop h_t before the output layer (the authors' code), not only
+            the layer's input.
+        arrangement: ``xu`` attends with h_{t-1} before the LSTM step (the paper); ``luong``
+            after it, on h_t, with an attentional hidden state and input feeding (Luong et al., 2015).
     """
 
     embed_dim: int = 512
@@ -226,11 +241,14 @@ class DecoderConfig:
     dropout: float = 0.5
     beta_gate: bool = True
     deep_output: bool = True
+    dropout_hidden: bool = True
+    arrangement: str = "xu"
 
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 1, "embed_dim", f"must be >= 1; got {self.embed_dim}")
         _check(self.hidden_dim >= 1, "hidden_dim", f"must be >= 1; got {self.hidden_dim}")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1); got {self.dropout}")
+        _choice(self.arrangement, "arrangement", ("xu", "luong"))
 
 
 @dataclass(frozen=True)
@@ -249,6 +267,8 @@ class TrainConfig:
         reinforce_weight: lambda_r of the REINFORCE term of stochastic attention (eq. 12).
         entropy_weight: lambda_e of the entropy bonus of stochastic attention (eq. 12).
         baseline_decay: decay of the moving-average baseline of the log-likelihood (0.9).
+        baseline_on: the captions that update it: ``sampled`` (those that sampled their
+            locations, the paper's b_k) or ``all`` (the authors' code: every caption).
         momentum: of rmsprop and sgd (the authors' RMSProp used 0.9).
         scheduler: plateau (decay ``lr_decay`` when validation stalls ``lr_patience`` epochs),
             cosine, step (decay every ``lr_patience`` epochs) or none.
@@ -295,6 +315,7 @@ class TrainConfig:
     reinforce_weight: float = 1.0
     entropy_weight: float = 0.002
     baseline_decay: float = 0.9
+    baseline_on: str = "sampled"
     patience: int = 10
     val_metric: str = "cider"
     val_images: int = 500
@@ -324,6 +345,7 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1]; got {self.lr_decay}")
         _check(0 <= self.baseline_decay < 1, "baseline_decay", f"must be in [0, 1); got {self.baseline_decay}")
+        _choice(self.baseline_on, "baseline_on", ("sampled", "all"))
         for key in ("reinforce_weight", "entropy_weight"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _choice(self.optimizer, "optimizer", ("adam", "adamw", "rmsprop", "sgd"))

@@ -7,7 +7,10 @@ At every step t, with the previous word y_{t-1} and the previous state (h_{t-1},
     h_t, c_t     = LSTM([E y_{t-1}, beta_t z_t], h_{t-1}, c_{t-1})   (eq. 1-3)
     p(y_t)       = softmax(L_o tanh(E y_{t-1} + L_h h_t + L_z beta_t z_t))  (eq. 7, deep output)
 
-with h_0, c_0 = tanh(f_init(mean_i a_i)) (Section 3.1.2). The decoder never looks at the
+with h_0, c_0 = tanh(f_init(mean_i a_i)) (Section 3.1.2). With ``arrangement="luong"`` it is
+Luong et al.'s (2015) decoder instead: the LSTM steps first, on [E y_{t-1}, h~_{t-1}] (input
+feeding), attention reads h_t, h~_t = tanh(W_c [z_t; h_t]) is the attentional hidden state,
+and p(y_t) = softmax(W_s h~_t). The decoder never looks at the
 attention's name: it calls ``precompute`` once per image and ``forward`` once per step, and
 passes on ``log_prob``/``entropy`` when the attention returns them.
 
@@ -32,13 +35,19 @@ from captioner.config import ModelConfig
 
 @dataclass
 class DecoderState:
-    """The LSTM state: h (B, H), c (B, H)."""
+    """The LSTM state: h (B, H), c (B, H), and in Luong's arrangement the attentional hidden
+    state h~ (B, H) that is fed back as input (else None)."""
 
     h: Tensor
     c: Tensor
+    out: Tensor | None = None
 
     def index_select(self, index: Tensor) -> "DecoderState":
-        return DecoderState(self.h.index_select(0, index), self.c.index_select(0, index))
+        return DecoderState(*(None if x is None else x.index_select(0, index) for x in (self.h, self.c, self.out)))
+
+    def narrow(self, n: int) -> "DecoderState":
+        """The first ``n`` rows (views)."""
+        return DecoderState(*(None if x is None else x[:n] for x in (self.h, self.c, self.out)))
 
 
 @dataclass
@@ -64,6 +73,11 @@ class DecoderOutput:
         betas: (B, T) gate values (likewise).
         log_probs, entropies: (B, T) from a stochastic attention, else None (likewise).
         token_mask: (B, T) True on the steps ``logits`` holds; None when it holds all of them.
+        probs: (B, T, L) the distributions the weights came from (``alphas`` itself unless
+            the attention samples). None is read as ``alphas``.
+        sampled: (B,) True for the captions whose locations were sampled (stochastic attention).
+        samples: k, the paths per caption: B here is k times the batch given (rows i * k ..
+            i * k + k - 1 are caption i), when the attention asks for k > 1 in training.
     """
 
     logits: Tensor
@@ -72,6 +86,13 @@ class DecoderOutput:
     log_probs: Tensor | None = None
     entropies: Tensor | None = None
     token_mask: Tensor | None = None
+    probs: Tensor | None = None
+    sampled: Tensor | None = None
+    samples: int = 1
+
+    def __post_init__(self) -> None:
+        if self.probs is None:
+            self.probs = self.alphas
 
     def padded_logits(self) -> Tensor:
         """(B, T, V) logits, zero on the steps a packed pass did not compute."""
@@ -81,6 +102,42 @@ class DecoderOutput:
         full = self.logits.new_zeros(B, T, self.logits.shape[-1])
         full[self.token_mask] = self.logits
         return full
+
+
+@dataclass
+class _Packing:
+    """How a teacher-forced pass runs T steps over B captions: ``active`` rows at each step;
+    with lengths, the captions sorted longest first (``order``) and the real steps marked
+    (``token_mask`` (B, T)); both None when every caption runs all T steps."""
+
+    active: list[int]
+    order: Tensor | None = None
+    token_mask: Tensor | None = None
+
+    @classmethod
+    def plan(cls, lengths: Tensor | None, B: int, T: int) -> "_Packing":
+        if lengths is None:
+            return cls([B] * T)
+        lengths = lengths.clamp(1, T)  # every caption predicts at least <end>
+        steps = torch.arange(T, device=lengths.device)
+        active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()  # the one host read per pass
+        if active[-1] == B:  # every caption runs all T steps: nothing to sort or pack
+            return cls(active)
+        return cls(active, torch.argsort(lengths, descending=True, stable=True),
+                   steps.unsqueeze(0) < lengths.unsqueeze(1))
+
+    def gather(self, parts: list[Tensor]) -> Tensor | None:
+        """Per-step rows -> (B, T, ...) in the input order, zeros after a caption's end."""
+        if not parts:
+            return None
+        if self.token_mask is None:
+            return torch.stack(parts, 1)
+        B, T = self.token_mask.shape
+        # step t's rows are sorted rows 0..n_t-1: the True cells of the sorted mask, time-major
+        cells = self.token_mask.index_select(0, self.order).t()  # (T, B)
+        x = torch.cat(parts)  # (N, ...), time-major
+        full = x.new_zeros(T, B, *x.shape[1:]).masked_scatter_(cells.view(T, B, *[1] * (x.dim() - 1)), x)
+        return full.transpose(0, 1).index_select(0, torch.argsort(self.order))  # no host sync
 
 
 def _narrow(projected, n: int):
@@ -96,6 +153,18 @@ def _narrow(projected, n: int):
     return projected
 
 
+def _flat(x: Tensor | None) -> Tensor | None:
+    """(B, K, ...) -> (B * K, ...); None stays None."""
+    return None if x is None else x.flatten(0, 1)
+
+
+def _lstm(pre: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM cell from its gate pre-activations (B, 4H) and c_{t-1} (B, H) -> h_t, c_t."""
+    i, f, g, o = pre.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 class Decoder(nn.Module):
     """The attention LSTM decoder.
 
@@ -105,6 +174,9 @@ class Decoder(nn.Module):
         dropout: before the output layer.
         beta_gate: use the scalar gate beta_t (else beta_t = 1).
         deep_output: eq. 7's deep output (else logits = L_o h_t).
+        dropout_hidden: with the deep output, also drop h_t before L_h (the authors' code).
+        arrangement: "xu" (attend on h_{t-1}, before the step) or "luong" (attend on h_t,
+            attentional hidden state, input feeding; no beta gate or deep output).
     """
 
     def __init__(
@@ -118,26 +190,31 @@ class Decoder(nn.Module):
         dropout: float = 0.5,
         beta_gate: bool = True,
         deep_output: bool = True,
+        dropout_hidden: bool = True,
+        arrangement: str = "xu",
     ) -> None:
         super().__init__()
         self.vocab_size, self.hidden_dim = vocab_size, hidden_dim
-        self.attention = attention
+        self.attention, self.luong = attention, arrangement == "luong"
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.init_h = nn.Linear(feature_dim, hidden_dim)  # f_init,h
         self.init_c = nn.Linear(feature_dim, hidden_dim)  # f_init,c
-        self.f_beta = nn.Linear(hidden_dim, 1) if beta_gate else None
-        # LSTM gates (i, f, g, o) = W_e E y + W_z z + W_h h + b, split so W_e E y runs outside the loop.
+        self.f_beta = nn.Linear(hidden_dim, 1) if beta_gate and not self.luong else None
+        # LSTM gates (i, f, g, o) = W_e E y + W_z z + W_h h + b, split so W_e E y runs outside the loop
+        # (Luong: W_z h~_{t-1}, input feeding, in place of W_z z).
         self.gate_embed = nn.Linear(embed_dim, 4 * hidden_dim)
-        self.gate_context = nn.Linear(feature_dim, 4 * hidden_dim, bias=False)
+        self.gate_context = nn.Linear(hidden_dim if self.luong else feature_dim, 4 * hidden_dim, bias=False)
         self.gate_hidden = nn.Linear(hidden_dim, 4 * hidden_dim, bias=False)
-        self.deep_output = deep_output
-        if deep_output:
+        self.combine = nn.Linear(feature_dim + hidden_dim, hidden_dim, bias=False) if self.luong else None  # W_c
+        self.deep_output = deep_output and not self.luong
+        if self.deep_output:
             self.out_hidden = nn.Linear(hidden_dim, embed_dim)  # L_h
             self.out_context = nn.Linear(feature_dim, embed_dim, bias=False)  # L_z
             self.out = nn.Linear(embed_dim, vocab_size)  # L_o
         else:
-            self.out = nn.Linear(hidden_dim, vocab_size)
+            self.out = nn.Linear(hidden_dim, vocab_size)  # L_o, or Luong's W_s
         self.dropout = nn.Dropout(dropout)
+        self.dropout_hidden = dropout_hidden
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -152,44 +229,48 @@ class Decoder(nn.Module):
         d = cfg.decoder
         attention = build_attention(cfg.attention, feature_dim=feature_dim, hidden_dim=d.hidden_dim, grid=grid)
         return cls(vocab_size=vocab_size, feature_dim=feature_dim, attention=attention,
-                   embed_dim=d.embed_dim, hidden_dim=d.hidden_dim, dropout=d.dropout,
-                   beta_gate=d.beta_gate, deep_output=d.deep_output)
+                   embed_dim=d.embed_dim, hidden_dim=d.hidden_dim, dropout=d.dropout, beta_gate=d.beta_gate,
+                   deep_output=d.deep_output, dropout_hidden=d.dropout_hidden, arrangement=d.arrangement)
 
     # -- pieces shared by training and decoding
 
     def init_state(self, features: Tensor) -> DecoderState:
-        """h_0, c_0 = tanh(f_init(mean_i a_i)): features (B, L, C) -> (B, H) each."""
+        """h_0, c_0 = tanh(f_init(mean_i a_i)): features (B, L, C) -> (B, H) each (Luong: h~_0 = 0)."""
         mean = features.mean(dim=1)  # (B, C)
-        return DecoderState(torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
+        h = torch.tanh(self.init_h(mean))
+        return DecoderState(h, torch.tanh(self.init_c(mean)), torch.zeros_like(h) if self.luong else None)
 
     def precompute(self, features: Tensor):
         """The attention's per-image work (W_a a_i), once before the time loop (opaque here)."""
         return self.attention.precompute(features)
 
+    def _attend(self, features: Tensor, projected, query: Tensor, mask: Tensor | None) -> AttentionOutput:
+        """The attention on queries (N, H). With K times as many queries as images (the beams
+        of a beam search, K adjacent rows per image) it gets the K queries of each image
+        together and reads the image's keys and features once; its output comes back flat."""
+        n, B = query.shape[0], features.shape[0]
+        if n == B:
+            return self.attention(features, projected, query, mask)
+        att = self.attention(features, projected, query.view(B, n // B, -1), mask)
+        return AttentionOutput(**{f.name: _flat(getattr(att, f.name)) for f in dataclasses.fields(att)})
+
     def _advance(self, gates_embed: Tensor, state: DecoderState, features: Tensor, projected,
                  mask: Tensor | None, gates: tuple[StepWeight, StepWeight] | None = None,
                  ) -> tuple[DecoderState, AttentionOutput, Tensor, Tensor]:
-        """Attend with h_{t-1}, gate, and run the LSTM cell. Returns (state, attention, z_t, beta_t).
+        """One step of the arrangement. Returns (state, attention, z_t, beta_t).
 
-        With K times as many states as images (the beams of a beam search, K adjacent rows
-        per image) the attention gets the K queries of each image together and reads the
-        image's keys and features once; its output comes back flat, one row per state."""
-        n, B = state.h.shape[0], features.shape[0]
-        if n == B:
-            att = self.attention(features, projected, state.h, mask)
-        else:
-            att = self.attention(features, projected, state.h.view(B, n // B, -1), mask)
-            att = AttentionOutput(*(None if x is None else x.flatten(0, 1) for x in
-                                    (att.context, att.alpha, att.log_prob, att.entropy)))
+        ``gates``: W_z and W_h of the teacher-forced loop, whose gradients are summed once
+        (captioner.autograd); else the layers themselves."""
+        w_in, w_h = gates if gates is not None else (self.gate_context, self.gate_hidden)
+        if self.luong:  # step on [E y, h~_{t-1}], attend on h_t, h~_t = tanh(W_c [z_t; h_t])
+            h, c = _lstm(gates_embed + w_in(state.out) + w_h(state.h), state.c)
+            att = self._attend(features, projected, h, mask)
+            out = torch.tanh(self.combine(torch.cat([att.context, h], dim=-1)))  # (B, H)
+            return DecoderState(h, c, out), att, att.context, h.new_ones(h.shape[0])
+        att = self._attend(features, projected, state.h, mask)
         beta = torch.sigmoid(self.f_beta(state.h)) if self.f_beta is not None else None  # (B, 1)
         z = att.context * beta if beta is not None else att.context  # (B, C)
-        if gates is None:
-            pre = gates_embed + self.gate_context(z) + self.gate_hidden(state.h)  # (B, 4H)
-        else:  # the teacher-forced loop: the weights' gradients are summed once (captioner.autograd)
-            pre = gates_embed + gates[0](z) + gates[1](state.h)
-        i, f, g, o = pre.chunk(4, dim=1)
-        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h, c = _lstm(gates_embed + w_in(z) + w_h(state.h), state.c)
         beta = beta.squeeze(1) if beta is not None else z.new_ones(z.shape[0])
         return DecoderState(h, c), att, z, beta
 
@@ -197,9 +278,15 @@ class Decoder(nn.Module):
         """W_z and W_h for one teacher-forced pass (see captioner.autograd)."""
         return StepWeight(self.gate_context.weight), StepWeight(self.gate_hidden.weight)
 
+    def _readout(self, state: DecoderState) -> Tensor:
+        """What the output layer reads: h_t, or Luong's h~_t."""
+        return state.out if self.luong else state.h
+
     def _logits(self, emb: Tensor, h: Tensor, z: Tensor) -> Tensor:
-        """eq. 7: (..., E), (..., H), (..., C) -> (..., V)."""
+        """eq. 7: (..., E), (..., H), (..., C) -> (..., V) (Luong: W_s h~_t)."""
         if self.deep_output:
+            if self.dropout_hidden:  # the authors drop h_t and the layer's input alike
+                h = self.dropout(h)
             pre = torch.tanh(emb + self.out_hidden(h) + self.out_context(z))
         else:
             pre = h
@@ -215,9 +302,29 @@ class Decoder(nn.Module):
         each image's features and keys."""
         emb = self.embed(tokens)  # (B, E)
         state, att, z, beta = self._advance(self.gate_embed(emb), state, features, projected, mask)
-        return StepOutput(self._logits(emb, state.h, z), state, att, beta)
+        return StepOutput(self._logits(emb, self._readout(state), z), state, att, beta)
 
     # -- teacher forcing
+
+    def _paths(self, features: Tensor, captions: Tensor, mask: Tensor | None, lengths: Tensor | None):
+        """k copies of each caption (rows i * k .. i * k + k - 1) when the attention asks for
+        k sampled paths per caption in training (``attention.samples``); else as given."""
+        k = getattr(self.attention, "samples", 1) if self.training else 1
+        if k == 1:
+            return k, features, captions, mask, lengths
+        return k, *(None if x is None else x.repeat_interleave(k, 0) for x in (features, captions, mask, lengths))
+
+    def _embed_steps(self, inputs: Tensor, pack: _Packing) -> tuple[Tensor, Tensor]:
+        """E y and its gate share for all steps at once: (B, T, E) and (B, T, 4H); packed, the
+        embeddings of the real steps only (N, E) and the gates sorted longest caption first."""
+        if pack.token_mask is None:
+            emb = self.embed(inputs)  # (B, T, E)
+            return emb, self.gate_embed(emb)  # (B, T, 4H)
+        emb = self.embed(inputs[pack.token_mask])  # (N, E): the real steps, row-major in the input order
+        real_gates = self.gate_embed(emb)  # (N, 4H)
+        gates_embed = real_gates.new_zeros(*inputs.shape, real_gates.shape[-1])
+        gates_embed[pack.token_mask] = real_gates
+        return emb, gates_embed.index_select(0, pack.order)
 
     def forward(self, features: Tensor, captions: Tensor, mask: Tensor | None = None,
                 lengths: Tensor | None = None) -> DecoderOutput:
@@ -233,71 +340,36 @@ class Decoder(nn.Module):
                 on real steps: the logits come packed (see :class:`DecoderOutput`). That is
                 what training does; the result on real steps is the same either way.
         """
+        k, features, captions, mask, lengths = self._paths(features, captions, mask, lengths)
         inputs = captions[:, :-1]  # (B, T)
-        B, T = inputs.shape
-        active, order, token_mask = [B] * T, None, None  # rows going at each step; sorting; packing
-        if lengths is not None:
-            lengths = lengths.clamp(1, T)  # every caption predicts at least <end>
-            steps = torch.arange(T, device=lengths.device)
-            active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()  # the one host read per pass
-            if active[-1] < B:  # else every caption runs all T steps: nothing to sort or pack
-                order = torch.argsort(lengths, descending=True, stable=True)
-                token_mask = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
-        if token_mask is None:
-            emb = self.embed(inputs)  # (B, T, E)
-            gates_embed = self.gate_embed(emb)  # (B, T, 4H), all steps at once
-        else:
-            emb = self.embed(inputs[token_mask])  # (N, E): the real steps, row-major in the input order
-            real_gates = self.gate_embed(emb)  # (N, 4H), all real steps at once
-            gates_embed = real_gates.new_zeros(B, T, real_gates.shape[-1])
-            gates_embed[token_mask] = real_gates
-            gates_embed = gates_embed.index_select(0, order)  # longest caption first
-            features = features.index_select(0, order)
-            mask = mask.index_select(0, order) if mask is not None else None
-        projected = self.precompute(features)  # once per image
-        state = self.init_state(features)
-        gates = self._step_weights()
-        hs, zs, alphas, betas, log_probs, entropies = [], [], [], [], [], []
-        for t in range(T):
-            n = active[t]
+        pack = _Packing.plan(lengths, *inputs.shape)
+        emb, gates_embed = self._embed_steps(inputs, pack)
+        if pack.order is not None:
+            features = features.index_select(0, pack.order)  # longest caption first
+            mask = mask.index_select(0, pack.order) if mask is not None else None
+        projected, state, gates = self.precompute(features), self.init_state(features), self._step_weights()
+        steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs")}
+        sampled = None
+        for t, n in enumerate(pack.active):
             if n == 0:
                 break
             if n < state.h.shape[0]:  # the shortest captions have ended: drop their rows (views)
-                state = DecoderState(state.h[:n], state.c[:n])
-                features, projected = features[:n], _narrow(projected, n)
+                state, features, projected = state.narrow(n), features[:n], _narrow(projected, n)
                 mask = mask[:n] if mask is not None else None
             state, att, z, beta = self._advance(gates_embed[:n, t], state, features, projected, mask, gates)
-            hs.append(state.h)
-            zs.append(z)
-            alphas.append(att.alpha)
-            betas.append(beta)
-            if att.log_prob is not None:
-                log_probs.append(att.log_prob)
-                entropies.append(att.entropy)
-        if token_mask is not None:
-            # step t's rows are sorted rows 0..n_t-1: the True cells of the sorted mask, time-major
-            step_cells = token_mask.index_select(0, order).t()  # (T, B)
-            restore = torch.argsort(order)  # sorted row -> input row
-
-        def gather(parts: list[Tensor]) -> Tensor | None:
-            """Per-step rows -> (B, T, ...) in the input order, zeros after a caption's end."""
-            if not parts:
-                return None
-            if token_mask is None:
-                return torch.stack(parts, 1)
-            x = torch.cat(parts)  # (N, ...), time-major
-            cells = step_cells.view(T, B, *[1] * (x.dim() - 1))
-            full = x.new_zeros(T, B, *x.shape[1:]).masked_scatter_(cells, x)  # no host sync
-            return full.transpose(0, 1).index_select(0, restore)
-
-        h, z = gather(hs), gather(zs)
-        if token_mask is not None:
-            h, z = h[token_mask], z[token_mask]  # (N, H), (N, C)
+            sampled = att.sampled if t == 0 else sampled
+            for key, x in (("h", self._readout(state)), ("z", z), ("alpha", att.alpha), ("beta", beta),
+                           ("log_prob", att.log_prob), ("entropy", att.entropy),
+                           ("probs", None if att.probs is att.alpha else att.probs)):
+                if x is not None:
+                    steps[key].append(x)
+        h, z = pack.gather(steps["h"]), pack.gather(steps["z"])
+        if pack.token_mask is not None:
+            h, z = h[pack.token_mask], z[pack.token_mask]  # (N, H), (N, C)
+        if sampled is not None and pack.order is not None:
+            sampled = sampled[torch.argsort(pack.order)]  # back to the input order
         return DecoderOutput(
             logits=self._logits(emb, h, z),  # one matmul: (B, T, V), or (N, V) packed
-            alphas=gather(alphas),  # (B, T, L)
-            betas=gather(betas),  # (B, T)
-            log_probs=gather(log_probs),
-            entropies=gather(entropies),
-            token_mask=token_mask,
-        )
+            alphas=pack.gather(steps["alpha"]), betas=pack.gather(steps["beta"]),  # (B, T, L), (B, T)
+            log_probs=pack.gather(steps["log_prob"]), entropies=pack.gather(steps["entropy"]),
+            token_mask=pack.token_mask, probs=pack.gather(steps["probs"]), sampled=sampled, samples=k)

@@ -24,7 +24,9 @@ class Decoded:
     Attributes:
         tokens: (B, T) word ids; ``<end>`` where it came, ``<pad>`` after it.
         lengths: (B,) words before ``<end>`` (T - 1 when ``<end>`` was forced at the end).
-        alphas: (B, T, L) the attention map of every emitted token.
+        alphas: (B, T, L) the attention map of every emitted token: the distribution the
+            attention drew from (``AttentionOutput.probs``; for hard attention the location
+            probabilities, whose argmax is the location it used).
         betas: (B, T) the gate of every emitted token.
         scores: (B,) sum of log-probabilities of the emitted tokens (``<end>`` included).
     """
@@ -43,7 +45,8 @@ class BeamDecoded:
     Attributes:
         tokens: (B, N, T) word ids, ``<end>`` then ``<pad>``.
         lengths: (B, N) words before ``<end>``.
-        alphas: (B, N, T, L) and betas: (B, N, T): per emitted token.
+        alphas: (B, N, T, L) and betas: (B, N, T): per emitted token (alphas: the attention
+            distributions, as :class:`Decoded`).
         log_probs: (B, N) sum of log-probabilities (``<end>`` included).
         scores: (B, N) the ranking score: log_probs / (lengths + 1) ** length_penalty.
     """
@@ -133,7 +136,7 @@ def _run(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end
         ended = (word == end_id) & ~finished
         lengths = torch.where(ended, torch.full_like(lengths, t), lengths)
         tokens.append(torch.where(finished, torch.full_like(word, pad_id), word))
-        alphas.append(out.attention.alpha)
+        alphas.append(out.attention.probs)  # the distribution (hard: location probabilities)
         betas.append(out.beta)
         finished = finished | ended
         state, prev = out.state, word
@@ -193,7 +196,7 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
         lengths = torch.where(ended, torch.full_like(lengths, t), lengths.index_select(0, origin))
         finished = was_finished | ended
         tokens = torch.cat([tokens.index_select(0, origin), word.unsqueeze(1)], 1)
-        alphas = torch.cat([alphas.index_select(0, origin), out.attention.alpha.index_select(0, origin).unsqueeze(1)], 1)
+        alphas = torch.cat([alphas.index_select(0, origin), out.attention.probs.index_select(0, origin).unsqueeze(1)], 1)
         betas = torch.cat([betas.index_select(0, origin), out.beta.index_select(0, origin).unsqueeze(1)], 1)
         state = out.state.index_select(origin)
         beam_logp, prev = top, word

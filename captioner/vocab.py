@@ -65,11 +65,14 @@ class Vocabulary:
         return word in self.stoi
 
     def encode(self, caption: str | Sequence[str], *, max_len: int | None = None) -> list[int]:
-        """``<start> w1 .. wn <end>`` as ids; words beyond ``max_len`` are cut, unknown ones become ``<unk>``."""
+        """``<start> w1 .. wn <end>`` as ids; unknown words become ``<unk>``. A caption longer than
+        ``max_len`` words is cut to ``<start> w1 .. w_max_len`` WITHOUT ``<end>``: it did not end
+        there, and a model taught that it did learns to stop mid-sentence."""
         words = tokenize(caption) if isinstance(caption, str) else list(caption)
-        if max_len is not None:
-            words = words[:max_len]
-        return [self.start_id, *(self.stoi.get(w, self.unk_id) for w in words), self.end_id]
+        ids = [self.start_id, *(self.stoi.get(w, self.unk_id) for w in words)]
+        if max_len is not None and len(words) > max_len:
+            return ids[:max_len + 1]
+        return [*ids, self.end_id]
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         """Words up to the first ``<end>``; ``<start>`` and ``<pad>`` are skipped."""

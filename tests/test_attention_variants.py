@@ -88,7 +88,7 @@ def test_hard_inference_modes(mode):
 
 
 def test_local_window_is_centred_where_predicted():
-    att = attention("local", "model.attention.local.window=1", "model.attention.score=dot")
+    att = attention("local", "model.attention.local.window=1", "model.attention.score=general")
     with torch.no_grad():
         for p in att.centre.parameters():
             p.zero_()
@@ -101,6 +101,26 @@ def test_local_window_is_centred_where_predicted():
     inside = torch.zeros(GRID, dtype=torch.bool)
     inside[1:4, 0:3] = True  # the 3 x 3 window around (2, 1)
     assert (maps[:, ~inside] == 0).all() and (maps[:, inside] > 0).all()
+
+
+@pytest.mark.parametrize("renormalise", [False, True])
+def test_local_p_multiplies_the_window_softmax_by_the_gaussian(renormalise):
+    """Luong's eq. 10: a_t(s) = align(h_t, h_s) exp(-(s - p_t)^2 / (2 sigma^2)), the align a
+    softmax over the window, NOT renormalised; ``renormalise`` is softmax(score + log G)."""
+    att = attention("local", "model.attention.local.window=1", "model.attention.local.sigma=1.0",
+                    f"model.attention.local.renormalise={str(renormalise).lower()}", "model.attention.score=general")
+    with torch.no_grad():
+        for p in att.centre.parameters():
+            p.zero_()
+        att.centre[2].bias.copy_(torch.logit(torch.tensor([2 / 3, 1 / 4])))  # centre (2, 1) on a 4 x 5 grid
+    feats = torch.zeros(B, L, C)  # equal scores: the window's softmax is 1/9 everywhere in it
+    out = att(feats, att.precompute(feats), torch.randn(B, H))
+    torch.testing.assert_close(out.probs, out.alpha / out.alpha.sum(-1, keepdim=True))  # where it looks
+    maps = out.alpha.view(B, *GRID)
+    rows, cols = torch.meshgrid(torch.arange(1, 4), torch.arange(0, 3), indexing="ij")
+    gauss = torch.exp(-((rows - 2.0) ** 2 + (cols - 1.0) ** 2) / 2)  # (3, 3)
+    expected = gauss / gauss.sum() if renormalise else gauss / 9
+    torch.testing.assert_close(maps[:, 1:4, 0:3], expected.expand(B, 3, 3))
 
 
 def test_local_without_restriction_uses_the_whole_grid():
@@ -129,6 +149,103 @@ def test_moving_average_baseline():
     assert restored.value == b.value and bool(restored.started)
 
 
+def test_baseline_follows_only_the_captions_that_sampled():
+    """b is the paper's moving average of log p(y | s~, a) over sampled paths; captions that
+    used the expected context do not move it (``baseline_on=all``: the authors' code)."""
+    from captioner.decoder import DecoderOutput
+
+    logits = torch.zeros(2, 1, 3)
+    logits[1, 0, 1] = 5.0  # caption 1 is far likelier than caption 0
+    out = DecoderOutput(logits=logits, alphas=torch.full((2, 1, 4), 0.25), betas=torch.ones(2, 1),
+                        log_probs=torch.tensor([[-1.0], [0.0]]), entropies=torch.ones(2, 1),
+                        sampled=torch.tensor([True, False]))
+    targets, mask = torch.tensor([[1], [1]]), torch.ones(2, 1, dtype=torch.bool)
+    nll = -torch.log_softmax(logits[:, 0], -1)[:, 1]
+    loss_fn = CaptionLoss(alpha_c=0.0).train()
+    loss_fn(out, targets, mask)
+    assert loss_fn.baseline.value == pytest.approx(-float(nll[0]))
+    everyone = CaptionLoss(alpha_c=0.0, baseline_on="all").train()
+    everyone(out, targets, mask)
+    assert everyone.baseline.value == pytest.approx(-float(nll.mean()))
+    nothing = CaptionLoss(alpha_c=0.0).train()
+    nothing(DecoderOutput(**{**out.__dict__, "sampled": torch.tensor([False, False])}), targets, mask)
+    assert not bool(nothing.baseline.started)
+
+
+def _average_on_rank(rank, path, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    b = MovingAverage(0.9)
+    b.update(torch.tensor([1.0, 3.0]) if rank == 0 else torch.tensor([8.0]))
+    results[rank] = float(b.value)
+    torch.distributed.destroy_process_group()
+
+
+def test_moving_average_is_the_same_on_every_process(tmp_path):
+    """Data-parallel processes average their x before updating b: one baseline, not one each."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_average_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results[0] == results[1] == pytest.approx(4.0)  # (1 + 3 + 8) / 3
+
+
+def test_doubly_stochastic_term_reads_the_location_probabilities():
+    """With every location sampled, the one-hot weights give the DSR no gradient; the
+    location probabilities do (the authors regularise them)."""
+    from captioner.losses import doubly_stochastic
+
+    dec = decoder_with("hard", "model.attention.hard.mix_prob=0.0").train()
+    caps, mask = torch.randint(4, 12, (B, 6)), torch.ones(B, 5, dtype=torch.bool)
+    out = dec(torch.randn(B, L, C), caps)
+    assert ((out.alphas == 0) | (out.alphas == 1)).all() and not ((out.probs == 0) | (out.probs == 1)).all()
+    loss = CaptionLoss(alpha_c=1.0, reinforce_weight=0.0, entropy_weight=0.0).train()(out, caps[:, 1:], mask)
+    torch.testing.assert_close(loss.dsr, doubly_stochastic(out.probs.detach(), mask.float()).sum() / mask.sum())
+    loss.total.backward()
+    assert dec.attention.score.query.weight.grad.abs().sum() > 0
+
+
+def test_leave_one_out_baseline_by_hand():
+    from captioner.losses import leave_one_out
+
+    reward = torch.tensor([1.0, 2.0, 6.0, -1.0, -3.0, -2.0])  # 2 captions x 3 paths
+    torch.testing.assert_close(leave_one_out(reward, 3), torch.tensor([4.0, 3.5, 1.5, -2.5, -1.5, -2.0]))
+
+
+def test_loo_estimator_runs_k_paths_per_caption_and_centres_on_the_others():
+    dec = decoder_with("hard", "model.attention.hard.estimator=loo", "model.attention.hard.samples=3",
+                       "model.attention.hard.mix_prob=0.0").train()
+    caps, mask = torch.randint(4, 12, (B, 6)), torch.ones(B, 5, dtype=torch.bool)
+    out = dec(torch.randn(B, L, C), caps)
+    assert out.samples == 3 and out.alphas.shape == (3 * B, 5, L) and out.sampled.all()
+    loss = CaptionLoss(alpha_c=0.0, entropy_weight=0.0).train()(out, caps[:, 1:], mask)
+    reward = -loss.nll.view(B, 3)
+    advantage = reward - (reward.sum(1, keepdim=True) - reward) / 2
+    log_p_s = out.log_probs.detach().sum(1).view(B, 3)
+    torch.testing.assert_close(loss.reinforce, -(advantage * log_p_s).sum() / (3 * mask.sum()))
+    dec.eval()
+    assert dec(torch.randn(B, L, C), caps).alphas.shape == (B, 5, L)  # one path at test time
+
+
+def test_gumbel_estimator_is_one_hot_forward_and_differentiable_backward():
+    att = attention("hard", "model.attention.hard.estimator=gumbel", "model.attention.hard.mix_prob=0.0").train()
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    out = att(feats, att.precompute(feats), h)
+    loc = out.alpha.argmax(-1)
+    torch.testing.assert_close(out.alpha, torch.nn.functional.one_hot(loc, L).float())  # up to rounding
+    assert out.log_prob is None  # no REINFORCE term
+    torch.testing.assert_close(out.context, feats[torch.arange(B), loc])
+    (out.context * torch.randn(B, C)).sum().backward()
+    assert att.score.query.weight.grad.abs().sum() > 0
+
+
+def test_paper_configs_stop_early_on_bleu_and_shapes_hard_names_its_estimator():
+    from pathlib import Path
+
+    for path in sorted(Path("configs").glob("coco_*.yaml")) + sorted(Path("configs").glob("flickr8k_*.yaml")):
+        assert load_config(path).train.val_metric == "bleu4", path
+    assert load_config(Path("configs/shapes_hard.yaml")).model.attention.hard.estimator != "reinforce"
+
+
 def decoder_with(name, *overrides):
     cfg = load_config(None, [f"model.attention.name={name}", "model.attention.dim=6", "model.decoder.embed_dim=7",
                              "model.decoder.hidden_dim=9", "model.decoder.dropout=0.0", *overrides]).model
@@ -136,10 +253,11 @@ def decoder_with(name, *overrides):
     return Decoder.from_config(cfg, vocab_size=12, feature_dim=C, grid=GRID)
 
 
-@pytest.mark.parametrize("name", [n for n in ATTENTIONS.names() if n != "none"])
-def test_gradients_reach_the_attention_of_every_variant(name):
-    """Hard attention's only path to its score parameters (with no expectation mixing) is REINFORCE."""
-    dec = decoder_with(name, "model.attention.hard.mix_prob=0.0").train()
+@pytest.mark.parametrize("estimator", ["reinforce", "loo", "gumbel"])
+@pytest.mark.parametrize("name", [n for n in ATTENTIONS.names() if n not in ("none", "mean")])
+def test_gradients_reach_the_attention_of_every_variant(name, estimator):
+    """Hard attention's only path to its score parameters (with no expectation mixing) is its estimator."""
+    dec = decoder_with(name, "model.attention.hard.mix_prob=0.0", f"model.attention.hard.estimator={estimator}").train()
     loss_fn = CaptionLoss(alpha_c=0.0, entropy_weight=0.0).train()
     caps = torch.randint(4, 12, (B, 6))
     mask = torch.ones(B, 5, dtype=torch.bool)
@@ -217,7 +335,7 @@ def train_on_toy_task(name: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in ATTENTIONS.names() if n != "none"])
+@pytest.mark.parametrize("name", [n for n in ATTENTIONS.names() if n not in ("none", "mean")])
 def test_toy_task_is_learned_by_every_attention(name):
     accuracy = train_on_toy_task(name)
     assert accuracy > 0.8, f"{name}: accuracy {accuracy:.2f} (chance {1 / K:.2f})"

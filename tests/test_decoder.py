@@ -50,7 +50,64 @@ def test_step_matches_teacher_forcing():
         state = out.state
 
 
-@pytest.mark.parametrize("flags", [[], ["model.decoder.beta_gate=false"], ["model.decoder.deep_output=false"]])
+@pytest.mark.parametrize("attention", ["soft", "local", "hard"])
+def test_luong_step_matches_teacher_forcing_and_attends_on_h_t(attention):
+    """Luong's arrangement: the step runs first and attention reads the new h_t (the paper's
+    reads h_{t-1}); the attentional state h~_t is fed back and read by the output layer."""
+    dec = make_decoder("model.decoder.arrangement=luong", f"model.attention.name={attention}")
+    feats, caps = torch.randn(B, L, C), torch.randint(4, V, (B, 5))
+    full = dec(feats, caps)
+    queries = []
+    dec.attention.register_forward_hook(lambda m, args, out: queries.append(args[2]))
+    state, projected = dec.init_state(feats), dec.precompute(feats)
+    assert (state.out == 0).all()  # h~_0 = 0
+    for t in range(4):
+        out = dec.step(caps[:, t], state, feats, projected)
+        torch.testing.assert_close(queries[-1], out.state.h)  # attention on h_t, after the step
+        assert not torch.allclose(queries[-1], state.h)
+        torch.testing.assert_close(out.logits, full.logits[:, t])
+        torch.testing.assert_close(out.attention.probs, full.probs[:, t])
+        torch.testing.assert_close(out.logits, dec.out(out.state.out))  # W_s h~_t (eval: no dropout)
+        state = out.state
+
+
+def test_xu_step_attends_on_the_previous_hidden_state():
+    dec = make_decoder()
+    feats, queries = torch.randn(B, L, C), []
+    dec.attention.register_forward_hook(lambda m, args, out: queries.append(args[2]))
+    state = dec.init_state(feats)
+    dec.step(torch.randint(4, V, (B,)), state, feats, dec.precompute(feats))
+    torch.testing.assert_close(queries[-1], state.h)
+
+
+@pytest.mark.parametrize("drop_h", [True, False])
+def test_dropout_also_drops_h_t_before_the_output_layer(drop_h):
+    """The authors drop h_t before L_h as well as the deep output's input (capgen.py)."""
+    dec = make_decoder("model.decoder.dropout=0.5", f"model.decoder.dropout_hidden={str(drop_h).lower()}").train()
+    seen = []
+    dec.out_hidden.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    dec(torch.randn(B, L, C), torch.randint(4, V, (B, 6)))
+    zeros = (seen[0] == 0).float().mean()
+    assert (zeros > 0.3) if drop_h else (zeros == 0)
+
+
+def test_greedy_decoding_returns_the_hard_location_probabilities():
+    """Correctness and heatmaps read the distribution: for hard attention the location
+    probabilities, not the one-hot argmax it attended."""
+    from captioner.decoding import greedy
+
+    dec = make_decoder("model.attention.name=hard", "model.attention.hard.inference=argmax")
+    feats = torch.randn(B, L, C)
+    res = greedy(dec, feats, max_len=4, start_id=1, end_id=2)
+    assert ((res.alphas > 0) & (res.alphas < 1)).any()  # not one-hot
+    state, projected = dec.init_state(feats), dec.precompute(feats)
+    first = dec.step(torch.ones(B, dtype=torch.long), state, feats, projected).attention
+    torch.testing.assert_close(res.alphas[:, 0], first.probs)
+    assert (first.alpha.max(-1).values == 1).all()  # what it attended: one-hot
+
+
+@pytest.mark.parametrize("flags", [[], ["model.decoder.beta_gate=false"], ["model.decoder.deep_output=false"],
+                                   ["model.decoder.arrangement=luong"]])
 def test_gradients_reach_every_parameter(flags):
     dec = make_decoder(*flags).train()
     caps = torch.randint(4, V, (B, 6))

@@ -25,7 +25,14 @@ def test_encode_decode_and_unknown_words():
     ids = v.encode("A red star")
     assert ids[0] == v.start_id and ids[-1] == v.end_id
     assert v.decode(ids) == ["a", "red", "<unk>"]
-    assert v.encode("a red circle a red", max_len=2) == [v.start_id, v.stoi["a"], v.stoi["red"], v.end_id]
+    assert v.encode("a red circle", max_len=3) == [v.start_id, v.stoi["a"], v.stoi["red"], v.stoi["circle"], v.end_id]
+
+
+def test_a_cut_caption_gets_no_end_token():
+    """Cut at max_len, a caption did not end there: teaching <end> would teach stopping mid-sentence."""
+    v = Vocabulary(["a", "red", "circle"])
+    assert v.encode("a red circle a red", max_len=2) == [v.start_id, v.stoi["a"], v.stoi["red"]]
+    assert v.encode("a red circle", max_len=2)[-1] != v.end_id
     assert v.decode([v.stoi["a"], v.end_id, v.stoi["red"]]) == ["a"]  # stops at <end>
 
 
