@@ -1,4 +1,5 @@
-"""Evaluation: decode a split, score it the standard way, measure attention correctness.
+"""Evaluation: decode a split, score it the standard way, measure attention correctness,
+object hallucination (CHAIR) and the accuracy of stated relations (``captioner.chair``).
 
 ``evaluate`` is the job behind ``captioner evaluate``; ``decode_records`` is the one decoding
 path, shared with validation during training.
@@ -20,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from captioner.chair import ChairReport, chair, load_ground_truth
 from captioner.config import DataConfig
 from captioner.correctness import CorrectnessReport, attention_correctness, load_regions
 from captioner.data import load_split
@@ -46,6 +48,7 @@ class EvalResult:
     correctness: CorrectnessReport | None
     captions: dict[int, str]
     files: list[Path]
+    chair: ChairReport | None = None  # object hallucination and relation accuracy (needs instances)
 
     def table(self) -> str:
         lines = [self.metrics.table()]
@@ -53,6 +56,8 @@ class EvalResult:
             c = self.correctness
             lines.append(f"attention correctness  {100 * c.score:5.1f}   (uniform attention {100 * c.uniform:.1f}; "
                          f"{c.words} grounded words in {c.images} images)")
+        if self.chair is not None:
+            lines.append(self.chair.line())
         return "\n".join(lines)
 
 
@@ -141,9 +146,10 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
     captions = {r.image_id: " ".join(d.words) for r, d in zip(records, decoded)}
     metrics = caption_metrics(captions, references(records), use_java=use_java, spice=spice)
 
-    correctness = None
+    correctness = hallucination = None
     path = instances_file(data, split)
     if path is not None:
+        hallucination = chair(captions, load_ground_truth(path, image_ids=list(captions)))
         ids = [r.image_id for r in records]
         regions = load_regions(path, image_ids=ids)
         correctness = attention_correctness({r.image_id: d.words for r, d in zip(records, decoded)},
@@ -158,7 +164,8 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
         files[-1].write_text(json.dumps(results, indent=1), encoding="utf-8")
         summary = {"split": split, "images": len(records), "beam_size": beam_size, "length_penalty": length_penalty,
                    "scores": metrics.scores, "unavailable": metrics.unavailable, "tokenizer": metrics.tokenizer,
-                   "attention_correctness": correctness.as_dict() if correctness is not None else None}
+                   "attention_correctness": correctness.as_dict() if correctness is not None else None,
+                   "chair": hallucination.as_dict() if hallucination is not None else None}
         files.append(out / f"metrics_{split}.json")
         files[-1].write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    return EvalResult(metrics, correctness, captions, files)
+    return EvalResult(metrics, correctness, captions, files, hallucination)

@@ -85,3 +85,19 @@ def test_ablation_command_on_tiny_settings(shapes_root, tmp_path, capsys):
     assert [r["attention"] for r in rows] == ["soft", "none"]
     assert all(0 <= r["bleu4"] <= 1 and r["epochs"] == 1 and r["uniform"] is not None for r in rows)
     assert "| soft |" in (tmp_path / "ablation.md").read_text()
+
+
+def test_evaluate_reports_chair_and_relation_accuracy(trained, tmp_path):
+    """CHAIR (object hallucination) and relation accuracy in the result, its table and the metrics json,
+    equal to what captioner.chair computes on the captions written."""
+    from captioner.chair import chair, load_ground_truth
+
+    model = Captioner.from_checkpoint(trained)
+    result = evaluate(model, model.config.data, split="test", beam_size=2, out_dir=tmp_path, use_java=False)
+    captions = {r["image_id"]: r["caption"] for r in json.loads((tmp_path / "captions_test.json").read_text())}
+    expected = chair(captions, load_ground_truth(instances_file(model.config.data, "test")))
+    assert result.chair is not None and result.chair.as_dict() == expected.as_dict()
+    assert result.chair.captions == len(captions)
+    saved = json.loads((tmp_path / "metrics_test.json").read_text())["chair"]
+    assert saved == expected.as_dict() and {"chair_i", "chair_s", "relation_accuracy"} <= set(saved)
+    assert "CHAIR_s" in result.table() and "relation accuracy" in result.table()
