@@ -128,7 +128,8 @@ def instances_file(cfg: DataConfig, split: str) -> Path | None:
 
 def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_size: int = 5,
              length_penalty: float = 0.0, max_len: int = 20, max_images: int = 0, out_dir: str | Path | None = None,
-             use_java: bool | None = None, spice: bool = True, progress: bool = False) -> EvalResult:
+             use_java: bool | None = None, spice: bool = True, progress: bool = False,
+             align_maps: bool = True) -> EvalResult:
     """Decode ``split`` with beam search and score it.
 
     Args:
@@ -137,6 +138,9 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
         max_images: evaluate the first N images only (0: all).
         out_dir: where to write the captions and metrics json (None: nowhere).
         use_java: None auto-detects Java for METEOR, SPICE and the PTB tokenizer.
+        align_maps: score attention correctness with each cell's weight at the centre of its
+            feature's receptive field (``model.encoder.cell_origin``), where the feature
+            looked; False: at the cell's centre.
     """
     records = load_split(data, split, progress=progress)
     if max_images:
@@ -154,7 +158,8 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
         regions = load_regions(path, image_ids=ids)
         correctness = attention_correctness({r.image_id: d.words for r, d in zip(records, decoded)},
                                             {r.image_id: d.alphas for r, d in zip(records, decoded)},
-                                            model.encoder.grid, regions)
+                                            model.encoder.grid, regions,
+                                            origin=model.encoder.cell_origin if align_maps else (0.5, 0.5))
     files: list[Path] = []
     if out_dir is not None:
         out = Path(out_dir)

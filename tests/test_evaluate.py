@@ -101,3 +101,19 @@ def test_evaluate_reports_chair_and_relation_accuracy(trained, tmp_path):
     saved = json.loads((tmp_path / "metrics_test.json").read_text())["chair"]
     assert saved == expected.as_dict() and {"chair_i", "chair_s", "relation_accuracy"} <= set(saved)
     assert "CHAIR_s" in result.table() and "relation accuracy" in result.table()
+
+
+def test_evaluate_scores_correctness_where_the_features_looked(trained, monkeypatch):
+    """Attention correctness is scored with each cell's weight at its receptive field's centre
+    (``model.encoder.cell_origin``) by default, at the cell's centre with align_maps=False."""
+    import captioner.evaluate as evaluation
+
+    seen = []
+    real = evaluation.attention_correctness
+    monkeypatch.setattr(evaluation, "attention_correctness",
+                        lambda *args, origin: seen.append(origin) or real(*args, origin=origin))
+    model = Captioner.from_checkpoint(trained)
+    assert model.encoder.cell_origin[0] < 0.5  # a ResNet's features look near the cell's top-left corner
+    for align in (True, False):
+        evaluate(model, model.config.data, split="val", beam_size=1, use_java=False, spice=False, align_maps=align)
+    assert seen == [model.encoder.cell_origin, (0.5, 0.5)]
