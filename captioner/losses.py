@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from captioner.config import TrainConfig
 from captioner.decoder import DecoderOutput
+from captioner.supervised_attention import attention_supervision_loss
 
 
 @dataclass
@@ -46,6 +47,7 @@ class LossOutput:
     reinforce: Tensor
     entropy: Tensor
     nll: Tensor
+    attention: Tensor | None = None  # supervised attention term, weighted, per word (None: not supervised)
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor,
@@ -96,25 +98,31 @@ class CaptionLoss(nn.Module):
         reinforce_weight: lambda_r of the REINFORCE term.
         entropy_weight: lambda_e of the entropy bonus.
         baseline_decay: decay of the moving-average baseline b.
+        attention_weight: weight of supervised attention (``captioner.supervised_attention``),
+            used when ``forward`` gets ``attention_targets``.
     """
 
     def __init__(self, *, alpha_c: float = 1.0, reinforce_weight: float = 1.0, entropy_weight: float = 0.002,
-                 baseline_decay: float = 0.9) -> None:
+                 baseline_decay: float = 0.9, attention_weight: float = 1.0) -> None:
         super().__init__()
+        self.attention_weight = attention_weight
         self.alpha_c, self.reinforce_weight, self.entropy_weight = alpha_c, reinforce_weight, entropy_weight
         self.baseline = MovingAverage(baseline_decay)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "CaptionLoss":
         return cls(alpha_c=cfg.alpha_c, reinforce_weight=cfg.reinforce_weight,
-                   entropy_weight=cfg.entropy_weight, baseline_decay=cfg.baseline_decay)
+                   entropy_weight=cfg.entropy_weight, baseline_decay=cfg.baseline_decay,
+                   attention_weight=cfg.attention_supervision_weight)
 
-    def forward(self, out: DecoderOutput, targets: Tensor, mask: Tensor, *, words: Tensor | None = None) -> LossOutput:
+    def forward(self, out: DecoderOutput, targets: Tensor, mask: Tensor, *, words: Tensor | None = None,
+                attention_targets: Tensor | None = None) -> LossOutput:
         """out: the decoder's T steps; targets (B, T) = captions[:, 1:]; mask (B, T) True on real words.
 
         ``words``: what to divide the summed loss by (default: this batch's real words). Data-
         parallel training passes global words / processes, so the averaged gradient equals the
-        one-process gradient of the whole global batch.
+        one-process gradient of the whole global batch. ``attention_targets`` (B, T, L): where
+        each word should look (``CaptionBatch.attention_targets``), for supervised attention.
         """
         mask = mask.to(out.alphas.dtype)
         words = mask.sum().clamp(min=1) if words is None else words
@@ -135,5 +143,10 @@ class CaptionLoss(nn.Module):
             total = total + reinforce - self.entropy_weight * entropy
             if self.training:
                 self.baseline.update(reward)
+        attention = None
+        if attention_targets is not None:  # supervised attention (Liu et al., 2017)
+            attention = self.attention_weight * attention_supervision_loss(out.alphas, attention_targets, mask) / words
+            total = total + attention
+            attention = attention.detach()
         return LossOutput(total=total, xent=xent.detach(), dsr=dsr.detach(), reinforce=reinforce.detach(),
-                          entropy=entropy.detach(), nll=nll.detach())
+                          entropy=entropy.detach(), nll=nll.detach(), attention=attention)
