@@ -115,3 +115,19 @@ def test_receptive_field_origin_of_a_strided_conv():
 
     assert receptive_field_origin(Body(1), 16) == pytest.approx((0.25, 0.25))
     assert receptive_field_origin(Body(0), 16) == pytest.approx((0.28125, 0.28125))
+
+
+def test_small_cnn_backbone_trains_from_scratch():
+    from captioner.errors import ConfigError
+
+    enc = Encoder(backbone="small_cnn", weights=None, image_size=64, fine_tune=-1)
+    assert enc.layer == "layer4" and enc.grid == (8, 8) and enc.feature_dim == 128 and not enc.frozen
+    assert all(p.requires_grad for p in enc.parameters())
+    out = enc(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 64, 128)
+    out.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())
+    assert enc.cell_origin == pytest.approx((1 / 16, 1 / 16))  # stride 8, three 3x3/2 convs: pixel 8r
+    assert Encoder(backbone="small_cnn", weights=None, layer="layer2", image_size=64).grid == (16, 16)
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        Encoder(backbone="small_cnn", weights="DEFAULT")
