@@ -88,3 +88,11 @@ def test_remove_run_deletes_only_run_files(tmp_path):
     with pytest.raises(CaptionerError, match="image.png"):
         remove_run(tmp_path / "data")
     assert (tmp_path / "data" / "image.png").is_file()
+
+
+@pytest.mark.slow
+def test_demo_reports_hallucination_and_relations(first_run):
+    out, stdout = first_run
+    chair = json.loads((out / "eval" / "metrics_test.json").read_text())["chair"]
+    assert chair is not None and chair["captions"] > 0
+    assert "objects   CHAIR_i" in stdout and "relation accuracy" in stdout
