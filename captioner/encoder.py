@@ -36,7 +36,7 @@ def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 class SmallCNN(nn.Module):
     """A small CNN to train from scratch, for small synthetic images (the shapes set): four
     stages of 3x3 convolutions, stride 8 in all (a 16 x 16 grid at 128 px), C = ``width * 4``
-    channels, about 0.12 GMACs per 128 px image (a quarter of ResNet-18 up to ``layer2``).
+    channels, 0.15 GMACs per 128 px image (ResNet-18 up to ``layer2``: 0.32).
     Its stages are called ``layer1`` .. ``layer4`` like a ResNet's, so ``layer`` and
     ``fine_tune`` read the same; ``layer4`` is the default feature layer.
 
