@@ -96,3 +96,15 @@ def test_demo_reports_hallucination_and_relations(first_run):
     chair = json.loads((out / "eval" / "metrics_test.json").read_text())["chair"]
     assert chair is not None and chair["captions"] > 0
     assert "objects   CHAIR_i" in stdout and "relation accuracy" in stdout
+
+
+def test_the_demo_trains_its_encoder_without_downloads():
+    """The demo's model learns to tell shapes apart: its encoder is trained with the decoder,
+    from scratch (a random frozen encoder named objects that were not there)."""
+    from captioner.encoder import Encoder
+
+    cfg = demo_config()
+    assert cfg.model.encoder.weights is None and cfg.model.attention.name == "soft"
+    assert cfg.train.attention_supervision == "none"  # supervised attention is a choice, not the default
+    encoder = Encoder.from_config(cfg.model.encoder)
+    assert not encoder.frozen and encoder.grid == (16, 16)

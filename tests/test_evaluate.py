@@ -117,3 +117,16 @@ def test_evaluate_scores_correctness_where_the_features_looked(trained, monkeypa
     for align in (True, False):
         evaluate(model, model.config.data, split="val", beam_size=1, use_java=False, spice=False, align_maps=align)
     assert seen == [model.encoder.cell_origin, (0.5, 0.5)]
+
+
+def test_heatmaps_are_drawn_where_the_features_looked(trained, tmp_path, monkeypatch):
+    """visualize_images draws each map with the encoder's receptive-field origin, as correctness scores it."""
+    import captioner.visualize as visualize
+
+    seen = []
+    real = visualize.attention_figure
+    monkeypatch.setattr(visualize, "attention_figure", lambda *a, **kw: seen.append(kw["origin"]) or real(*a, **kw))
+    model = Captioner.from_checkpoint(trained)
+    image = load_split(model.config.data, "test")[0].path
+    visualize.visualize_images(model, [image], tmp_path, beam_size=1)
+    assert seen == [model.encoder.cell_origin] and (tmp_path / f"{image.stem}.png").is_file()
