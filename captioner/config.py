@@ -298,6 +298,10 @@ class TrainConfig:
         tensorboard: also write every metrics line as TensorBoard scalars and, at each
             validation, the attention figures of three val images, to ``<run folder>/tensorboard``
             (needs the ``tensorboard`` extra).
+        attention_supervision: supervised attention (Liu et al., 2017): ``strong`` from the
+            data set's per-word grounding (the shapes set), ``weak`` from the instances of the
+            categories a caption names (COCO layout), ``none`` (default) off.
+        attention_supervision_weight: its weight in the loss.
     """
 
     epochs: int = 20
@@ -335,6 +339,8 @@ class TrainConfig:
     log_every: int = 50
     progress: bool = True
     tensorboard: bool = False
+    attention_supervision: str = "none"
+    attention_supervision_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every"):
@@ -351,6 +357,9 @@ class TrainConfig:
         _choice(self.optimizer, "optimizer", ("adam", "adamw", "rmsprop", "sgd"))
         _choice(self.scheduler, "scheduler", ("plateau", "cosine", "step", "none"))
         _choice(self.nonfinite, "nonfinite", ("stop", "skip"))
+        _choice(self.attention_supervision, "attention_supervision", ("none", "strong", "weak"))
+        _check(self.attention_supervision_weight >= 0, "attention_supervision_weight",
+               f"must be >= 0; got {self.attention_supervision_weight}")
         _choice(self.amp, "amp", ("none", "bf16", "fp16"))
         _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
         _check(self.max_skipped >= 0, "max_skipped", f"must be >= 0; got {self.max_skipped}")

@@ -11,8 +11,12 @@ area): a model beats the baseline only if it looks *more* at the object than cha
 Convention: the map covers the whole ORIGINAL image. The encoder resizes every image to
 a square without cropping (``captioner.encoder``), so grid cell (r, c) of an h x w map
 covers rows r*H/h .. (r+1)*H/h and columns c*W/w .. (c+1)*W/w of the H x W original,
-whatever its aspect ratio. The map is upsampled bilinearly with ``align_corners=False``,
-which puts cell (r, c)'s value at that rectangle's centre. Maps are row-major over the
+whatever its aspect ratio. The map is upsampled bilinearly; by default cell (r, c)'s value
+sits at that rectangle's centre (``F.interpolate``'s ``align_corners=False``). A CNN
+feature's receptive field is centred elsewhere, though (a ResNet's stride-8 feature at
+(r, c) looks at pixel (8r, 8c), near the cell's top-left corner): ``origin`` places the
+value there (``Encoder.cell_origin`` computes it), so the map is drawn where the
+feature looked. Maps are row-major over the
 L = h * w locations, as everywhere in the package.
 
 Which words refer to which region (:func:`ground_words`):
@@ -37,7 +41,6 @@ from types import MappingProxyType
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils  # installed with pycocoevalcap
 from torch import Tensor
 
@@ -119,13 +122,51 @@ def _category_phrases(category: str) -> list[tuple[str, ...]]:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _upsample(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+def _interpolation_matrix(n_out: int, cells: int, origin: float) -> Tensor:
+    """(n_out, cells) linear interpolation weights from ``cells`` grid values to ``n_out``
+    pixels, cell k's value sitting at (k + origin) cells; clamped at the ends (border values).
+    ``origin`` 0.5 is ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * cells / n_out - origin).clamp(0, cells - 1)  # (n_out,)
+    low = src.floor().long().clamp(max=cells - 1)
+    high = (low + 1).clamp(max=cells - 1)
+    frac = src - low
+    weights = torch.zeros(n_out, cells, dtype=torch.float64)
+    weights[torch.arange(n_out), low] += 1 - frac
+    weights[torch.arange(n_out), high] += frac
+    return weights
+
+
+def upsample_maps(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tuple[int, int], *,
+                  origin: tuple[float, float] = (0.5, 0.5)) -> Tensor:
+    """Maps over the grid, bilinearly upsampled to (H, W) pixels (not renormalised).
+
+    Args:
+        alphas: (N, L) or (N, h, w), L = h * w row-major.
+        grid: (h, w); the grid spans the whole image, cell (r, c) is h/H x w/W of it.
+        size: (H, W).
+        origin: where a cell's value sits, in cells from the cell's top-left corner:
+            (0.5, 0.5) its centre; ``Encoder.cell_origin`` the centre of the receptive
+            field of the feature at that cell (a ResNet's is near the top-left corner).
+
+    Returns:
+        (N, H, W) float64 on the CPU.
+    """
+    h, w = grid
+    maps = torch.as_tensor(alphas).detach().to("cpu", torch.float64).reshape(-1, h, w)  # (N, h, w)
+    rows = _interpolation_matrix(size[0], h, origin[0])  # (H, h)
+    cols = _interpolation_matrix(size[1], w, origin[1])  # (W, w)
+    return torch.einsum("Yh,nhw,Xw->nYX", rows, maps, cols)  # (N, H, W)
+
+
+def _upsample(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tuple[int, int],
+              origin: tuple[float, float] = (0.5, 0.5)) -> Tensor:
     """Attention maps upsampled bilinearly to the image and renormalised to sum 1.
 
     Args:
         alphas: (N, L) or (N, h, w) non-negative maps.
         grid: (h, w), with L = h * w row-major.
         size: (H, W) of the original image.
+        origin: where a cell's value sits (see :func:`upsample_maps`).
 
     Returns:
         (N, H, W) float64 on the CPU, each map summing to 1.
@@ -136,8 +177,7 @@ def _upsample(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tuple[in
         raise ValueError(f"attention maps of shape {tuple(alphas.shape[1:])} do not fit a {h} x {w} grid")
     if (alphas < 0).any():
         raise ValueError("attention maps must be non-negative")
-    maps = alphas.reshape(-1, 1, h, w)  # (N, 1, h, w), row-major over L
-    up = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]  # (N, H, W)
+    up = upsample_maps(alphas, grid, size, origin=origin)  # (N, H, W)
     total = up.sum(dim=(1, 2), keepdim=True)  # (N, 1, 1)
     if (total <= 0).any():
         raise ValueError("an attention map has no mass")
@@ -365,22 +405,25 @@ def ground_words(words: Sequence[str], regions: Sequence[Region]) -> list[tuple[
     return sorted(grounded.items(), key=lambda pair: pair[0])
 
 
-def correctness_of_map(alpha: Tensor | np.ndarray, grid: tuple[int, int], mask: np.ndarray) -> float:
+def correctness_of_map(alpha: Tensor | np.ndarray, grid: tuple[int, int], mask: np.ndarray, *,
+                       origin: tuple[float, float] = (0.5, 0.5)) -> float:
     """The share of one attention map's mass inside a region (Liu et al. 2017).
 
     Args:
         alpha: (L,) or (h, w) non-negative attention weights, row-major over the grid.
         grid: (h, w) of the map; it covers the whole original image.
         mask: (H, W) bool region in original image pixels.
+        origin: where a cell's value sits, in cells (see :func:`upsample_maps`); (0.5, 0.5),
+            the cell's centre, is ``F.interpolate``'s ``align_corners=False``.
 
     Returns:
-        The mass inside ``mask`` of the map upsampled bilinearly (``align_corners=False``)
-        to (H, W) and renormalised to sum 1: in [0, 1].
+        The mass inside ``mask`` of the map upsampled bilinearly to (H, W) and renormalised
+        to sum 1: in [0, 1].
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
-    up = _upsample(torch.as_tensor(alpha)[None], grid, mask.shape)  # (1, H, W)
+    up = _upsample(torch.as_tensor(alpha)[None], grid, mask.shape, origin)  # (1, H, W)
     return float(up[0][torch.from_numpy(mask)].sum())
 
 
@@ -389,6 +432,8 @@ def attention_correctness(
     alphas: Mapping[int, Tensor],
     grid: tuple[int, int],
     regions: Mapping[int, Sequence[Region]],
+    *,
+    origin: tuple[float, float] = (0.5, 0.5),
 ) -> CorrectnessReport:
     """Mean attention correctness over every grounded word of every caption.
 
@@ -399,6 +444,9 @@ def attention_correctness(
         grid: (h, w) of the maps, L = h * w.
         regions: image id -> its regions (:func:`load_regions`); images without regions
             are skipped.
+        origin: where a cell's value sits, in cells (:func:`upsample_maps`): the cell's
+            centre by default; ``model.encoder.cell_origin`` puts it at the centre of the
+            feature's receptive field, where the feature looked.
 
     Returns:
         The report: mean correctness, the uniform-attention baseline on the same words,
@@ -417,7 +465,7 @@ def attention_correctness(
             raise ValueError(f"image {image_id}: {len(words)} words need (T >= {len(words)}, L) attention maps, "
                              f"got shape {tuple(alpha.shape)}")
         size = grounded[0][1].mask.shape  # (H, W): all regions of an image share it
-        maps = _upsample(alpha[[t for t, _ in grounded]], grid, size)  # (N, H, W)
+        maps = _upsample(alpha[[t for t, _ in grounded]], grid, size, origin)  # (N, H, W)
         for (_, region), up in zip(grounded, maps):
             scores.append(float(up[torch.from_numpy(region.mask)].sum()))
             uniform.append(float(region.mask.mean()))

@@ -3,7 +3,8 @@
 1. data: generate the shapes set (``data/shapes``) unless it is there;
 2. train: soft attention with ``configs/shapes_soft.yaml`` under a time budget, skipped
    when the run already finished with the same config (an interrupted run resumes);
-3. evaluate: the first test images with beam search (COCO metrics, attention correctness);
+3. evaluate: the first test images with beam search (COCO metrics, attention correctness,
+   object hallucination CHAIR and the accuracy of stated relations);
 4. visualize: a heatmap PNG per held-out image, one panel per word;
 5. report: ``report.html``, hover a word to see where the model looked;
 
@@ -160,6 +161,8 @@ class DemoResult:
                  (f"  model     {self.checkpoint}  (val {t['metric']} {t['best']:.3f}; "
                   f"most-common-caption baseline {t['baseline']:.3f}; {epochs})"),
                  f"  test      {test}  [x100; {len(self.evaluation.captions)} images]  -> {self.evaluation.files[-1]}"]
+        if self.evaluation.chair is not None:
+            lines.append(f"  objects   {self.evaluation.chair.line()}")
         for k, fig in enumerate(self.figures):
             lines.append(f"  {'captions' if k == 0 else '':<9} {fig.image.name}  {fig.result.text}")
         if self.figures:

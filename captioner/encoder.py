@@ -26,14 +26,50 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution (padding 1), BatchNorm, ReLU."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """A small CNN to train from scratch, for small synthetic images (the shapes set): four
+    stages of 3x3 convolutions, stride 8 in all (a 16 x 16 grid at 128 px), C = ``width * 4``
+    channels, 0.15 GMACs per 128 px image (ResNet-18 up to ``layer2``: 0.32).
+    Its stages are called ``layer1`` .. ``layer4`` like a ResNet's, so ``layer`` and
+    ``fine_tune`` read the same; ``layer4`` is the default feature layer.
+
+    Args:
+        width: channels of the first stage (then 2x, 4x, 4x).
+    """
+
+    def __init__(self, *, width: int = 32) -> None:
+        super().__init__()
+        self.layer1 = _conv(3, width, 2)  # S/2
+        self.layer2 = nn.Sequential(_conv(width, 2 * width, 2), _conv(2 * width, 2 * width))  # S/4
+        self.layer3 = nn.Sequential(_conv(2 * width, 4 * width, 2), _conv(4 * width, 4 * width))  # S/8
+        self.layer4 = _conv(4 * width, 4 * width)  # S/8
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) -> (B, 4 * width, S/8, S/8)"""
+        return self.layer4(self.layer3(self.layer2(self.layer1(images))))
+
+
+# Backbones of our own, beside torchvision's (no pretrained weights: trained from scratch).
+CUSTOM_BACKBONES = {"small_cnn": SmallCNN}
+
+
 def backbone_names() -> list[str]:
-    """All torchvision classification models."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    """All torchvision classification models, and :data:`CUSTOM_BACKBONES`."""
+    return sorted([*torchvision.models.list_models(module=torchvision.models), *CUSTOM_BACKBONES])
 
 
 def _resolve_weights(backbone: str, weights: str | None):
     if weights is None:
         return None
+    if backbone in CUSTOM_BACKBONES:
+        raise ConfigError(f"model.encoder.weights: {backbone} has no pretrained weights; set weights: null "
+                          "(and fine_tune: -1 to train it)")
     enum = torchvision.models.get_model_weights(backbone)
     try:
         return enum[weights]
@@ -49,6 +85,8 @@ def _load_backbone(backbone: str, weights) -> nn.Module:
         raise ConfigError(
             f"model.encoder.backbone: unknown backbone {backbone!r}; valid: {', '.join(backbone_names())}"
         )
+    if backbone in CUSTOM_BACKBONES:
+        return CUSTOM_BACKBONES[backbone]()
     try:
         return torchvision.models.get_model(backbone, weights=weights)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
@@ -93,6 +131,50 @@ def image_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean=list(mean), std=list(std)),
     ])
+
+
+def receptive_field_origin(body: nn.Module, image_size: int) -> tuple[float, float]:
+    """Where the receptive field of the feature at grid cell (r, c) is centred, as
+    (rows, cols) in cells from the cell's top-left corner: 0.5 is the cell's centre.
+
+    Measured, not looked up: on a copy of ``body`` made linear with positive weights
+    (every convolution averages, pooling averages, normalisation and activations are the
+    identity), the gradient of the central feature with respect to the input is its
+    receptive field's footprint, and the footprint's centroid is its centre (the effective
+    receptive field at this input size, zero padding included). A ResNet at stride 8 gives
+    0.0625 (pixel 8r of cell r's 8r .. 8r + 8), VGG-16's conv5_3 at 224 px 0.5.
+
+    Args:
+        body: the feature extractor (images (1, 3, S, S) -> ``{"features": (1, C, h, w)}``).
+        image_size: S.
+    """
+    import copy  # noqa: PLC0415  (only here)
+
+    probe = copy.deepcopy(body).double().eval()
+    for module in list(probe.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.MaxPool2d):
+                setattr(module, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                                   ceil_mode=child.ceil_mode))
+            elif isinstance(child, (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU,
+                                    nn.Sigmoid, nn.Hardsigmoid, nn.Dropout)):
+                setattr(module, name, nn.Identity())
+            elif isinstance(child, nn.Conv2d):
+                with torch.no_grad():
+                    child.weight.fill_(1.0 / child.weight[0].numel())
+                    if child.bias is not None:
+                        child.bias.zero_()
+    pixels = torch.ones(1, 3, image_size, image_size, dtype=torch.float64, requires_grad=True)  # ReLUs pass
+    out = probe(pixels)["features"]  # (1, C, h, w)
+    h, w = out.shape[2:]
+    out[0, :, h // 2, w // 2].sum().backward()
+    footprint = pixels.grad[0].abs().sum(0)  # (S, S)
+    if not torch.isfinite(footprint).all() or footprint.sum() <= 0:
+        return 0.5, 0.5  # not a plain CNN: assume the cell's centre
+    centres = torch.arange(image_size, dtype=torch.float64) + 0.5  # pixel centres
+    cy = float((footprint.sum(1) * centres).sum() / footprint.sum())
+    cx = float((footprint.sum(0) * centres).sum() / footprint.sum())
+    return cy * h / image_size - h // 2, cx * w / image_size - w // 2
 
 
 class Encoder(nn.Module):
@@ -157,6 +239,15 @@ class Encoder(nn.Module):
     def from_config(cls, cfg: EncoderConfig, *, load_weights: bool = True) -> "Encoder":
         return cls(backbone=cfg.backbone, weights=cfg.weights, layer=cfg.layer,
                    image_size=cfg.image_size, fine_tune=cfg.fine_tune, load_weights=load_weights)
+
+    @property
+    def cell_origin(self) -> tuple[float, float]:
+        """Where cell (r, c)'s feature looks, in cells from the cell's top-left corner
+        (:func:`receptive_field_origin`; computed once): maps drawn or scored with this
+        origin sit where the features they weigh came from."""
+        if not hasattr(self, "_cell_origin"):
+            self._cell_origin = receptive_field_origin(self.body, self.image_size)
+        return self._cell_origin
 
     @property
     def num_locations(self) -> int:

@@ -1,4 +1,5 @@
-"""Evaluation: decode a split, score it the standard way, measure attention correctness.
+"""Evaluation: decode a split, score it the standard way, measure attention correctness,
+object hallucination (CHAIR) and the accuracy of stated relations (``captioner.chair``).
 
 ``evaluate`` is the job behind ``captioner evaluate``; ``decode_records`` is the one decoding
 path, shared with validation during training.
@@ -20,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from captioner.progress import tqdm
 
+from captioner.chair import ChairReport, chair, load_ground_truth
 from captioner.config import DataConfig
 from captioner.correctness import CorrectnessReport, attention_correctness, load_regions
 from captioner.data import load_split
@@ -47,6 +49,7 @@ class EvalResult:
     correctness: CorrectnessReport | None
     captions: dict[int, str]
     files: list[Path]
+    chair: ChairReport | None = None  # object hallucination and relation accuracy (needs instances)
 
     def table(self) -> str:
         lines = [self.metrics.table()]
@@ -54,6 +57,8 @@ class EvalResult:
             c = self.correctness
             lines.append(f"attention correctness  {100 * c.score:5.1f}   (uniform attention {100 * c.uniform:.1f}; "
                          f"{c.words} grounded words in {c.images} images)")
+        if self.chair is not None:
+            lines.append(self.chair.line())
         return "\n".join(lines)
 
 
@@ -125,7 +130,7 @@ def instances_file(cfg: DataConfig, split: str) -> Path | None:
 def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_size: int = 5,
              length_penalty: float = 0.0, max_len: int = 20, max_images: int = 0, out_dir: str | Path | None = None,
              use_java: bool | None = None, spice: bool = True, progress: bool = False,
-             on_bad_image: Callable[[Path, str], None] | None = None) -> EvalResult:
+             on_bad_image: Callable[[Path, str], None] | None = None, align_maps: bool = True) -> EvalResult:
     """Decode ``split`` with beam search and score it.
 
     Args:
@@ -137,6 +142,9 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
         on_bad_image: called with (path, reason) for each unreadable image, which is then left
             out of the scores (and listed in the metrics file under ``skipped_images``); None:
             ``data.bad_images`` decides (``error`` raises, ``skip`` leaves them out silently).
+        align_maps: score attention correctness with each cell's weight at the centre of its
+            feature's receptive field (``model.encoder.cell_origin``), where the feature
+            looked; False: at the cell's centre.
     """
     records = load_split(data, split, progress=progress)
     if max_images:
@@ -152,14 +160,16 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
     captions = {r.image_id: " ".join(d.words) for r, d in zip(records, decoded)}
     metrics = caption_metrics(captions, references(records), use_java=use_java, spice=spice)
 
-    correctness = None
+    correctness = hallucination = None
     path = instances_file(data, split)
     if path is not None:
+        hallucination = chair(captions, load_ground_truth(path, image_ids=list(captions)))
         ids = [r.image_id for r in records]
         regions = load_regions(path, image_ids=ids)
         correctness = attention_correctness({r.image_id: d.words for r, d in zip(records, decoded)},
                                             {r.image_id: d.alphas for r, d in zip(records, decoded)},
-                                            model.encoder.grid, regions)
+                                            model.encoder.grid, regions,
+                                            origin=model.encoder.cell_origin if align_maps else (0.5, 0.5))
     files: list[Path] = []
     if out_dir is not None:
         out = Path(out_dir)
@@ -170,7 +180,8 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
         summary = {"split": split, "images": len(records), "beam_size": beam_size, "length_penalty": length_penalty,
                    "scores": metrics.scores, "unavailable": metrics.unavailable, "tokenizer": metrics.tokenizer,
                    "attention_correctness": correctness.as_dict() if correctness is not None else None,
-                   "skipped_images": [{"file": str(p), "reason": r} for p, r in found.bad]}
+                   "skipped_images": [{"file": str(p), "reason": r} for p, r in found.bad],
+                   "chair": hallucination.as_dict() if hallucination is not None else None}
         files.append(out / f"metrics_{split}.json")
         files[-1].write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    return EvalResult(metrics, correctness, captions, files)
+    return EvalResult(metrics, correctness, captions, files, hallucination)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from captioner.config import TrainConfig
 from captioner.decoder import DecoderOutput
+from captioner.supervised_attention import attention_supervision_loss
 
 
 @dataclass
@@ -53,6 +54,7 @@ class LossOutput:
     reinforce: Tensor
     entropy: Tensor
     nll: Tensor
+    attention: Tensor | None = None  # supervised attention term, weighted, per word (None: not supervised)
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor,
@@ -118,11 +120,14 @@ class CaptionLoss(nn.Module):
         entropy_weight: lambda_e of the entropy bonus.
         baseline_decay: decay of the moving-average baseline b.
         baseline_on: "sampled" (b follows the captions that sampled their locations) or "all".
+        attention_weight: weight of supervised attention (``captioner.supervised_attention``),
+            used when ``forward`` gets ``attention_targets``.
     """
 
     def __init__(self, *, alpha_c: float = 1.0, reinforce_weight: float = 1.0, entropy_weight: float = 0.002,
-                 baseline_decay: float = 0.9, baseline_on: str = "sampled") -> None:
+                 baseline_decay: float = 0.9, baseline_on: str = "sampled", attention_weight: float = 1.0) -> None:
         super().__init__()
+        self.attention_weight = attention_weight
         self.alpha_c, self.reinforce_weight, self.entropy_weight = alpha_c, reinforce_weight, entropy_weight
         self.baseline = MovingAverage(baseline_decay)
         self.baseline_on = baseline_on
@@ -130,7 +135,8 @@ class CaptionLoss(nn.Module):
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "CaptionLoss":
         return cls(alpha_c=cfg.alpha_c, reinforce_weight=cfg.reinforce_weight, entropy_weight=cfg.entropy_weight,
-                   baseline_decay=cfg.baseline_decay, baseline_on=cfg.baseline_on)
+                   baseline_decay=cfg.baseline_decay, baseline_on=cfg.baseline_on,
+                   attention_weight=cfg.attention_supervision_weight)
 
     def _reinforce(self, out: DecoderOutput, nll: Tensor, mask: Tensor, words: Tensor) -> tuple[Tensor, Tensor]:
         """The REINFORCE surrogate and the mean entropy, each per word (eq. 12)."""
@@ -149,13 +155,16 @@ class CaptionLoss(nn.Module):
         reinforce = -self.reinforce_weight * (advantage * sampled * log_p_s).sum() / words
         return reinforce, (out.entropies * mask).sum() / words
 
-    def forward(self, out: DecoderOutput, targets: Tensor, mask: Tensor, *, words: Tensor | None = None) -> LossOutput:
+    def forward(self, out: DecoderOutput, targets: Tensor, mask: Tensor, *, words: Tensor | None = None,
+                attention_targets: Tensor | None = None) -> LossOutput:
         """out: the decoder's T steps; targets (B, T) = captions[:, 1:]; mask (B, T) True on real words.
 
         ``words``: what to divide the summed loss by (default: this batch's real words). Data-
         parallel training passes global words / processes, so the averaged gradient equals the
         one-process gradient of the whole global batch. When the decoder ran k paths per
         caption, targets and mask are those of the captions given, and the loss averages the paths.
+        ``attention_targets`` (B, T, L): where each word should look
+        (``CaptionBatch.attention_targets``), for supervised attention.
         """
         k = out.samples
         if k > 1:
@@ -171,5 +180,12 @@ class CaptionLoss(nn.Module):
         if out.log_probs is not None:
             reinforce, entropy = self._reinforce(out, nll, mask, words)
             total = total + reinforce - self.entropy_weight * entropy
+        attention = None
+        if attention_targets is not None:  # supervised attention (Liu et al., 2017), on the distribution
+            if k > 1:
+                attention_targets = attention_targets.repeat_interleave(k, 0)
+            attention = self.attention_weight * attention_supervision_loss(out.probs, attention_targets, mask) / words
+            total = total + attention
+            attention = attention.detach()
         return LossOutput(total=total, xent=xent.detach(), dsr=dsr.detach(), reinforce=reinforce.detach(),
-                          entropy=entropy.detach(), nll=nll.detach())
+                          entropy=entropy.detach(), nll=nll.detach(), attention=attention)

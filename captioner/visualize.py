@@ -10,7 +10,9 @@ The frame. The encoder resizes the WHOLE image to a square without cropping
 (``captioner.encoder.image_transform``), so grid cell (r, c) of an (h, w) grid covers rows
 r*H/h .. (r+1)*H/h and columns c*W/w .. (c+1)*W/w of the ORIGINAL H x W image, whatever
 its aspect ratio. Every map here is drawn in that frame: the panels' data coordinates are
-original-image pixels, and a cell's value sits at the cell's centre.
+original-image pixels, and a cell's value sits at the cell's centre, or with ``origin``
+(``visualize_images`` passes ``model.encoder.cell_origin``) at the centre of the receptive
+field of the feature it weighs: where the model looked.
 
 Letters: N maps (words), L = h * w grid locations, H x W the original image, and
 Hm x Wm the resolution a map is rendered at.
@@ -34,6 +36,7 @@ from PIL import Image
 from torch import Tensor
 from captioner.progress import tqdm
 
+from captioner.correctness import upsample_maps
 from captioner.data.images import load_image
 from captioner.errors import CaptionerError
 from captioner.model import Captioner, CaptionResult, ImageLike
@@ -64,7 +67,8 @@ NORMALIZATIONS = ("word", "caption", "absolute")
 
 
 def attention_maps(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tuple[int, int], *,
-                   smooth: float = 0.0, interpolation: str = "bilinear", normalize: str = "word") -> np.ndarray:
+                   smooth: float = 0.0, interpolation: str = "bilinear", normalize: str = "word",
+                   origin: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
     """Attention weights over the grid -> maps over the original image frame, for display.
 
     Grid cell (r, c) covers rows r*Hm/h .. (r+1)*Hm/h and columns c*Wm/w .. (c+1)*Wm/w of
@@ -83,6 +87,9 @@ def attention_maps(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tup
             shape of every map, but a nearly uniform map looks as hot as a peaked one);
             ``caption``: all N maps divided by their common maximum (maps compare across
             words); ``absolute``: the weights as they are (1 = all attention on one cell).
+        origin: bilinear only: where a cell's weight sits, in cells from its top-left corner;
+            (0.5, 0.5) the cell's centre, ``model.encoder.cell_origin`` the centre of the
+            receptive field of the feature the weight was given to (where the model looked).
 
     Returns:
         (N, Hm, Wm) float32 in [0, 1] (an all-zero map stays 0).
@@ -98,8 +105,11 @@ def attention_maps(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tup
     if interpolation not in ("bilinear", "bicubic", "nearest"):
         raise ValueError(f"interpolation must be bilinear, bicubic or nearest; got {interpolation!r}")
     maps = maps.clamp_min(0).reshape(-1, 1, h, w)  # (N, 1, h, w)
-    extra = {} if interpolation == "nearest" else {"align_corners": False}  # cell centres at (r + 0.5) * Hm / h
-    up = F.interpolate(maps, size=tuple(size), mode=interpolation, **extra).clamp_min(0)  # (N, 1, Hm, Wm)
+    if interpolation == "bilinear":  # the weight of cell r at (r + origin) * Hm / h
+        up = upsample_maps(maps, grid, size, origin=origin).float().unsqueeze(1)  # (N, 1, Hm, Wm)
+    else:
+        extra = {} if interpolation == "nearest" else {"align_corners": False}  # cell centres at (r + 0.5) * Hm / h
+        up = F.interpolate(maps, size=tuple(size), mode=interpolation, **extra).clamp_min(0)  # (N, 1, Hm, Wm)
     if smooth > 0:
         up = _gaussian_blur(up, (smooth * size[0] / h, smooth * size[1] / w))
     if normalize == "absolute":
@@ -165,7 +175,8 @@ def attention_figure(image: ImageLike, words: Sequence[str], alphas: Tensor | np
                      betas: Tensor | np.ndarray | Sequence[float] | None = None, title: str | None = None,
                      smooth: float = 0.0, interpolation: str = "bilinear", cmap: str = "jet",
                      opacity: float = 0.7, outline: bool = True, columns: int = 5,
-                     panel_inches: float = 2.2, normalize: str = "caption") -> Figure:
+                     panel_inches: float = 2.2, normalize: str = "caption",
+                     origin: tuple[float, float] = (0.5, 0.5)) -> Figure:
     """One panel for the image, then one per word with its attention map over the image.
 
     The map of grid cell (r, c) is drawn over rows r*H/h .. (r+1)*H/h and columns
@@ -181,8 +192,8 @@ def attention_figure(image: ImageLike, words: Sequence[str], alphas: Tensor | np
         grid: (h, w).
         betas: (N,) or (N + 1,) gate values, shown in the titles.
         title: the figure's title (default: the caption).
-        smooth, interpolation, normalize: see :func:`attention_maps` (default ``caption``: one
-            colour scale for all the caption's maps). Each title also gives the map's peak over
+        smooth, interpolation, normalize, origin: see :func:`attention_maps` (default ``caption``:
+            one colour scale for all the caption's maps). Each title also gives the map's peak over
             uniform attention (:func:`peakedness`), whatever the scale.
         cmap, opacity: see :func:`overlay`.
         outline: frame the cells that got any weight when that is not the whole grid
@@ -205,7 +216,7 @@ def attention_figure(image: ImageLike, words: Sequence[str], alphas: Tensor | np
     shown = np.asarray(picture.resize((Wd, Hd), Image.BICUBIC))  # (Hd, Wd, 3), drawn over the original frame
     Hm, Wm = max(Hd, MIN_CELL_PIXELS * h), max(Wd, MIN_CELL_PIXELS * w)
     colours = overlay(attention_maps(alphas[:n], grid, (Hm, Wm), smooth=smooth, interpolation=interpolation,
-                                     normalize=normalize), cmap=cmap, opacity=opacity)  # (N, Hm, Wm, 4)
+                                     normalize=normalize, origin=origin), cmap=cmap, opacity=opacity)  # (N, Hm, Wm, 4)
     peaks = peakedness(alphas[:n])  # (N,)
 
     cols = max(1, min(columns, n + 1))
@@ -326,7 +337,7 @@ def visualize_images(model: Captioner, images: Sequence[str | Path], out_dir: st
             result = teacher_forced(model, picture, caption)
         else:
             result = model.caption(picture, beam_size=beam_size, max_len=max_len)
-        fig = result_figure(picture, result, smooth=smooth, normalize=normalize)
+        fig = result_figure(picture, result, smooth=smooth, normalize=normalize, origin=model.encoder.cell_origin)
         target = out / f"{name}.png"
         fig.savefig(target, dpi=dpi, bbox_inches="tight", pad_inches=0.08)
         done.append(Visualized(path, result, target))

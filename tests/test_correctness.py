@@ -287,3 +287,53 @@ def test_report_edge_cases():
         attention_correctness({1: ["a", "circle"]}, {}, (2, 2), {1: [region]})
     with pytest.raises(ValueError, match="2 words"):
         attention_correctness({1: ["a", "circle"]}, {1: torch.ones(1, 4)}, (2, 2), {1: [region]})
+
+
+def test_upsample_with_origin_at_the_centre_is_torch_bilinear():
+    from captioner.correctness import upsample_maps
+
+    maps = torch.rand(3, 4, 5, dtype=torch.float64)
+    for size in [(4, 5), (17, 9), (64, 40)]:
+        expected = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        torch.testing.assert_close(upsample_maps(maps.reshape(3, -1), (4, 5), size), expected)
+
+
+def test_origin_moves_a_cell_to_its_receptive_field_centre():
+    """A one-hot cell (r, c) of a 16 x 16 grid over 128 px, origin 1/16 cell (a ResNet's
+    stride-8 feature looks at pixel (8r, 8c)): the map peaks at that pixel, not at 8r + 4, and
+    an object centred there gets more of the mass."""
+    from captioner.correctness import upsample_maps
+
+    grid, size, r, c = (16, 16), (128, 128), 6, 9
+    origin = (1 / 16, 1 / 16)
+    up = upsample_maps(one_hot(grid, r, c)[None], grid, size, origin=origin)[0]  # (128, 128)
+    peak = divmod(int(up.argmax()), 128)
+    assert peak == (8 * r, 8 * c)
+    assert float(up.sum()) == pytest.approx(64.0)  # one cell of 8 x 8 pixels' worth of mass: nothing lost
+    centred = divmod(int(upsample_maps(one_hot(grid, r, c)[None], grid, size)[0].argmax()), 128)
+    assert centred in {(8 * r + 3, 8 * c + 3), (8 * r + 4, 8 * c + 4)}
+    obj = box(size, slice(8 * r - 7, 8 * r + 8), slice(8 * c - 7, 8 * c + 8))  # 15 x 15 px around (8r, 8c)
+    aligned = correctness_of_map(one_hot(grid, r, c), grid, obj, origin=origin)
+    assert aligned > 0.99 and correctness_of_map(one_hot(grid, r, c), grid, obj) < 0.8
+
+
+def test_attention_correctness_passes_the_origin_on():
+    grid, size = (8, 8), (64, 64)
+    region = shape_region(1, "circle", "red", "small", box(size, slice(0, 8), slice(0, 8)))
+    alpha = one_hot(grid, 0, 0).repeat(2, 1)  # (2, L): "red circle"
+    words = {1: ["red", "circle"]}
+    centred = attention_correctness(words, {1: alpha}, grid, {1: [region]})
+    corner = attention_correctness(words, {1: alpha}, grid, {1: [region]}, origin=(0.0, 0.0))
+    assert centred.words == corner.words == 2
+    assert corner.score == pytest.approx(1.0) and centred.score < 0.9
+
+
+def test_drawn_maps_use_the_same_origin():
+    """visualize.attention_maps places a cell's weight where correctness scores it."""
+    from captioner.visualize import attention_maps
+
+    grid, size = (16, 16), (128, 128)
+    drawn = attention_maps(one_hot(grid, 6, 9), grid, size, origin=(1 / 16, 1 / 16))[0]  # (128, 128)
+    assert divmod(int(drawn.argmax()), 128) == (48, 72)
+    centred = attention_maps(one_hot(grid, 6, 9), grid, size)[0]
+    assert divmod(int(centred.argmax()), 128) in {(51, 75), (52, 76)}

@@ -88,3 +88,23 @@ def test_remove_run_deletes_only_run_files(tmp_path):
     with pytest.raises(CaptionerError, match="image.png"):
         remove_run(tmp_path / "data")
     assert (tmp_path / "data" / "image.png").is_file()
+
+
+@pytest.mark.slow
+def test_demo_reports_hallucination_and_relations(first_run):
+    out, stdout = first_run
+    chair = json.loads((out / "eval" / "metrics_test.json").read_text())["chair"]
+    assert chair is not None and chair["captions"] > 0
+    assert "objects   CHAIR_i" in stdout and "relation accuracy" in stdout
+
+
+def test_the_demo_trains_its_encoder_without_downloads():
+    """The demo's model learns to tell shapes apart: its encoder is trained with the decoder,
+    from scratch (a random frozen encoder named objects that were not there)."""
+    from captioner.encoder import Encoder
+
+    cfg = demo_config()
+    assert cfg.model.encoder.weights is None and cfg.model.attention.name == "soft"
+    assert cfg.train.attention_supervision == "none"  # supervised attention is a choice, not the default
+    encoder = Encoder.from_config(cfg.model.encoder)
+    assert not encoder.frozen and encoder.grid == (16, 16)

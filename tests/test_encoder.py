@@ -83,3 +83,51 @@ def test_transform_resizes_any_image_to_square():
 
     tf = image_transform(32)
     assert tf(Image.new("RGB", (100, 7))).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("backbone, layer, size, origin", [
+    ("resnet18", "layer2", 128, 0.5 / 8),  # stride 8: the feature of cell r is centred on pixel 8r
+    ("resnet18", "layer1", 64, 0.5 / 4),  # stride 4
+    ("vgg11", "features.2", 32, 0.5),  # conv 3x3 (pad 1), ReLU, maxpool 2x2: centred on the cell
+])
+def test_cell_origin_is_the_receptive_field_centre(backbone, layer, size, origin):
+    enc = Encoder(backbone=backbone, weights=None, layer=layer, image_size=size)
+    assert enc.cell_origin == pytest.approx((origin, origin), abs=1e-9)
+    assert enc.cell_origin is enc.cell_origin  # computed once
+    assert all(p.requires_grad is False for p in enc.parameters())  # the probe ran on a copy
+
+
+def test_receptive_field_origin_of_a_strided_conv():
+    """A 3x3 stride-2 convolution with padding 1: output k looks at input pixel 2k (its
+    centre 2k + 0.5 of cell k's 2k .. 2k + 2): origin 0.25. Without padding, 16 px give 7
+    cells of 16/7 px and output k looks at pixel 2k + 1: (2k + 1.5) * 7/16 - k = 0.28125 for k = 3."""
+    from torch import nn
+
+    from captioner.encoder import receptive_field_origin
+
+    class Body(nn.Module):
+        def __init__(self, padding: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=padding)
+
+        def forward(self, x):
+            return {"features": torch.relu(self.conv(x))}
+
+    assert receptive_field_origin(Body(1), 16) == pytest.approx((0.25, 0.25))
+    assert receptive_field_origin(Body(0), 16) == pytest.approx((0.28125, 0.28125))
+
+
+def test_small_cnn_backbone_trains_from_scratch():
+    from captioner.errors import ConfigError
+
+    enc = Encoder(backbone="small_cnn", weights=None, image_size=64, fine_tune=-1)
+    assert enc.layer == "layer4" and enc.grid == (8, 8) and enc.feature_dim == 128 and not enc.frozen
+    assert all(p.requires_grad for p in enc.parameters())
+    out = enc(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 64, 128)
+    out.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())
+    assert enc.cell_origin == pytest.approx((1 / 16, 1 / 16))  # stride 8, three 3x3/2 convs: pixel 8r
+    assert Encoder(backbone="small_cnn", weights=None, layer="layer2", image_size=64).grid == (16, 16)
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        Encoder(backbone="small_cnn", weights="DEFAULT")

@@ -85,3 +85,48 @@ def test_ablation_command_on_tiny_settings(shapes_root, tmp_path, capsys):
     assert [r["attention"] for r in rows] == ["soft", "none"]
     assert all(0 <= r["bleu4"] <= 1 and r["epochs"] == 1 and r["uniform"] is not None for r in rows)
     assert "| soft |" in (tmp_path / "ablation.md").read_text()
+
+
+def test_evaluate_reports_chair_and_relation_accuracy(trained, tmp_path):
+    """CHAIR (object hallucination) and relation accuracy in the result, its table and the metrics json,
+    equal to what captioner.chair computes on the captions written."""
+    from captioner.chair import chair, load_ground_truth
+
+    model = Captioner.from_checkpoint(trained)
+    result = evaluate(model, model.config.data, split="test", beam_size=2, out_dir=tmp_path, use_java=False)
+    captions = {r["image_id"]: r["caption"] for r in json.loads((tmp_path / "captions_test.json").read_text())}
+    expected = chair(captions, load_ground_truth(instances_file(model.config.data, "test")))
+    assert result.chair is not None and result.chair.as_dict() == expected.as_dict()
+    assert result.chair.captions == len(captions)
+    saved = json.loads((tmp_path / "metrics_test.json").read_text())["chair"]
+    assert saved == expected.as_dict() and {"chair_i", "chair_s", "relation_accuracy"} <= set(saved)
+    assert "CHAIR_s" in result.table() and "relation accuracy" in result.table()
+
+
+def test_evaluate_scores_correctness_where_the_features_looked(trained, monkeypatch):
+    """Attention correctness is scored with each cell's weight at its receptive field's centre
+    (``model.encoder.cell_origin``) by default, at the cell's centre with align_maps=False."""
+    import captioner.evaluate as evaluation
+
+    seen = []
+    real = evaluation.attention_correctness
+    monkeypatch.setattr(evaluation, "attention_correctness",
+                        lambda *args, origin: seen.append(origin) or real(*args, origin=origin))
+    model = Captioner.from_checkpoint(trained)
+    assert model.encoder.cell_origin[0] < 0.5  # a ResNet's features look near the cell's top-left corner
+    for align in (True, False):
+        evaluate(model, model.config.data, split="val", beam_size=1, use_java=False, spice=False, align_maps=align)
+    assert seen == [model.encoder.cell_origin, (0.5, 0.5)]
+
+
+def test_heatmaps_are_drawn_where_the_features_looked(trained, tmp_path, monkeypatch):
+    """visualize_images draws each map with the encoder's receptive-field origin, as correctness scores it."""
+    import captioner.visualize as visualize
+
+    seen = []
+    real = visualize.attention_figure
+    monkeypatch.setattr(visualize, "attention_figure", lambda *a, **kw: seen.append(kw["origin"]) or real(*a, **kw))
+    model = Captioner.from_checkpoint(trained)
+    image = load_split(model.config.data, "test")[0].path
+    visualize.visualize_images(model, [image], tmp_path, beam_size=1)
+    assert seen == [model.encoder.cell_origin] and (tmp_path / f"{image.stem}.png").is_file()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from captioner.data.grounding import Targets, target_matrix
 from captioner.data.images import load_image
 from captioner.data.records import ImageRecord
 from captioner.vocab import Vocabulary
@@ -43,6 +44,9 @@ class CaptionBatch:
         images: pixels, or None when features come from a cache: (B, 3, S, S), one per
             caption, when ``image_index`` is None, else (U, 3, S, S), one per image.
         image_index: (B,) each caption's row in ``images`` (None: row b is caption b's image).
+        attention_targets: (B, T - 1, L) where word t of each caption should look (row t is
+            the target of the word emitted at decoder step t; zeros: no target), when the
+            data set was given targets (supervised attention, ``captioner.data.grounding``).
     """
 
     index: Tensor
@@ -51,11 +55,12 @@ class CaptionBatch:
     mask: Tensor
     images: Tensor | None = None
     image_index: Tensor | None = None
+    attention_targets: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "CaptionBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return CaptionBatch(move(self.index), move(self.captions), move(self.lengths), move(self.mask),
-                            move(self.images), move(self.image_index))
+                            move(self.images), move(self.image_index), move(self.attention_targets))
 
 
 def pad_captions(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,27 +81,40 @@ class CaptionDataset(Dataset):
         vocab: encodes the captions.
         max_len: words kept per caption.
         transform: PIL image -> tensor; None to return no pixels (features come from a cache).
+        attention_targets: per image, per caption, ``{word index: (L,) target}``
+            (:func:`captioner.data.grounding.attention_targets`); samples then carry them.
     """
 
     def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, *, max_len: int,
-                 transform: Callable | None = None) -> None:
-        self.records, self.transform = records, transform
+                 transform: Callable | None = None, attention_targets: Targets | None = None) -> None:
+        self.records, self.transform, self.targets = records, transform, attention_targets
         self.items = [(i, vocab.encode(c.text, max_len=max_len)) for i, r in enumerate(records) for c in r.captions]
+        self._caption = [j for r in records for j in range(len(r.captions))]  # item -> caption of its image
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, k: int) -> tuple[int, list[int], Tensor | None]:
+    def __getitem__(self, k: int) -> tuple:
+        """-> (image index, token ids, pixels or None), plus ``{word: target}`` with targets."""
         index, tokens = self.items[k]
         image = self.transform(load_image(self.records[index].path)) if self.transform else None
-        return index, tokens, image
+        if self.targets is None:
+            return index, tokens, image
+        return index, tokens, image, self.targets[index][self._caption[k]]
 
 
-def collate_captions(samples: list[tuple[int, list[int], Tensor | None]]) -> CaptionBatch:
-    index, tokens, images = zip(*samples)
+def _targets(per_caption: Sequence[dict[int, Tensor]], captions: Tensor) -> Tensor | None:
+    """(B, T - 1, L) targets of the batch's captions (None when no caption has one)."""
+    locations = next((len(t) for per_word in per_caption for t in per_word.values()), 0)
+    return target_matrix(per_caption, captions.shape[1] - 1, locations) if locations else None
+
+
+def collate_captions(samples: list[tuple]) -> CaptionBatch:
+    index, tokens, images = zip(*(s[:3] for s in samples))
     captions, lengths, mask = pad_captions(tokens)
     pixels = torch.stack(images) if images[0] is not None else None
-    return CaptionBatch(torch.tensor(index), captions, lengths, mask, pixels)
+    targets = _targets([s[3] for s in samples], captions) if len(samples[0]) > 3 else None
+    return CaptionBatch(torch.tensor(index), captions, lengths, mask, pixels, attention_targets=targets)
 
 
 def choose_captions(n: int, k: int, *, seed: int, epoch: int, index: int) -> list[int]:
@@ -126,16 +144,18 @@ class ImageCaptionsDataset(Dataset):
         captions_per_image: k, at least 1.
         seed: with the epoch and the image's index, picks the captions.
         transform: PIL image -> tensor; None to return no pixels.
+        attention_targets: per image, per caption, ``{word index: (L,) target}``; samples
+            then carry the chosen captions' targets.
 
     Raises:
         ValueError: when ``captions_per_image`` is below 1.
     """
 
     def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, *, max_len: int, captions_per_image: int,
-                 seed: int = 0, transform: Callable | None = None) -> None:
+                 seed: int = 0, transform: Callable | None = None, attention_targets: Targets | None = None) -> None:
         if captions_per_image < 1:
             raise ValueError(f"captions_per_image must be >= 1; got {captions_per_image}")
-        self.records, self.transform = records, transform
+        self.records, self.transform, self.targets = records, transform, attention_targets
         self.k, self.seed, self.epoch = captions_per_image, seed, 0
         self.images = [i for i, r in enumerate(records) if r.captions]  # an image without captions teaches nothing
         self.tokens = [[vocab.encode(c.text, max_len=max_len) for c in records[i].captions] for i in self.images]
@@ -151,25 +171,29 @@ class ImageCaptionsDataset(Dataset):
         """Captions one pass over the data set yields."""
         return sum(min(len(t), self.k) for t in self.tokens)
 
-    def __getitem__(self, k: int) -> tuple[int, list[list[int]], Tensor | None]:
-        """-> (the image's index into the records, its captions' token ids this epoch, pixels or None)."""
+    def __getitem__(self, k: int) -> tuple:
+        """-> (the image's index into the records, its captions' token ids this epoch, pixels or None),
+        plus the chosen captions' ``{word: target}`` when the data set has targets."""
         index, own = self.images[k], self.tokens[k]
         chosen = choose_captions(len(own), self.k, seed=self.seed, epoch=self.epoch, index=index)
         image = self.transform(load_image(self.records[index].path)) if self.transform else None
-        return index, [own[j] for j in chosen], image
+        if self.targets is None:
+            return index, [own[j] for j in chosen], image
+        return index, [own[j] for j in chosen], image, [self.targets[index][j] for j in chosen]
 
 
-def collate_image_captions(samples: list[tuple[int, list[list[int]], Tensor | None]]) -> CaptionBatch:
+def collate_image_captions(samples: list[tuple]) -> CaptionBatch:
     """Images with their captions -> a batch of B captions over U images: ``images``
     (U, 3, S, S), ``image_index`` (B,) each caption's image row, ``index`` (B,) its record."""
     index, tokens, image_index = [], [], []
-    for row, (i, caps, _) in enumerate(samples):
+    for row, (i, caps, *_) in enumerate(samples):
         index += [i] * len(caps)
         image_index += [row] * len(caps)
         tokens += caps
     captions, lengths, mask = pad_captions(tokens)
-    pixels = torch.stack([image for _, _, image in samples]) if samples[0][2] is not None else None  # (U, 3, S, S)
-    return CaptionBatch(torch.tensor(index), captions, lengths, mask, pixels, torch.tensor(image_index))
+    pixels = torch.stack([s[2] for s in samples]) if samples[0][2] is not None else None  # (U, 3, S, S)
+    targets = _targets([t for s in samples for t in s[3]], captions) if len(samples[0]) > 3 else None
+    return CaptionBatch(torch.tensor(index), captions, lengths, mask, pixels, torch.tensor(image_index), targets)
 
 
 class ImageDataset(Dataset):
