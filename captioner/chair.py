@@ -327,7 +327,7 @@ class ChairScorer:
     def for_split(cls, data, split: str, image_ids: Sequence[int] | None = None) -> "ChairScorer | None":
         """``data`` a :class:`~captioner.config.DataConfig`; the instances file is found as
         for attention correctness (``captioner.evaluate.instances_file``)."""
-        from captioner.evaluate import instances_file  # evaluate imports this module
+        from captioner.data import instances_file
 
         path = instances_file(data, split)
         return None if path is None else cls(load_ground_truth(path, image_ids=image_ids))

@@ -24,7 +24,7 @@ from captioner.progress import tqdm
 from captioner.chair import ChairReport, chair, load_ground_truth
 from captioner.config import DataConfig
 from captioner.correctness import CorrectnessReport, attention_correctness, load_regions
-from captioner.data import load_split
+from captioner.data import instances_file, load_split  # instances_file: re-exported here too
 from captioner.data.dataset import ImageDataset, collate_images
 from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
@@ -112,19 +112,6 @@ def decode_records(model: Captioner, records: Sequence[ImageRecord], *, max_len:
 def references(records: Sequence[ImageRecord]) -> dict[int, list[str]]:
     return {r.image_id: [c.text for c in r.captions] for r in records}
 
-
-def instances_file(cfg: DataConfig, split: str) -> Path | None:
-    """The split's COCO instances file, if there is one: ``data.<split>.instances`` when set,
-    else ``instances_X.json`` beside a ``captions_X.json`` (the official COCO layout)."""
-    spec = getattr(cfg, split)
-    root = Path(cfg.root)
-    if spec.instances:
-        return root / spec.instances
-    name = Path(spec.captions).name
-    if cfg.format in ("shapes", "coco") and name.startswith("captions_"):
-        path = root / Path(spec.captions).with_name("instances_" + name[len("captions_"):])
-        return path if path.is_file() else None
-    return None
 
 
 def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_size: int = 5,

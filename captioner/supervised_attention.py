@@ -1,7 +1,7 @@
 """Supervised attention (Liu, Mao, Sha and Yuille, 2017, "Attention Correctness in Neural
 Image Captioning", AAAI, Section 4): for every word that names an annotated region, the
 cross-entropy between the region's distribution over the grid (the target, from
-``captioner.data.grounding``) and the attention map the decoder used for that word,
+``captioner.grounding``) and the attention map the decoder used for that word,
 
     L_att = - sum_t sum_i target_ti log alpha_ti,
 

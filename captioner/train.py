@@ -50,6 +50,7 @@ from captioner.config import Config, TrainConfig, config_to_dict, replace, save_
 from captioner.data import load_split
 from captioner.data.cache import default_cache_dir, open_cache
 from captioner.data.dataset import CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
+from captioner.grounding import training_targets
 from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
 from captioner.device import resolve_device
@@ -353,10 +354,12 @@ class Trainer:
         (encoded once per epoch, its features repeated to its captions by batch.image_index)."""
         cfg, t, ddp = self.cfg, self.t, self.ddp
         self.per_image = not self.cached and t.captions_per_image > 0
+        encoder = self.model.encoder  # supervised attention: where each grounded word should look
+        targets = training_targets(cfg, self.train_records, grid=encoder.grid, origin=encoder.cell_origin)
         if self.per_image:
             self.dataset = ImageCaptionsDataset(self.train_records, self.vocab, max_len=cfg.vocab.max_len,
                                                 captions_per_image=t.captions_per_image, seed=t.seed,
-                                                transform=self.model.encoder.transform())
+                                                transform=encoder.transform(), attention_targets=targets)
             self.collate, self.batch_size = collate_image_captions, images_per_batch(t)
             if self.batch_size % ddp.world:
                 raise ConfigError(f"train.batch_size={t.batch_size} with train.captions_per_image="
@@ -367,7 +370,8 @@ class Trainer:
                          f"epoch")
         else:
             self.dataset = CaptionDataset(self.train_records, self.vocab, max_len=cfg.vocab.max_len,
-                                          transform=None if self.cached else self.model.encoder.transform())
+                                          transform=None if self.cached else encoder.transform(),
+                                          attention_targets=targets)
             self.collate, self.batch_size = collate_captions, t.batch_size
             self.log.say(f"batches of {self.batch_size} captions: "
                          + ("each image encoded once per run" if self.cached else
@@ -454,7 +458,8 @@ class Trainer:
             else:  # image_index is None for one sample per caption
                 out = self.train_model(batch.captions, images=batch.images, image_index=batch.image_index)
         mask = batch.mask[:, 1:]
-        return self.criterion(out, batch.captions[:, 1:], mask, words=self.ddp.words(mask))
+        return self.criterion(out, batch.captions[:, 1:], mask, words=self.ddp.words(mask),
+                              attention_targets=batch.attention_targets)
 
     def train_step(self, batch) -> LossOutput | None:
         """One optimizer step on ``batch``; None when its loss was not finite and it was skipped."""

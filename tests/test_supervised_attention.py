@@ -18,7 +18,7 @@ from captioner.data.dataset import (
     collate_captions,
     collate_image_captions,
 )
-from captioner.data.grounding import attention_targets, region_target, target_matrix, training_targets
+from captioner.grounding import attention_targets, region_target, target_matrix, training_targets
 from captioner.data.shapes import generate_shapes
 from captioner.errors import ConfigError
 from captioner.losses import CaptionLoss

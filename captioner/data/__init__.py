@@ -62,4 +62,18 @@ def load_split(cfg: DataConfig, split: str, *, progress: bool = False) -> list[I
     return records[: cfg.max_images] if cfg.max_images else records
 
 
-__all__ = ["Caption", "ImageRecord", "SPLITS", "load_split"]
+__all__ = ["Caption", "ImageRecord", "SPLITS", "instances_file", "load_split"]
+
+
+def instances_file(cfg: DataConfig, split: str) -> Path | None:
+    """The split's COCO instances file, if there is one: ``data.<split>.instances`` when set,
+    else ``instances_X.json`` beside a ``captions_X.json`` (the official COCO layout)."""
+    spec = getattr(cfg, split)
+    root = Path(cfg.root)
+    if spec.instances:
+        return root / spec.instances
+    name = Path(spec.captions).name
+    if cfg.format in ("shapes", "coco") and name.startswith("captions_"):
+        path = root / Path(spec.captions).with_name("instances_" + name[len("captions_"):])
+        return path if path.is_file() else None
+    return None

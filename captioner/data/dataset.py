@@ -26,10 +26,22 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from captioner.data.grounding import Targets, target_matrix
 from captioner.data.images import load_image
 from captioner.data.records import ImageRecord
 from captioner.vocab import Vocabulary
+
+# Supervised attention: per image, per caption, {word index: (L,) target} (captioner.grounding makes them).
+Targets = list[list[dict[int, Tensor]]]
+
+def target_matrix(targets: Sequence[dict[int, Tensor]], steps: int, locations: int) -> Tensor:
+    """Targets of B captions as one (B, steps, L) tensor: row t is the target of word t (the
+    word the decoder emits at step t), zeros where there is none or ``t >= steps``."""
+    out = torch.zeros(len(targets), steps, locations)
+    for b, per_word in enumerate(targets):
+        for t, target in per_word.items():
+            if t < steps:
+                out[b, t] = target
+    return out
 
 
 @dataclass
@@ -46,7 +58,7 @@ class CaptionBatch:
         image_index: (B,) each caption's row in ``images`` (None: row b is caption b's image).
         attention_targets: (B, T - 1, L) where word t of each caption should look (row t is
             the target of the word emitted at decoder step t; zeros: no target), when the
-            data set was given targets (supervised attention, ``captioner.data.grounding``).
+            data set was given targets (supervised attention, ``captioner.grounding``).
     """
 
     index: Tensor
@@ -82,7 +94,7 @@ class CaptionDataset(Dataset):
         max_len: words kept per caption.
         transform: PIL image -> tensor; None to return no pixels (features come from a cache).
         attention_targets: per image, per caption, ``{word index: (L,) target}``
-            (:func:`captioner.data.grounding.attention_targets`); samples then carry them.
+            (:func:`captioner.grounding.attention_targets`); samples then carry them.
     """
 
     def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, *, max_len: int,

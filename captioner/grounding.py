@@ -28,13 +28,13 @@ import torch
 from torch import Tensor
 
 from captioner.correctness import Region, _ground_categories, _interpolation_matrix, load_regions
+from captioner.data.dataset import Targets, target_matrix  # noqa: F401  (re-exported)
 from captioner.data.records import ImageRecord
 from captioner.vocab import tokenize
 
 SUPERVISION = ("none", "strong", "weak")
 
 # image index -> caption index -> {word index: target (L,)}
-Targets = list[list[dict[int, Tensor]]]
 
 
 def region_target(mask: np.ndarray, grid: tuple[int, int], origin: tuple[float, float] = (0.5, 0.5)) -> Tensor:
@@ -113,16 +113,6 @@ def attention_targets(records: Sequence[ImageRecord], instances_json: str | Path
     return out
 
 
-def target_matrix(targets: Sequence[dict[int, Tensor]], steps: int, locations: int) -> Tensor:
-    """Targets of B captions as one (B, steps, L) tensor: row t is the target of word t (the
-    word the decoder emits at step t), zeros where there is none or ``t >= steps``."""
-    out = torch.zeros(len(targets), steps, locations)
-    for b, per_word in enumerate(targets):
-        for t, target in per_word.items():
-            if t < steps:
-                out[b, t] = target
-    return out
-
 
 def training_targets(cfg, records: Sequence[ImageRecord], *, grid: tuple[int, int],
                      origin: tuple[float, float] = (0.5, 0.5), split: str = "train") -> Targets | None:
@@ -138,7 +128,7 @@ def training_targets(cfg, records: Sequence[ImageRecord], *, grid: tuple[int, in
             supervision on captions without per-word grounding.
     """
     from captioner.errors import ConfigError
-    from captioner.evaluate import instances_file  # evaluate imports the data package
+    from captioner.data import instances_file
 
     mode = cfg.train.attention_supervision
     if mode == "none":
