@@ -54,6 +54,7 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import captioner.scst  # noqa: F401  registers train.objective=scst
     from captioner.config import load_config
     from captioner.train import fit
 

@@ -302,6 +302,15 @@ class TrainConfig:
             data set's per-word grounding (the shapes set), ``weak`` from the instances of the
             categories a caption names (COCO layout), ``none`` (default) off.
         attention_supervision_weight: its weight in the loss.
+        objective: ``xent`` (cross-entropy, the paper's) or ``scst``: self-critical sequence
+            training (Rennie et al. 2017, captioner/scst.py), after cross-entropy (see ``init_from``).
+        init_from: a checkpoint whose model weights start a new run (fresh optimizer, step 0);
+            "" : none. Not a resume: SCST starts from a cross-entropy checkpoint this way.
+        scst_samples: k captions sampled per image; a batch holds ``max(1, batch_size // k)`` images.
+        scst_baseline: ``greedy`` (the greedy caption's reward, Rennie et al.) or ``mean`` (the
+            mean reward of the image's other k - 1 samples, Luo 2020).
+        scst_reward: ``cider`` (CIDEr-D, df from the training references), ``bleu4``, or a
+            weighted sum such as ``cider+0.5*bleu4``.
     """
 
     epochs: int = 20
@@ -341,6 +350,11 @@ class TrainConfig:
     tensorboard: bool = False
     attention_supervision: str = "none"
     attention_supervision_weight: float = 1.0
+    objective: str = "xent"
+    init_from: str = ""
+    scst_samples: int = 5
+    scst_baseline: str = "greedy"
+    scst_reward: str = "cider"
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every"):
@@ -366,6 +380,12 @@ class TrainConfig:
         _check(self.captions_per_image >= 0, "captions_per_image",
                f"must be >= 0 (0: one sample per caption); got {self.captions_per_image}")
         _choice(self.val_metric, "val_metric", ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l"))
+        _choice(self.objective, "objective", ("xent", "scst"))
+        _choice(self.scst_baseline, "scst_baseline", ("greedy", "mean"))
+        _check(self.scst_samples >= (2 if self.scst_baseline == "mean" else 1), "scst_samples",
+               f"must be >= 1 (>= 2 with scst_baseline=mean); got {self.scst_samples}")
+        _check(all(term.rpartition("*")[2].strip() in ("cider", "bleu4") for term in self.scst_reward.split("+")),
+               "scst_reward", f"must be cider, bleu4 or a weighted sum like cider+0.5*bleu4; got {self.scst_reward!r}")
 
 
 @dataclass(frozen=True)

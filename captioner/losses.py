@@ -24,7 +24,7 @@ Letters: B batch, T steps, L locations, V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,9 @@ class LossOutput:
     reinforce: Tensor
     entropy: Tensor
     nll: Tensor
-    attention: Tensor | None = None  # supervised attention term, weighted, per word (None: not supervised)
+    # supervised attention term, weighted, per word (None: not supervised); keyword-only, so
+    # subclasses (captioner.scst.ScstOutput) may add fields without defaults
+    attention: Tensor | None = field(default=None, kw_only=True)
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor,

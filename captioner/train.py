@@ -61,6 +61,7 @@ from captioner.losses import CaptionLoss, LossOutput
 from captioner.metrics import caption_metrics
 from captioner.model import Captioner, check_names
 from captioner.progress import tqdm
+from captioner.registry import Registry
 from captioner.vocab import Vocabulary, tokenize
 
 
@@ -310,9 +311,21 @@ class Trainer:
     def setup_model(self) -> None:
         """Model (pretrained weights only on a fresh run), loss, optimizer and scheduler."""
         self.model = Captioner.from_config(self.cfg, self.vocab, load_weights=self.fresh).to(self.device)
+        if self.fresh and self.t.init_from:
+            self.init_weights(self.t.init_from)
         self.criterion = CaptionLoss.from_config(self.t).to(self.device)  # holds the REINFORCE baseline
         self.opt = build_optimizer(self.cfg, self.model)
         self.sched = build_scheduler(self.cfg, self.opt)
+
+    def init_weights(self, path: str) -> None:
+        """train.init_from: start from a checkpoint's model weights only (its vocabulary must
+        be this data's); the optimizer, step and record start fresh."""
+        ckpt = load_checkpoint(path)
+        if Vocabulary.from_dict(ckpt["vocab"]) != self.vocab:
+            raise CheckpointError(f"{path}: train.init_from: the checkpoint's vocabulary differs from the one "
+                                  f"built from this training data; start from a checkpoint trained on it")
+        self.model.load_model_state(ckpt["model"], source=path)
+        self.log.say(f"model weights from {path} (train.init_from)")
 
     def restore(self, ckpt: dict) -> None:
         """Weights, optimizer, scheduler, position and RNG from ``ckpt``: the run goes on exactly."""
@@ -393,9 +406,15 @@ class Trainer:
             raise CaptionerError("train.amp=fp16 needs a CUDA GPU; on the CPU use train.amp=bf16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
-        self.train_model = wrap(self.model, self.ddp, self.device)  # DDP averages the gradients over the ranks
+        # DDP averages the gradients over the ranks; the module is what compute_loss calls
+        self.train_model = wrap(self.training_module(), self.ddp, self.device)
         if t.compile:  # compile the training call only: checkpoints keep the plain module's keys
             self.train_model = torch.compile(self.train_model, dynamic=True)
+
+    def training_module(self) -> torch.nn.Module:
+        """The module whose call :meth:`compute_loss` makes (wrapped by DDP / compile): the
+        model's teacher-forced pass; an objective that calls the model otherwise overrides this."""
+        return self.model
 
     # ------------------------------------------------------------------ train
 
@@ -612,6 +631,18 @@ class Trainer:
             self.log.board.close()
 
 
+# train.objective -> the Trainer class that trains with it. A new objective subclasses Trainer
+# in its own module, above this one, and registers there (captioner.scst: "scst").
+TRAINERS: Registry[Trainer] = Registry("train.objective")
+TRAINERS.register("xent")(Trainer)
+
+
 def fit(cfg: Config, *, quiet: bool = False) -> FitResult:
-    """Train a captioner as ``cfg`` says; returns where the run is and how it scored."""
-    return Trainer(cfg, quiet=quiet).run()
+    """Train a captioner as ``cfg`` says; returns where the run is and how it scored.
+
+    ``train.objective`` picks the Trainer class from :data:`TRAINERS`."""
+    name = cfg.train.objective
+    if name not in TRAINERS:
+        raise ConfigError(f"train.objective={name!r}: no Trainer is registered under that name; import its module "
+                          f"first (`import captioner.scst` registers scst; the cli does)")
+    return TRAINERS.get(name)(cfg, quiet=quiet).run()
