@@ -42,8 +42,9 @@ class SplitConfig:
 
     ``captions`` is the split's annotation file: COCO ``captions_*.json``, a folder's
     captions json, or Flickr8k's ``Flickr_8k.*Images.txt`` list; unused for Karpathy files.
-    ``instances`` is a COCO instances file for attention correctness ("" : the
-    ``instances_*.json`` beside ``captions_*.json``, if present).
+    ``images`` is the split's image folder. ``instances`` is a COCO instances file for
+    attention correctness and CHAIR ("" : the ``instances_*.json`` beside ``captions_*.json``,
+    if present).
     """
 
     captions: str = ""
@@ -53,7 +54,13 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class ShapesConfig:
-    """Parameters of the generated shapes set (``data.format: shapes``)."""
+    """Parameters of the generated shapes set (``data.format: shapes``).
+
+    Attributes:
+        n: images over all splits (80% train, 10% val, 10% test).
+        seed: the generator's seed: the set is the same for the same n, seed and size.
+        image_size: the images' side in pixels.
+    """
 
     n: int = 3000
     seed: int = 0
@@ -228,6 +235,9 @@ class DecoderConfig:
     """The LSTM decoder (Section 3.1.2 of the paper).
 
     Attributes:
+        embed_dim: m, the word embedding's size.
+        hidden_dim: n, the LSTM's hidden and cell size (the paper's COCO model: 1800).
+        dropout: dropout probability on the output layer's input (the paper's regulariser).
         beta_gate: scale the context by the scalar gate sigma(f_beta(h_{t-1})) (Section 4.2.1).
         deep_output: logits from E y_{t-1} + L_h h_t + L_z z_t (eq. 7) instead of from h_t alone.
         dropout_hidden: also drop h_t before the output layer (the authors' code), not only
@@ -263,6 +273,19 @@ class TrainConfig:
     """The training loop.
 
     Attributes:
+        epochs: passes over the training captions (early stopping and the budgets may end sooner).
+        batch_size: captions per optimizer step (the global batch under DDP; with pixels encoded
+            in the step, images x ``captions_per_image``).
+        optimizer: adam, adamw, rmsprop (the paper's Flickr8k) or sgd; fused on CPU and CUDA.
+        lr: the decoder's learning rate.
+        encoder_lr: a fine-tuned encoder's learning rate.
+        weight_decay: L2 (adam, rmsprop, sgd) or decoupled decay (adamw).
+        grad_clip: clip the gradients' global norm to this (0: no clipping).
+        seed: seeds torch, Python and the data order: a run is repeatable, and resumes exactly.
+        device: auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each process takes
+            its local rank's GPU.
+        log_every: write a metrics.jsonl line every N optimizer steps.
+        progress: progress bars (on a terminal) or progress lines (elsewhere) on stderr.
         alpha_c: weight lambda of the doubly stochastic regularisation (eq. 14).
         reinforce_weight: lambda_r of the REINFORCE term of stochastic attention (eq. 12).
         entropy_weight: lambda_e of the entropy bonus of stochastic attention (eq. 12).
@@ -406,7 +429,11 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole experiment; saved next to every run and inside every checkpoint."""
+    """The whole experiment; saved next to every run and inside every checkpoint.
+
+    Attributes:
+        name: the experiment's name: the run folder is ``train.out_dir`` with ``{name}`` replaced.
+    """
 
     name: str = "captioner"
     data: DataConfig = DataConfig()
