@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from captioner.attention import HardAttention
+from captioner.chair import ChairScorer
 from captioner.config import load_config
 from captioner.errors import CaptionerError
 
@@ -66,6 +67,9 @@ class Row:
     correctness: float | None
     argmax_correctness: float | None
     uniform: float | None
+    chair_s: float | None
+    chair_i: float | None
+    relation_accuracy: float | None
     val_bleu4: float
     val_cider: float
     epochs: int
@@ -88,15 +92,20 @@ def score_test(model, cfg, *, beam: int, use_java: bool | None) -> dict:
     captions = {r.image_id: " ".join(d.words) for r, d in zip(records, decoded)}
     scores = caption_metrics(captions, references(records), use_java=use_java, spice=False).scores
     out = {"bleu4": scores["bleu4"], "meteor": scores.get("meteor"), "cider": scores["cider"],
-           "correctness": None, "argmax_correctness": None, "uniform": None}
+           "correctness": None, "argmax_correctness": None, "uniform": None,
+           "chair_s": None, "chair_i": None, "relation_accuracy": None}
     path = instances_file(cfg.data, "test")
     if path is not None:
+        hallucination = ChairScorer.for_split(cfg.data, "test", [r.image_id for r in records])(captions)
+        out.update(chair_s=hallucination.chair_s, chair_i=hallucination.chair_i,
+                   relation_accuracy=hallucination.relation_accuracy)
+        origin = model.encoder.cell_origin  # each cell's weight where its feature looked, as evaluate scores it
         regions = load_regions(path, image_ids=[r.image_id for r in records])
         words = {r.image_id: d.words for r, d in zip(records, decoded)}
         dist = attention_correctness(words, {r.image_id: d.alphas for r, d in zip(records, decoded)},
-                                     model.encoder.grid, regions)
+                                     model.encoder.grid, regions, origin=origin)
         top = attention_correctness(words, {r.image_id: _argmax_maps(d.alphas) for r, d in zip(records, decoded)},
-                                    model.encoder.grid, regions)
+                                    model.encoder.grid, regions, origin=origin)
         out.update(correctness=dist.score, argmax_correctness=top.score, uniform=dist.uniform)
     return out
 
@@ -140,14 +149,15 @@ def _train_and_score(name: str, *, config_dir: Path, out_root: Path, epochs: int
 
 def markdown(rows: list[Row], *, epochs: int, beam: int) -> str:
     def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.1f}"
+        return "n/a" if x is None or x != x else f"{100 * x:.1f}"  # None or NaN (nothing to count)
 
     lines = [f"Shapes set, {epochs} epochs each, same seed; test split, beam {beam} (val: greedy, best epoch).", "",
-             "| attention | BLEU-4 | METEOR | CIDEr-D | correctness | argmax correctness | uniform | val BLEU-4 "
-             "| val CIDEr-D |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| attention | BLEU-4 | METEOR | CIDEr-D | CHAIR_s | CHAIR_i | relation acc. | correctness "
+             "| argmax correctness | uniform | val BLEU-4 | val CIDEr-D |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r.attention} | {pct(r.bleu4)} | {pct(r.meteor)} | {pct(r.cider)} | {pct(r.correctness)} "
+        lines.append(f"| {r.attention} | {pct(r.bleu4)} | {pct(r.meteor)} | {pct(r.cider)} | {pct(r.chair_s)} "
+                     f"| {pct(r.chair_i)} | {pct(r.relation_accuracy)} | {pct(r.correctness)} "
                      f"| {pct(r.argmax_correctness)} | {pct(r.uniform)} | {pct(r.val_bleu4)} | {pct(r.val_cider)} |")
     return "\n".join(lines) + "\n"
 

@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from captioner.board import Board
+from captioner.chair import ChairScorer
 from captioner.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, slim
 from captioner.config import Config, TrainConfig, config_to_dict, replace, save_config
 from captioner.data import load_split
@@ -394,6 +395,8 @@ class Trainer:
     def setup_validation(self) -> None:
         """The val references and the baseline: the most common training caption for every image."""
         self.refs = references(self.val_records)
+        # CHAIR and relation accuracy when the val split has an instances file (None: not scored)
+        self.chair = ChairScorer.for_split(self.cfg.data, "val", [r.image_id for r in self.val_records])
         self.baseline_caption = common = " ".join(most_common_caption(self.train_records))
         self.baseline = self.score_captions({r.image_id: common for r in self.val_records})
         self.log.say(f"baseline (\"{common}\" for every image): val {self.metric} {self.baseline[self.metric]:.4f}, "
@@ -535,8 +538,16 @@ class Trainer:
         return Validation(self.score_captions(captions), captions)
 
     def score_captions(self, captions: dict[int, str]) -> dict[str, float]:
-        """Scores of val captions (image id -> caption) against the references, by metric name."""
-        return caption_metrics(captions, self.refs, use_java=False, spice=False).scores
+        """Scores of val captions (image id -> caption) against the references, by metric name;
+        with an instances file also ``chair_s``, ``chair_i`` and ``relation_accuracy`` (each
+        when there was something to count)."""
+        scores = dict(caption_metrics(captions, self.refs, use_java=False, spice=False).scores)
+        if self.chair is not None:
+            report = self.chair(captions)
+            hallucination = {"chair_s": report.chair_s, "chair_i": report.chair_i,
+                             "relation_accuracy": report.relation_accuracy}
+            scores.update({k: v for k, v in hallucination.items() if math.isfinite(v)})
+        return scores
 
     def end_epoch(self, epoch: int, sums: Counter) -> bool:
         """Validate, step the scheduler, log, checkpoint; -> whether the run stops here."""
@@ -552,8 +563,10 @@ class Trainer:
         self.history.append(entry)
         self.log.record(entry)
         self.board_figures()
+        chair = f"  CHAIR_s {val.scores['chair_s']:.3f}" if "chair_s" in val.scores else ""
         self.log.say(f"epoch {epoch + 1}: loss {entry['train_loss']:.3f}  val {self.metric} {value:.4f}  "
-                     f"BLEU-4 {val.scores['bleu4']:.4f}{' (best)' if improved else ''}  e.g. \"{entry['example']}\"")
+                     f"BLEU-4 {val.scores['bleu4']:.4f}{chair}{' (best)' if improved else ''}  "
+                     f"e.g. \"{entry['example']}\"")
         self.save_checkpoint("last.pt", epoch + 1, 0)
         if improved:
             self.save_checkpoint("best.pt", epoch + 1, 0)

@@ -25,16 +25,18 @@ def test_argmax_maps_are_one_hot_at_the_distributions_mode():
 
 def test_table_reports_correctness_on_the_distribution_and_on_its_argmax():
     row = ablation.Row(attention="hard_gumbel", bleu4=0.3, meteor=None, cider=0.9, correctness=0.12,
-                       argmax_correctness=0.35, uniform=0.04, val_bleu4=0.2, val_cider=0.7, epochs=4)
+                       argmax_correctness=0.35, uniform=0.04, chair_s=0.25, chair_i=0.125, relation_accuracy=float("nan"),
+                       val_bleu4=0.2, val_cider=0.7, epochs=4)
     table = ablation.markdown([row], epochs=4, beam=3)
-    assert "| correctness | argmax correctness | uniform |" in table
-    assert "| hard_gumbel | 30.0 | n/a | 90.0 | 12.0 | 35.0 | 4.0 | 20.0 | 70.0 |" in table
+    assert "| CHAIR_s | CHAIR_i | relation acc. | correctness | argmax correctness | uniform |" in table
+    assert "| hard_gumbel | 30.0 | n/a | 90.0 | 25.0 | 12.5 | n/a | 12.0 | 35.0 | 4.0 | 20.0 | 70.0 |" in table
 
 
 def test_a_scored_row_is_reused_only_for_the_same_budget(tmp_path, monkeypatch):
     calls = []
     row = ablation.Row(attention="soft", bleu4=0.3, meteor=None, cider=0.9, correctness=0.1, argmax_correctness=0.2,
-                       uniform=0.05, val_bleu4=0.2, val_cider=0.7, epochs=4)
+                       uniform=0.05, chair_s=0.5, chair_i=0.4, relation_accuracy=None, val_bleu4=0.2, val_cider=0.7,
+                       epochs=4)
     monkeypatch.setattr(ablation, "_train_and_score", lambda name, **kw: calls.append(kw["epochs"]) or row)
     kw = dict(config_dir=Path("configs"), out_root=tmp_path, beam=3, overrides=[], use_java=False)
     assert ablation.run_variant("soft", epochs=4, **kw) == row

@@ -73,3 +73,19 @@ def test_the_objective_is_what_compute_loss_returns(tiny_config):
     for key in before:
         assert torch.equal(before[key], after[key]), key
     assert load_checkpoint(trainer.run_dir / "last.pt")["trainer"]["step"] == 3
+
+
+def test_validation_logs_chair_when_the_val_split_has_instances(tiny_config):
+    """The shapes set has instances files: every epoch line carries val CHAIR_s / CHAIR_i, equal
+    to chair() on that epoch's captions, and the baseline's (one caption for all images)."""
+    from captioner.chair import ChairScorer
+
+    trainer = Trainer(tiny_config("train.epochs=1"), quiet=True)
+    trainer.setup()
+    val = trainer.validate()
+    report = ChairScorer.for_split(trainer.cfg.data, "val", [r.image_id for r in trainer.val_records])(val.captions)
+    if report.mentions:
+        assert val.scores["chair_i"] == report.chair_i and val.scores["chair_s"] == report.chair_s
+    assert "chair_s" in trainer.baseline  # the most common caption names an object
+    result = fit(tiny_config("train.epochs=1"), quiet=True)
+    assert "baseline_chair_s" in result.history[0]
