@@ -124,6 +124,27 @@ def test_beam_scores_are_sums_of_log_probs_and_length_normalised():
         assert (out.scores[i, :-1] >= out.scores[i, 1:]).all()  # best first
 
 
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.7, 1.5])
+def test_beams_are_ranked_by_the_length_penalised_score(length_penalty):
+    """Over many models: scores = log_prob / (words + 1) ** length_penalty, best first, and the single
+    best caption is the top of that ranking (not of the raw log-probability)."""
+    reordered = 0
+    for seed in range(20):
+        dec = random_decoder(100 + seed)
+        feats = torch.randn(2, L, C)
+        full = beam_search(dec, feats, beam_size=5, max_len=6, start_id=1, end_id=2, n_best=5,
+                           length_penalty=length_penalty)
+        expected = full.log_probs / (full.lengths.float() + 1) ** length_penalty
+        torch.testing.assert_close(full.scores, expected)
+        assert (full.scores[:, :-1] >= full.scores[:, 1:]).all(), seed
+        one = beam_search(dec, feats, beam_size=5, max_len=6, start_id=1, end_id=2, length_penalty=length_penalty)
+        assert torch.equal(one.tokens[:, 0], full.tokens[:, 0, : one.tokens.shape[2]]), seed
+        reordered += int((full.log_probs[:, :-1] < full.log_probs[:, 1:]).any())
+    if length_penalty > 0:
+        assert reordered > 0  # the penalty changed the order on some model: the check above has teeth
+
+
 def test_beam_edge_cases_always_return_a_caption():
     dec = decoder_that_says([], nxt={1: 5, 5: 5})  # never says <end>
     out = beam_search(dec, torch.randn(2, L, C), beam_size=3, max_len=4, start_id=1, end_id=2)
