@@ -70,6 +70,26 @@ def test_map_peak_is_at_the_cell_centre_in_the_original_frame(grid, size):
             assert maps.shape == (1, H, W) and maps.max() == pytest.approx(1.0) and maps.min() >= 0
             y, x = np.unravel_index(maps[0].argmax(), (H, W))
             assert cell_of(x + 0.5, y + 0.5, (W, H), grid) == cell
+            if smooth == 0:  # the pixel under the cell's centre is within half a pixel's slope of the peak
+                cy, cx = int((cell[0] + 0.5) * H / grid[0]), int((cell[1] + 0.5) * W / grid[1])
+                assert maps[0, cy, cx] >= 1 - 0.5 * (grid[0] / H + grid[1] / W) - 1e-6
+
+
+@pytest.mark.parametrize("grid,size", [((5, 4), (50, 80)), ((3, 6), (90, 60))])  # (H, W) whole multiples
+def test_cell_map_mass_is_centred_on_the_cells_pixel_box(grid, size):
+    """Bilinear: the map of an inner cell is symmetric about the cell's centre (its centre of mass is
+    there, to float precision); nearest: it is exactly the cell's pixel box."""
+    (h, w), (H, W) = grid, size
+    ys, xs = np.arange(H)[:, None] + 0.5, np.arange(W)[None, :] + 0.5  # pixel centres
+    for r, c in [(1, 1), (h - 2, w - 2), (1, w - 2)]:
+        m = attention_maps(one_hot(grid, (r, c)), grid, (H, W))[0]
+        mass = m.sum()
+        assert (m * ys).sum() / mass == pytest.approx((r + 0.5) * H / h, abs=1e-3)
+        assert (m * xs).sum() / mass == pytest.approx((c + 0.5) * W / w, abs=1e-3)
+        box = attention_maps(one_hot(grid, (r, c)), grid, (H, W), interpolation="nearest")[0]
+        expected = np.zeros((H, W), np.float32)
+        expected[r * H // h:(r + 1) * H // h, c * W // w:(c + 1) * W // w] = 1
+        np.testing.assert_array_equal(box, expected)
 
 
 def test_support_box_marks_hard_and_local_not_soft():
@@ -152,6 +172,24 @@ def test_hard_attention_overlay_outlines_the_chosen_cell(tmp_path):
     fig = attention_figure(Image.new("RGB", (64, 48)), read.words, read.alphas, read.grid)
     boxes = [[p for p in ax.patches] for ax in fig.axes[1:]]
     assert all(len(b) == 1 for b in boxes)
+
+
+@pytest.mark.parametrize("size,grid", [((120, 60), (2, 6)), ((50, 150), (5, 3))])  # (W, H), (h, w)
+def test_outline_frames_the_chosen_cell_in_image_pixels(size, grid):
+    """Cell (r, c) of an (h, w) grid is the box x in [c W/w, (c+1) W/w], y in [r H/h, (r+1) H/h]; a local
+    window's box spans its cells; a soft map gets no box."""
+    (W, H), (h, w) = size, grid
+    cells = [(0, w - 1), (h - 1, 1), (1, 0)]
+    window = torch.zeros(h, w)
+    window[0:2, 1:3] = 0.25
+    alphas = torch.cat([one_hot(grid, *cells), window.reshape(1, -1), torch.softmax(torch.randn(1, h * w), 1)])
+    fig = attention_figure(Image.new("RGB", size), ["a", "b", "c", "d", "e"], alphas, grid)
+    spans = [(c, r, 1, 1) for r, c in cells] + [(1, 0, 2, 2)]
+    for ax, (c, r, nc, nr) in zip(fig.axes[1:5], spans):
+        (patch,) = ax.patches
+        assert patch.get_xy() == pytest.approx((c * W / w, r * H / h))
+        assert (patch.get_width(), patch.get_height()) == pytest.approx((nc * W / w, nr * H / h))
+    assert not fig.axes[5].patches
 
 
 def test_visualize_images_writes_one_png_per_image(checkpoint, tmp_path, make_image):
