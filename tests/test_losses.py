@@ -151,3 +151,13 @@ def test_moving_average_starts_at_the_first_mean_then_decays():
     restored.load_state_dict(state)
     assert bool(restored.started) and restored.value.item() == pytest.approx(2.8)
     assert math.isclose(float(state["value"]), 2.8, rel_tol=1e-6)
+
+
+def test_a_batch_of_one_real_word_is_that_words_loss():
+    out, targets = soft_pass()
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, 0] = True
+    loss = CaptionLoss(alpha_c=0.0)(out, targets, mask)
+    assert loss.xent.item() == pytest.approx(by_hand_xent(out.padded_logits(), targets, mask).sum().item(), rel=1e-5)
+    empty = CaptionLoss(alpha_c=0.0)(out, targets, torch.zeros(B, T, dtype=torch.bool))
+    assert empty.total.item() == 0  # no real word: nothing to learn, and no division by zero
