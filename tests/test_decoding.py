@@ -169,6 +169,13 @@ def test_beams_are_ranked_by_the_length_penalised_score(length_penalty):
         assert reordered > 0  # the penalty changed the order on some model: the check above has teeth
 
 
+def test_beam_stops_when_its_last_hypothesis_ends():
+    """On the CPU no step runs after every hypothesis has said <end>: T is the longest one + 1."""
+    out = beam_search(decoder_that_says([5, 7, 9, 4]), torch.randn(2, L, C), beam_size=2, max_len=10, start_id=1,
+                      end_id=2, n_best=2)
+    assert out.lengths.max() < 10 and out.tokens.shape[2] == int(out.lengths.max()) + 1
+    assert out.tokens[:, 0].tolist() == [[5, 7, 9, 4, 2] + [0] * (out.tokens.shape[2] - 5)] * 2
+
 def test_beam_edge_cases_always_return_a_caption():
     dec = decoder_that_says([], nxt={1: 5, 5: 5})  # never says <end>
     out = beam_search(dec, torch.randn(2, L, C), beam_size=3, max_len=4, start_id=1, end_id=2)

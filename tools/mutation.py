@@ -85,6 +85,7 @@ class Mutant:
 
     index: int
     line: int
+    statement_line: int  # what coverage reports for it
     source: str
     mutation: str
     status: str = "pending"  # killed | survived | no-coverage | timeout | equivalent
@@ -100,14 +101,24 @@ class Mutator(ast.NodeTransformer):
 
     def __init__(self, lines: list[str], target: int = -1) -> None:
         self.lines, self.target = lines, target
-        self.points: list[tuple[int, str]] = []  # (line, description)
+        self.points: list[tuple[int, int, str]] = []  # (line, first line of its statement, description)
+        self.statement_line = 0
+
+    def visit(self, node):
+        if isinstance(node, ast.stmt):  # coverage reports a multi-line statement by its first line
+            outer, self.statement_line = self.statement_line, node.lineno
+            try:
+                return super().visit(node)
+            finally:
+                self.statement_line = outer
+        return super().visit(node)
 
     def _point(self, node: ast.AST, what: str) -> bool:
         """Record a point; True when it is the one to apply."""
         line = getattr(node, "lineno", 0)
         if line and "pragma: no mutate" in self.lines[line - 1]:
             return False
-        self.points.append((line, what))
+        self.points.append((line, self.statement_line or line, what))
         return len(self.points) - 1 == self.target
 
     # -- skipped subtrees
@@ -223,10 +234,10 @@ def mutants_of(source: str) -> list[Mutant]:
     walker.visit(ast.parse(source))
     seen: dict[tuple[str, str], int] = {}
     out = []
-    for i, (line, what) in enumerate(walker.points):
+    for i, (line, statement, what) in enumerate(walker.points):
         text = lines[line - 1].strip() if line else ""
         n = seen[(text, what)] = seen.get((text, what), 0) + 1
-        out.append(Mutant(i, line, text, what if n == 1 else f"{what} #{n}"))
+        out.append(Mutant(i, line, statement, text, what if n == 1 else f"{what} #{n}"))
     return out
 
 
@@ -350,7 +361,7 @@ def run_module(module: str, only: list[int] | None, list_only: bool) -> dict:
             if m.key in equivalents:
                 m.status = "equivalent"
                 continue
-            if covered is not None and m.line not in covered:
+            if covered is not None and m.statement_line not in covered:
                 m.status = "no-coverage"
                 continue
             (work / rel).write_text(mutated_source(source, m.index), encoding="utf-8")
