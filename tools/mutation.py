@@ -373,13 +373,13 @@ def run_module(module: str, only: list[int] | None, list_only: bool, everything:
                 continue
             if covered is not None and m.statement_line not in covered:
                 m.status = "no-coverage"
+                print(f"  no-coverage #{m.index} L{m.line}: {m.key}", flush=True)
                 continue
             (work / rel).write_text(mutated_source(source, m.index, skip), encoding="utf-8")
             start = time.monotonic()
             m.status = run_one(work, tests, args, timeout)
             m.seconds = round(time.monotonic() - start, 1)
-            if m.status in ("survived", "no-coverage"):
-                print(f"  survived #{m.index} L{m.line}: {m.key}", flush=True)
+            print(f"  {m.status} #{m.index} L{m.line} ({m.seconds:.0f} s): {m.key}", flush=True)
         (work / rel).write_text(source, encoding="utf-8")
     return summarise(module, mutants, equivalents)
 
