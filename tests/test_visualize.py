@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,8 @@ from captioner.report import ReportImage, render_report
 from captioner.visualize import (
     attention_figure,
     attention_maps,
+    display_size,
+    overlay,
     support_box,
     teacher_forced,
     visualize_images,
@@ -92,6 +95,36 @@ def test_cell_map_mass_is_centred_on_the_cells_pixel_box(grid, size):
         np.testing.assert_array_equal(box, expected)
 
 
+def test_smoothing_spreads_by_sigma_cells_along_each_axis():
+    """smooth = s blurs by a Gaussian of s cells: the variance of a centre cell's map grows by
+    (s * cell side)^2 along each axis (3-sigma truncation: within 5%), its centre stays put, and
+    a uniform map stays uniform (edges replicated)."""
+    (h, w), (H, W) = (5, 5), (100, 150)  # cells of 20 x 30 pixels
+    ys, xs = np.arange(H)[:, None] + 0.5, np.arange(W)[None, :] + 0.5
+
+    def moments(m):
+        mass = m.sum()
+        my, mx = (m * ys).sum() / mass, (m * xs).sum() / mass
+        return my, mx, (m * (ys - my) ** 2).sum() / mass, (m * (xs - mx) ** 2).sum() / mass
+
+    sharp = moments(attention_maps(one_hot((h, w), (2, 2)), (h, w), (H, W), interpolation="nearest")[0])
+    for s in (0.25, 0.5):
+        soft = moments(attention_maps(one_hot((h, w), (2, 2)), (h, w), (H, W), smooth=s, interpolation="nearest")[0])
+        assert soft[:2] == pytest.approx(sharp[:2], abs=1e-3)
+        assert soft[2] - sharp[2] == pytest.approx((s * H / h) ** 2, rel=0.05)
+        assert soft[3] - sharp[3] == pytest.approx((s * W / w) ** 2, rel=0.05)
+    flat = attention_maps(torch.ones(h * w), (h, w), (H, W), smooth=1.0)
+    np.testing.assert_allclose(flat, 1.0, rtol=1e-5)
+
+
+def test_overlay_transparency_follows_the_map_and_display_size():
+    maps = np.array([[0.0, 0.25, 1.0]], dtype=np.float32)
+    rgba = overlay(maps, opacity=0.6)
+    np.testing.assert_allclose(rgba[..., 3], [[0.0, 0.15, 0.6]], rtol=1e-6)
+    np.testing.assert_allclose(rgba[..., :3], matplotlib.colormaps["jet"](maps)[..., :3], rtol=1e-6)
+    assert display_size((100, 50)) == (384, 192) and display_size((3, 4), longest=8) == (6, 8)
+    assert display_size((1, 5000)) == (1, 384) and display_size((5000, 2)) == (384, 1)
+
 def test_support_box_marks_hard_and_local_not_soft():
     grid = (4, 6)
     assert support_box(one_hot(grid, (2, 5))[0], grid) == (2, 5, 2, 5)
@@ -163,6 +196,12 @@ def test_teacher_forced_reads_the_given_caption(checkpoint):
     assert read.words == ["a", "red", "<unk>"]
     assert read.alphas.shape == (4, model.encoder.num_locations) and read.betas.shape == (4,)
     assert torch.allclose(read.alphas.sum(1), torch.ones(4)) and read.score < 0
+    assert torch.allclose(read.alphas.sum(1), torch.ones(4)) and read.score < 0
+    own = model.caption(image, beam_size=1)  # reading the model's own greedy caption gives its maps and score
+    again = teacher_forced(model, image, own.text)
+    assert again.words == own.words and again.score == pytest.approx(own.score, abs=1e-4)
+    torch.testing.assert_close(again.alphas, own.alphas, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again.betas, own.betas, atol=1e-5, rtol=1e-4)
 
 
 def test_hard_attention_overlay_outlines_the_chosen_cell(tmp_path):
