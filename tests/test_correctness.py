@@ -162,6 +162,13 @@ def test_load_regions_errors(tmp_path, write_json, data_error, shapes_128):
     unknown = write_json(tmp_path / "unknown.json", {**base, "annotations": [
         {"id": 5, "image_id": 2, "category_id": 1, "segmentation": [[1, 2, 3, 4, 5, 6]]}]})
     data_error(lambda: load_regions(unknown), "unknown image_id 2")
+    twice = write_json(tmp_path / "twice.json", {**base, "images": base["images"] * 2, "annotations": []})
+    data_error(lambda: load_regions(twice), "images[1] (id 1)", "duplicate image id 1")
+    twice = write_json(tmp_path / "twice_cat.json", {**base, "categories": base["categories"] * 2, "annotations": []})
+    data_error(lambda: load_regions(twice), "categories[1]", "duplicate category id 1")
+    for mask in (np.ones((2, 2, 2), dtype=bool), np.ones((2, 2)), [[True]]):  # a 2-D bool array only
+        with pytest.raises(ValueError, match="2-D bool"):
+            Region(1, "dog", {}, mask)
 
 
 # ----------------------------------------------------------------------------- ground_words
