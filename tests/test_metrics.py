@@ -14,6 +14,7 @@ import os
 import shutil
 import string
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,9 @@ def test_bleu_1_to_4_by_hand():
         assert ours[name] == pytest.approx(value, rel=1e-6), name
         assert coco[name] == pytest.approx(value, rel=1e-6), name
     assert bleu([], []) == {"bleu1": 0.0, "bleu2": 0.0, "bleu3": 0.0, "bleu4": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nltk's warning about orders with no match is kept quiet
+        assert bleu([["a", "dog"]], [[["a", "cat"]]])["bleu4"] == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="2 hypotheses but 1 reference"):
         bleu([["a"], ["b"]], [[["a"]]])
 

@@ -115,6 +115,8 @@ def test_smoothing_spreads_by_sigma_cells_along_each_axis():
         assert soft[3] - sharp[3] == pytest.approx((s * W / w) ** 2, rel=0.05)
     flat = attention_maps(torch.ones(h * w), (h, w), (H, W), smooth=1.0)
     np.testing.assert_allclose(flat, 1.0, rtol=1e-5)
+    small = one_hot((4, 4), (1, 2))  # on an 8 x 8 output, smooth 0.4 is a sigma under one pixel: still a blur
+    assert np.abs(attention_maps(small, (4, 4), (8, 8), smooth=0.4) - attention_maps(small, (4, 4), (8, 8))).max() > 0.01
 
 
 def test_overlay_transparency_follows_the_map_and_display_size():
@@ -197,6 +199,10 @@ def test_teacher_forced_reads_the_given_caption(checkpoint):
     assert read.alphas.shape == (4, model.encoder.num_locations) and read.betas.shape == (4,)
     assert torch.allclose(read.alphas.sum(1), torch.ones(4)) and read.score < 0
     assert torch.allclose(read.alphas.sum(1), torch.ones(4)) and read.score < 0
+    dropout = Captioner.from_checkpoint(untrained_checkpoint(checkpoint.parent / "drop.pt", "model.decoder.dropout=0.5"))
+    dropout.train()
+    reads = [teacher_forced(dropout, image, "a red circle").score for _ in range(2)]
+    assert reads[0] == reads[1] and dropout.training  # read in eval mode (no dropout), and the mode restored
     own = model.caption(image, beam_size=1)  # reading the model's own greedy caption gives its maps and score
     again = teacher_forced(model, image, own.text)
     assert again.words == own.words and again.score == pytest.approx(own.score, abs=1e-4)
