@@ -401,6 +401,18 @@ def summarise(module: str, mutants: list[Mutant], equivalents: dict[str, str]) -
     return report
 
 
+def rescore(module: str) -> dict:
+    """The last run's results (mutants/<module>.json) with today's equivalents file: for reviewing
+    survivors without running the mutants again."""
+    last = json.loads((OUT / f"{module}.json").read_text(encoding="utf-8"))
+    mutants = [Mutant(**r) for r in last["results"]]
+    equivalents = read_equivalents(module)
+    for m in mutants:
+        if m.key in equivalents:
+            m.status = "equivalent"
+    return summarise(module, mutants, equivalents)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="+", choices=sorted(MODULES))
@@ -408,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants without running them")
     parser.add_argument("--show", type=int, help="print the mutated module of this mutant number")
     parser.add_argument("--all", action="store_true", help="mutate the functions UNSCOPED leaves out too")
+    parser.add_argument("--rescore", action="store_true", help="recount the last run with today's equivalents")
     a = parser.parse_args(argv)
+    if a.rescore:
+        reports = [rescore(m) for m in a.modules]
+        return 0 if all(r["survived"] + r["no-coverage"] == 0 for r in reports) else 1
     if a.show is not None:
         skip = set() if a.all else UNSCOPED.get(a.modules[0], set())
         print(mutated_source((ROOT / f"captioner/{a.modules[0]}.py").read_text(encoding="utf-8"), a.show, skip))
