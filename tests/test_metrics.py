@@ -163,6 +163,7 @@ def test_cider_of_a_single_image_is_zero():
                                                    "$", "1,000.50"]),
     ("I can't, we cannot. Wow!!", ["i", "ca", "n't", "we", "can", "not", "wow", "!!"]),
     ("The dogs' toys", ["the", "dogs", "toys"]),
+    ("Bus 5. at gate 7.", ["bus", "5", "at", "gate", "7"]),  # a number's period is not an abbreviation's
     ("", []),
 ])
 def test_python_tokenizer_rules(caption, expected):
