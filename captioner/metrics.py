@@ -3,7 +3,7 @@
 Two ways to score captions:
 
 * :func:`bleu`: BLEU-1..4 from nltk's ``corpus_bleu`` on our tokenization (no Java, no data
-  downloads): the validation metric during training.
+  downloads), for quick checks; training validates with :func:`caption_metrics` (no Java).
 * :func:`caption_metrics`: the COCO caption metrics computed the standard way, by
   pycocoevalcap's scorers exactly as its ``COCOEvalCap`` calls them (Stanford PTB
   tokenization, then BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and SPICE). These are the numbers

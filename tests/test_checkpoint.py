@@ -23,6 +23,15 @@ def test_round_trip_is_plain_data(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary files left behind
 
 
+def test_written_in_format_1_into_a_new_folder(tmp_path):
+    """The on-disk format this code writes is version 1 (what older captioners read), and the run
+    folder is made if it is not there yet."""
+    path = tmp_path / "runs" / "new" / "c.pt"
+    save_checkpoint(path, plain())
+    raw = torch.load(path, weights_only=True)
+    assert raw["format_version"] == 1 and sorted(raw) == ["config", "format_version", "model", "vocab"]
+
+
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(path, plain())
@@ -64,9 +73,13 @@ class Evil:
 def test_code_objects_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({**plain(), "format_version": 1, "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused") as caught:
         load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
+    message = str(caught.value)
+    reason = message[message.index("(") + 1:-1]
+    assert "\n" not in message and reason.strip()  # one line, with torch's reason
+    assert "weights_only` set to `False`" not in message  # but not torch's advice to turn the check off
 
 
 def test_not_a_checkpoint_and_newer_version(tmp_path):

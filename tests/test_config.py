@@ -95,8 +95,36 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
+def written_values(path) -> dict[str, object]:
+    """A config file's leaves as {"a.b.c": value}, its ``_base_`` chain's first (the file wins)."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    out = written_values(path.parent / raw.pop("_base_")) if "_base_" in raw else {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(raw, "")
+    return out
+
+
 def test_configs_folder_loads():
+    """Every shipped config is valid, named after its file, and every value it writes is the one loaded."""
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")):
-        load_config(path)  # every shipped config is valid
+    paths = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+    assert "shapes_soft.yaml" in [p.name for p in paths]
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.name == path.stem
+        loaded = config_to_dict(cfg)
+        for dotted, value in written_values(path).items():
+            got = loaded
+            for part in dotted.split("."):
+                got = got[part]
+            assert (list(got) if isinstance(got, tuple) else got) == value, f"{path.name}: {dotted}"

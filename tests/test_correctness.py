@@ -88,7 +88,7 @@ def test_non_square_grid_and_image(r, c):
 def test_uniform_map_scores_area_share():
     rng = np.random.default_rng(0)
     mask = rng.random((90, 130)) < 0.3
-    for alpha in (torch.full((35,), 1 / 35), np.full((7, 5), 4.0)):  # scale does not matter
+    for alpha in (torch.full((35,), 1 / 35), np.full((7, 5), 4.0), torch.full((35,), 1e-7)):  # scale does not matter
         assert correctness_of_map(alpha, (7, 5), mask) == pytest.approx(mask.mean(), rel=1e-12)
 
 
@@ -162,6 +162,13 @@ def test_load_regions_errors(tmp_path, write_json, data_error, shapes_128):
     unknown = write_json(tmp_path / "unknown.json", {**base, "annotations": [
         {"id": 5, "image_id": 2, "category_id": 1, "segmentation": [[1, 2, 3, 4, 5, 6]]}]})
     data_error(lambda: load_regions(unknown), "unknown image_id 2")
+    twice = write_json(tmp_path / "twice.json", {**base, "images": base["images"] * 2, "annotations": []})
+    data_error(lambda: load_regions(twice), "images[1] (id 1)", "duplicate image id 1")
+    twice = write_json(tmp_path / "twice_cat.json", {**base, "categories": base["categories"] * 2, "annotations": []})
+    data_error(lambda: load_regions(twice), "categories[1]", "duplicate category id 1")
+    for mask in (np.ones((2, 2, 2), dtype=bool), np.ones((2, 2)), [[True]]):  # a 2-D bool array only
+        with pytest.raises(ValueError, match="2-D bool"):
+            Region(1, "dog", {}, mask)
 
 
 # ----------------------------------------------------------------------------- ground_words
@@ -189,6 +196,21 @@ def test_ground_shapes_skips_ambiguous_and_unmatched(caption):
     assert ground_words(tokenize(caption), regions) == []
 
 
+def test_ground_shapes_phrase_edges_and_words_from_the_data():
+    """A phrase may open the caption; a colour ending it names nothing; a colour the one circle
+    lacks rules it out; shape and colour words the instances file uses are understood."""
+    red, green = shape_region(1, "circle", "red", "small"), shape_region(3, "circle", "green", "small")
+    found = lambda words, regions: [(t, r.object_id) for t, r in ground_words(words, regions)]  # noqa: E731
+    assert found(["red", "circle"], [red, green]) == [(0, 1), (1, 1)]
+    assert found(["small", "red", "circle"], [red, green]) == [(0, 1), (1, 1), (2, 1)]
+    assert found(["circle", "beside", "the", "green"], [red, green]) == []
+    assert found(["red", "circle", "is", "small"], [red, green]) == [(0, 1), (1, 1)]
+    assert found(tokenize("a pink circle"), [red]) == []
+    assert found(tokenize("a black circle"), [red]) == []
+    star = shape_region(4, "star", "ochre", "small")
+    assert found(tokenize("an ochre star above a red circle"), [star, red]) == [(1, 4), (2, 4), (5, 1), (6, 1)]
+
+
 def test_ground_coco_categories_to_unions():
     dog1, dog2 = box((20, 30), slice(0, 5), slice(0, 5)), box((20, 30), slice(10, 20), slice(20, 30))
     regions = [Region(11, "dog", {}, dog1), Region(12, "person", {}, box((20, 30), slice(5, 9), slice(0, 30))),
@@ -202,12 +224,15 @@ def test_ground_coco_categories_to_unions():
     hot_dog = Region(30, "hot dog", {}, box((20, 30), slice(0, 1), slice(0, 1)))
     got = ground_words(tokenize("a hot dog"), [*regions, hot_dog])  # the longest name wins
     assert [(t, r.category) for t, r in got] == [(1, "hot dog"), (2, "hot dog")]
+    got = ground_words(tokenize("a dog and a hot dog or a dog"), [*regions, hot_dog])  # one word, two, one last
+    assert [(t, r.category) for t, r in got] == [(1, "dog"), (4, "hot dog"), (5, "hot dog"), (8, "dog")]
 
 
 @pytest.mark.parametrize("phrase, category", [
     ("dogs", "dog"), ("puppies", "dog"), ("men", "person"), ("women", "person"), ("people", "person"),
     ("buses", "bus"), ("knives", "knife"), ("teddy bear", "teddy bear"), ("hot dogs", "hot dog"),
-    ("cell phone", "cell phone"), ("tv", "tv"), ("sheep", "sheep"),
+    ("cell phone", "cell phone"), ("tv", "tv"), ("sheep", "sheep"), ("boys", "person"), ("guys", "person"),
+    ("ladies", "person"), ("ponies", "horse"),
 ])
 def test_coco_words_and_plurals(phrase, category):
     regions = [Region(1, category, {}, np.ones((4, 4), dtype=bool))]

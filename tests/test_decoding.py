@@ -41,6 +41,30 @@ def test_greedy_always_ends_within_max_len():
     assert out.lengths.tolist() == [3]
 
 
+def teacher_forced_log_prob(dec, feats, tokens, n):
+    """Sum of log p of the first n words and <end> of ``tokens`` (1-D), by a teacher-forced pass."""
+    seq = tokens[: n + 1]
+    logp = torch.log_softmax(dec(feats, torch.cat([torch.tensor([1]), seq]).unsqueeze(0)).logits, -1)[0]
+    return logp[torch.arange(n + 1), seq].sum()
+
+
+def test_greedy_scores_and_stopping_with_captions_of_different_lengths():
+    """Scores sum the log-probabilities of each caption's own words and <end> (nothing after it);
+    on the CPU the loop stops at the step where the last caption ends."""
+    dec = random_decoder(11)
+    feats = torch.randn(16, L, C)
+    out = greedy(dec, feats, max_len=8, start_id=1, end_id=2)
+    assert len(set(out.lengths.tolist())) > 1  # the captions end at different steps
+    for i in range(16):
+        n = int(out.lengths[i])
+        assert out.tokens[i, n] == 2 and (out.tokens[i, n + 1:] == 0).all()
+        expected = teacher_forced_log_prob(dec, feats[i:i + 1], out.tokens[i], n)
+        torch.testing.assert_close(out.scores[i], expected, rtol=1e-4, atol=1e-4)
+    for words in ([5], [5, 7], [5, 7, 9, 4]):  # on the CPU: no step after the last <end>
+        said = greedy(decoder_that_says(words), feats[:2], max_len=10, start_id=1, end_id=2)
+        assert said.tokens.shape[1] == len(words) + 1
+
+
 # ----------------------------------------------------------------------------- beam search
 
 from captioner.decoding import beam_search, sample  # noqa: E402
@@ -124,6 +148,34 @@ def test_beam_scores_are_sums_of_log_probs_and_length_normalised():
         assert (out.scores[i, :-1] >= out.scores[i, 1:]).all()  # best first
 
 
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.7, 1.5])
+def test_beams_are_ranked_by_the_length_penalised_score(length_penalty):
+    """Over many models: scores = log_prob / (words + 1) ** length_penalty, best first, and the single
+    best caption is the top of that ranking (not of the raw log-probability)."""
+    reordered = 0
+    for seed in range(20):
+        dec = random_decoder(100 + seed)
+        feats = torch.randn(2, L, C)
+        full = beam_search(dec, feats, beam_size=5, max_len=6, start_id=1, end_id=2, n_best=5,
+                           length_penalty=length_penalty)
+        expected = full.log_probs / (full.lengths.float() + 1) ** length_penalty
+        torch.testing.assert_close(full.scores, expected)
+        assert (full.scores[:, :-1] >= full.scores[:, 1:]).all(), seed
+        one = beam_search(dec, feats, beam_size=5, max_len=6, start_id=1, end_id=2, length_penalty=length_penalty)
+        assert torch.equal(one.tokens[:, 0], full.tokens[:, 0, : one.tokens.shape[2]]), seed
+        reordered += int((full.log_probs[:, :-1] < full.log_probs[:, 1:]).any())
+    if length_penalty > 0:
+        assert reordered > 0  # the penalty changed the order on some model: the check above has teeth
+
+
+def test_beam_stops_when_its_last_hypothesis_ends():
+    """On the CPU no step runs after every hypothesis has said <end>: T is the longest one + 1."""
+    out = beam_search(decoder_that_says([5, 7, 9, 4]), torch.randn(2, L, C), beam_size=2, max_len=10, start_id=1,
+                      end_id=2, n_best=2)
+    assert out.lengths.max() < 10 and out.tokens.shape[2] == int(out.lengths.max()) + 1
+    assert out.tokens[:, 0].tolist() == [[5, 7, 9, 4, 2] + [0] * (out.tokens.shape[2] - 5)] * 2
+
 def test_beam_edge_cases_always_return_a_caption():
     dec = decoder_that_says([], nxt={1: 5, 5: 5})  # never says <end>
     out = beam_search(dec, torch.randn(2, L, C), beam_size=3, max_len=4, start_id=1, end_id=2)
@@ -154,6 +206,31 @@ def test_sampling_temperature_and_top_k():
     assert torch.equal(top1.tokens, cold.tokens)
     hot = sample(dec, feats, max_len=5, start_id=1, end_id=2, temperature=5.0, generator=g)
     assert not torch.equal(hot.tokens[:, 0], cold.tokens[:, 0])
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            sample(dec, feats, max_len=5, start_id=1, end_id=2, temperature=bad)
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_top_k_samples_only_the_k_most_likely_words(top_k):
+    """Each first word is one of the k most likely first words of its image, and more than one
+    of them comes up."""
+    dec = random_decoder(6)
+    with torch.no_grad():
+        dec.out.weight.div_(20)  # flat: without the cut, unlikely words would come up too
+    feats = torch.randn(8, L, C).repeat(32, 1, 1)  # each image 32 times
+    g = torch.Generator().manual_seed(0)
+    out = sample(dec, feats, max_len=1, start_id=1, end_id=2, top_k=top_k, temperature=2.0, generator=g)
+    first = dec.step(torch.ones(len(feats), dtype=torch.long), dec.init_state(feats), feats, dec.precompute(feats))
+    logits = first.logits.clone()
+    logits[:, [0, 1]] = float("-inf")  # <pad> and <start> are never emitted
+    allowed = logits.topk(top_k, dim=-1).indices  # (N, k)
+    assert (allowed == out.tokens[:, :1]).any(1).all()
+    assert len(set(out.tokens[:, 0].tolist())) > top_k  # many images: the cut is per image
+    few = feats[:3]
+    wide = sample(dec, few, max_len=4, start_id=1, end_id=2, top_k=V + 5, generator=torch.Generator().manual_seed(1))
+    uncut = sample(dec, few, max_len=4, start_id=1, end_id=2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(wide.tokens, uncut.tokens)  # k beyond the vocabulary: no cut
 
 
 def test_checking_for_the_end_less_often_changes_nothing(monkeypatch):

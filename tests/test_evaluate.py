@@ -37,6 +37,31 @@ def test_evaluate_writes_coco_results_and_metrics(trained, tmp_path):
     assert "BLEU-4" in result.table() and "CIDEr-D" in result.table()
 
 
+def test_each_image_gets_its_own_caption_and_the_scores_are_of_those(trained, tmp_path):
+    """Captions are written under the image they describe (a decoder perturbed at random says
+    something different for each image), and the metrics score exactly that id -> caption map."""
+    import torch
+
+    from captioner.evaluate import references
+    from captioner.metrics import caption_metrics
+
+    model = Captioner.from_checkpoint(trained)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(torch.randn_like(p))
+    evaluate(model, model.config.data, split="test", beam_size=2, out_dir=tmp_path, use_java=False)
+    written = {r["image_id"]: r["caption"] for r in json.loads((tmp_path / "captions_test.json").read_text())}
+    records = load_split(model.config.data, "test")
+    own = {r.image_id: model.caption(r.path, beam_size=2, max_len=20).text for r in records}
+    assert len(set(own.values())) > 1  # the images get different captions: a mix-up would show
+    assert written == own
+    scores = json.loads((tmp_path / "metrics_test.json").read_text())["scores"]
+    expected = caption_metrics(own, references(records), use_java=False, spice=False).scores
+    for name in ("bleu4", "rouge_l", "cider"):
+        assert scores[name] == pytest.approx(expected[name]), name
+
+
 def test_validation_and_evaluation_decode_the_same_way(trained):
     """fit() validates from the features it encoded up front, in batches of its own; evaluate
     decodes from pixels: the same captions and maps either way."""

@@ -14,6 +14,7 @@ import os
 import shutil
 import string
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,25 @@ def test_bleu1_by_hand():
     assert ours["bleu1"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_bleu_1_to_4_by_hand():
+    """BLEU-n is the geometric mean of the clipped 1..n-gram precisions (same length: no penalty).
+    the cat sat on the mat / the cat sat on a mat: 5/6 words, 3/5 bigrams, 2/4 trigrams, 1/3 4-grams."""
+    hyps, refs = {0: "the cat sat on the mat"}, {0: ["the cat sat on a mat"]}
+    precisions = [5 / 6, 3 / 5, 2 / 4, 1 / 3]
+    expected = {f"bleu{n}": math.prod(precisions[:n]) ** (1 / n) for n in range(1, 5)}
+    ours = bleu([hyps[0].split()], [[refs[0][0].split()]])
+    coco = python_report(hyps, refs).scores
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, rel=1e-6), name
+        assert coco[name] == pytest.approx(value, rel=1e-6), name
+    assert bleu([], []) == {"bleu1": 0.0, "bleu2": 0.0, "bleu3": 0.0, "bleu4": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nltk's warning about orders with no match is kept quiet
+        assert bleu([["a", "dog"]], [[["a", "cat"]]])["bleu4"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="2 hypotheses but 1 reference"):
+        bleu([["a"], ["b"]], [[["a"]]])
+
+
 # ----------------------------------------------------------------------------- CIDEr-D
 
 def test_cider_exact_corpus_is_ten():
@@ -143,6 +163,7 @@ def test_cider_of_a_single_image_is_zero():
                                                    "$", "1,000.50"]),
     ("I can't, we cannot. Wow!!", ["i", "ca", "n't", "we", "can", "not", "wow", "!!"]),
     ("The dogs' toys", ["the", "dogs", "toys"]),
+    ("Bus 5. at gate 7.", ["bus", "5", "at", "gate", "7"]),  # a number's period is not an abbreviation's
     ("", []),
 ])
 def test_python_tokenizer_rules(caption, expected):

@@ -2,7 +2,7 @@
 misbehave, whatever they are given."""
 
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from captioner.config import load_config
 from captioner.data.dataset import pad_captions
@@ -17,6 +17,8 @@ VALUES = st.one_of(st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_si
 
 
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4))
+@example([("train.bogus", 1)])
+@example([("train.lr", "1e-3"), ("train.bogus", "soft")])
 def test_config_parser_only_ever_raises_config_error(pairs):
     overrides = [f"{k}={v}" for k, v in pairs]
     try:
@@ -24,6 +26,7 @@ def test_config_parser_only_ever_raises_config_error(pairs):
     except ConfigError as err:
         assert "\n" not in str(err) and str(err)
         return
+    assert "train.bogus" not in dict(pairs), "an unknown key was accepted"
     assert cfg.train.batch_size >= 1 and 0 <= cfg.model.decoder.dropout < 1 and cfg.decode.beam_size >= 1
 
 

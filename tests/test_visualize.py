@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,8 @@ from captioner.report import ReportImage, render_report
 from captioner.visualize import (
     attention_figure,
     attention_maps,
+    display_size,
+    overlay,
     support_box,
     teacher_forced,
     visualize_images,
@@ -70,7 +73,59 @@ def test_map_peak_is_at_the_cell_centre_in_the_original_frame(grid, size):
             assert maps.shape == (1, H, W) and maps.max() == pytest.approx(1.0) and maps.min() >= 0
             y, x = np.unravel_index(maps[0].argmax(), (H, W))
             assert cell_of(x + 0.5, y + 0.5, (W, H), grid) == cell
+            if smooth == 0:  # the pixel under the cell's centre is within half a pixel's slope of the peak
+                cy, cx = int((cell[0] + 0.5) * H / grid[0]), int((cell[1] + 0.5) * W / grid[1])
+                assert maps[0, cy, cx] >= 1 - 0.5 * (grid[0] / H + grid[1] / W) - 1e-6
 
+
+@pytest.mark.parametrize("grid,size", [((5, 4), (50, 80)), ((3, 6), (90, 60))])  # (H, W) whole multiples
+def test_cell_map_mass_is_centred_on_the_cells_pixel_box(grid, size):
+    """Bilinear: the map of an inner cell is symmetric about the cell's centre (its centre of mass is
+    there, to float precision); nearest: it is exactly the cell's pixel box."""
+    (h, w), (H, W) = grid, size
+    ys, xs = np.arange(H)[:, None] + 0.5, np.arange(W)[None, :] + 0.5  # pixel centres
+    for r, c in [(1, 1), (h - 2, w - 2), (1, w - 2)]:
+        m = attention_maps(one_hot(grid, (r, c)), grid, (H, W))[0]
+        mass = m.sum()
+        assert (m * ys).sum() / mass == pytest.approx((r + 0.5) * H / h, abs=1e-3)
+        assert (m * xs).sum() / mass == pytest.approx((c + 0.5) * W / w, abs=1e-3)
+        box = attention_maps(one_hot(grid, (r, c)), grid, (H, W), interpolation="nearest")[0]
+        expected = np.zeros((H, W), np.float32)
+        expected[r * H // h:(r + 1) * H // h, c * W // w:(c + 1) * W // w] = 1
+        np.testing.assert_array_equal(box, expected)
+
+
+def test_smoothing_spreads_by_sigma_cells_along_each_axis():
+    """smooth = s blurs by a Gaussian of s cells: the variance of a centre cell's map grows by
+    (s * cell side)^2 along each axis (3-sigma truncation: within 5%), its centre stays put, and
+    a uniform map stays uniform (edges replicated)."""
+    (h, w), (H, W) = (5, 5), (100, 150)  # cells of 20 x 30 pixels
+    ys, xs = np.arange(H)[:, None] + 0.5, np.arange(W)[None, :] + 0.5
+
+    def moments(m):
+        mass = m.sum()
+        my, mx = (m * ys).sum() / mass, (m * xs).sum() / mass
+        return my, mx, (m * (ys - my) ** 2).sum() / mass, (m * (xs - mx) ** 2).sum() / mass
+
+    sharp = moments(attention_maps(one_hot((h, w), (2, 2)), (h, w), (H, W), interpolation="nearest")[0])
+    for s in (0.25, 0.5):
+        soft = moments(attention_maps(one_hot((h, w), (2, 2)), (h, w), (H, W), smooth=s, interpolation="nearest")[0])
+        assert soft[:2] == pytest.approx(sharp[:2], abs=1e-3)
+        assert soft[2] - sharp[2] == pytest.approx((s * H / h) ** 2, rel=0.05)
+        assert soft[3] - sharp[3] == pytest.approx((s * W / w) ** 2, rel=0.05)
+    flat = attention_maps(torch.ones(h * w), (h, w), (H, W), smooth=1.0)
+    np.testing.assert_allclose(flat, 1.0, rtol=1e-5)
+    small = one_hot((4, 4), (1, 2))  # on an 8 x 8 output, smooth 0.4 is a sigma under one pixel: still a blur
+    assert np.abs(attention_maps(small, (4, 4), (8, 8), smooth=0.4) - attention_maps(small, (4, 4), (8, 8))).max() > 0.01
+
+
+def test_overlay_transparency_follows_the_map_and_display_size():
+    maps = np.array([[0.0, 0.25, 1.0]], dtype=np.float32)
+    rgba = overlay(maps, opacity=0.6)
+    np.testing.assert_allclose(rgba[..., 3], [[0.0, 0.15, 0.6]], rtol=1e-6)
+    np.testing.assert_allclose(rgba[..., :3], matplotlib.colormaps["jet"](maps)[..., :3], rtol=1e-6)
+    assert display_size((100, 50)) == (384, 192) and display_size((3, 4), longest=8) == (6, 8)
+    assert display_size((1, 5000)) == (1, 384) and display_size((5000, 2)) == (384, 1)
 
 def test_support_box_marks_hard_and_local_not_soft():
     grid = (4, 6)
@@ -145,6 +200,16 @@ def test_teacher_forced_reads_the_given_caption(checkpoint):
     assert read.words == ["a", "red", "<unk>"]
     assert read.alphas.shape == (4, model.encoder.num_locations) and read.betas.shape == (4,)
     assert torch.allclose(read.alphas.sum(1), torch.ones(4)) and read.score < 0
+    assert torch.allclose(read.alphas.sum(1), torch.ones(4)) and read.score < 0
+    dropout = Captioner.from_checkpoint(untrained_checkpoint(checkpoint.parent / "drop.pt", "model.decoder.dropout=0.5"))
+    dropout.train()
+    reads = [teacher_forced(dropout, image, "a red circle").score for _ in range(2)]
+    assert reads[0] == reads[1] and dropout.training  # read in eval mode (no dropout), and the mode restored
+    own = model.caption(image, beam_size=1)  # reading the model's own greedy caption gives its maps and score
+    again = teacher_forced(model, image, own.text)
+    assert again.words == own.words and again.score == pytest.approx(own.score, abs=1e-4)
+    torch.testing.assert_close(again.alphas, own.alphas, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again.betas, own.betas, atol=1e-5, rtol=1e-4)
 
 
 def test_hard_attention_overlay_outlines_the_chosen_cell(tmp_path):
@@ -154,6 +219,24 @@ def test_hard_attention_overlay_outlines_the_chosen_cell(tmp_path):
     fig = attention_figure(Image.new("RGB", (64, 48)), read.words, read.alphas, read.grid)
     boxes = [[p for p in ax.patches] for ax in fig.axes[1:]]
     assert all(len(b) == 1 for b in boxes)
+
+
+@pytest.mark.parametrize("size,grid", [((120, 60), (2, 6)), ((50, 150), (5, 3))])  # (W, H), (h, w)
+def test_outline_frames_the_chosen_cell_in_image_pixels(size, grid):
+    """Cell (r, c) of an (h, w) grid is the box x in [c W/w, (c+1) W/w], y in [r H/h, (r+1) H/h]; a local
+    window's box spans its cells; a soft map gets no box."""
+    (W, H), (h, w) = size, grid
+    cells = [(0, w - 1), (h - 1, 1), (1, 0)]
+    window = torch.zeros(h, w)
+    window[0:2, 1:3] = 0.25
+    alphas = torch.cat([one_hot(grid, *cells), window.reshape(1, -1), torch.softmax(torch.randn(1, h * w), 1)])
+    fig = attention_figure(Image.new("RGB", size), ["a", "b", "c", "d", "e"], alphas, grid)
+    spans = [(c, r, 1, 1) for r, c in cells] + [(1, 0, 2, 2)]
+    for ax, (c, r, nc, nr) in zip(fig.axes[1:5], spans):
+        (patch,) = ax.patches
+        assert patch.get_xy() == pytest.approx((c * W / w, r * H / h))
+        assert (patch.get_width(), patch.get_height()) == pytest.approx((nc * W / w, nr * H / h))
+    assert not fig.axes[5].patches
 
 
 def test_visualize_images_writes_one_png_per_image(checkpoint, tmp_path, make_image):

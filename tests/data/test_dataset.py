@@ -80,6 +80,21 @@ def test_one_sample_per_image_with_up_to_k_captions(tmp_path, make_image):
         ImageCaptionsDataset(records, vocab, max_len=5, captions_per_image=0)
 
 
+@pytest.mark.parametrize("max_len", [1, 2, 4])
+def test_per_image_samples_cut_captions_to_max_len(tmp_path, make_image, max_len):
+    """vocab.max_len words at most per caption, as in the one-sample-per-caption dataset."""
+    texts = ["a red dog sat on the mat", "a cat", "the big red cat sat down"]
+    records = [ImageRecord(1, make_image(tmp_path / "a.png"), tuple(Caption(t) for t in texts), "train")]
+    vocab = Vocabulary.build(texts)
+    per_image = ImageCaptionsDataset(records, vocab, max_len=max_len, captions_per_image=3, seed=0)
+    per_caption = CaptionDataset(records, vocab, max_len=max_len)
+    _, captions, _ = per_image[0]
+    assert sorted(map(tuple, captions)) == sorted(tuple(per_caption[k][1]) for k in range(3))
+    assert sorted(vocab.decode(c) for c in captions) == sorted(t.split()[:max_len] for t in texts)
+    batch = collate_image_captions([per_image[0]])
+    assert batch.lengths.max().item() == max_len + 2  # <start> words <end>
+
+
 def test_collate_repeats_images_to_captions_by_index(tmp_path, make_image):
     records = [ImageRecord(i, make_image(tmp_path / f"{i}.png", (8 + i, 8)), tuple(Caption(t) for t in caps), "train")
                for i, caps in enumerate([["a dog", "a red dog", "a dog sat"], ["a cat"], ["a mat", "a red mat"]])]
