@@ -260,7 +260,9 @@ def result_figure(image: ImageLike, result: CaptionResult, **options) -> Figure:
 @torch.no_grad()
 def teacher_forced(model: Captioner, image: ImageLike, caption: str) -> CaptionResult:
     """The attention the model pays while reading a GIVEN caption (teacher forcing), e.g. a
-    reference caption: ``model.decoder(features, captions).alphas``.
+    reference caption: ``model.decoder(features, captions).probs``, the distribution each word's
+    location came from (for soft attention the weights used; for hard attention the location
+    probabilities, whose argmax is the location used at test time), as ``Captioner.caption`` gives.
 
     Words outside the vocabulary are shown as ``<unk>`` (that is what the model read).
 
@@ -279,7 +281,7 @@ def teacher_forced(model: Captioner, image: ImageLike, caption: str) -> CaptionR
     log_probs = torch.log_softmax(out.logits[0].float(), dim=-1)  # (T, V)
     score = float(log_probs.gather(1, ids[0, 1:].unsqueeze(1)).sum())
     model.train(was)
-    return CaptionResult(words=[w if w in model.vocab else UNK for w in words], alphas=out.alphas[0].cpu(),
+    return CaptionResult(words=[w if w in model.vocab else UNK for w in words], alphas=out.probs[0].cpu(),
                          betas=out.betas[0].cpu(), grid=model.encoder.grid, score=score)
 
 

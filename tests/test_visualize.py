@@ -212,13 +212,20 @@ def test_teacher_forced_reads_the_given_caption(checkpoint):
     torch.testing.assert_close(again.betas, own.betas, atol=1e-5, rtol=1e-4)
 
 
-def test_hard_attention_overlay_outlines_the_chosen_cell(tmp_path):
+def test_hard_attention_maps_show_the_location_distribution(tmp_path):
+    """Heatmaps read the distribution (DESIGN: the context reads alpha, the figures the
+    distribution): for hard attention the location probabilities, whose argmax is the location
+    the decoder attended at test time; the same maps Captioner.caption returns."""
     model = Captioner.from_checkpoint(untrained_checkpoint(tmp_path / "hard.pt", "model.attention.name=hard"))
-    read = teacher_forced(model, Image.new("RGB", (64, 48)), "a red circle")
-    assert ((read.alphas == 0) | (read.alphas == 1)).all()  # one-hot: the chosen location
-    fig = attention_figure(Image.new("RGB", (64, 48)), read.words, read.alphas, read.grid)
-    boxes = [[p for p in ax.patches] for ax in fig.axes[1:]]
-    assert all(len(b) == 1 for b in boxes)
+    image = Image.new("RGB", (64, 48))
+    read = teacher_forced(model, image, "a red circle")
+    torch.testing.assert_close(read.alphas.sum(-1), torch.ones(len(read.words) + 1))
+    assert ((read.alphas > 0) & (read.alphas < 1)).all()  # a distribution, not a one-hot choice
+    pixels = model.encoder.transform()(image).unsqueeze(0)
+    used = model.decoder(model.encode(pixels), torch.tensor([model.vocab.encode(read.words)])).alphas[0]
+    assert ((used == 0) | (used == 1)).all() and torch.equal(used.argmax(-1), read.alphas.argmax(-1))
+    fig = attention_figure(image, read.words, read.alphas, read.grid)
+    assert all(not ax.patches for ax in fig.axes[1:])  # a full distribution: no outline
 
 
 @pytest.mark.parametrize("size,grid", [((120, 60), (2, 6)), ((50, 150), (5, 3))])  # (W, H), (h, w)
