@@ -26,6 +26,7 @@ from captioner.chair import ChairScorer
 from captioner.config import load_config
 from captioner.errors import CaptionerError
 
+
 @dataclass(frozen=True)
 class Variant:
     """A row: ``configs/shapes_<stem>.yaml`` with ``overrides``. ``run`` names the training run

@@ -219,7 +219,7 @@ class SoftAttention(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
-                    grid: tuple[int, int]) -> "SoftAttention":
+                    grid: tuple[int, int]) -> SoftAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
                    activation=cfg.activation)
 
@@ -252,7 +252,7 @@ class NoAttention(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
-                    grid: tuple[int, int]) -> "NoAttention":
+                    grid: tuple[int, int]) -> NoAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim)
 
     def precompute(self, features: Tensor) -> Tensor:
@@ -275,7 +275,7 @@ class MeanAttention(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
-                    grid: tuple[int, int]) -> "MeanAttention":
+                    grid: tuple[int, int]) -> MeanAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim)
 
     def precompute(self, features: Tensor) -> Tensor:
@@ -348,7 +348,7 @@ class HardAttention(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
-                    grid: tuple[int, int]) -> "HardAttention":
+                    grid: tuple[int, int]) -> HardAttention:
         h = cfg.hard
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
                    activation=cfg.activation, mix_prob=h.mix_prob, mix_per=h.mix_per, inference=h.inference,
@@ -418,7 +418,7 @@ class LocalAttention(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
-                    grid: tuple[int, int]) -> "LocalAttention":
+                    grid: tuple[int, int]) -> LocalAttention:
         o = cfg.local
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, grid=grid, dim=cfg.dim, score=cfg.score,
                    activation=cfg.activation, window=o.window, sigma=o.sigma, restrict=o.restrict,

@@ -324,7 +324,7 @@ class ChairScorer:
         self.truth = truth
 
     @classmethod
-    def for_split(cls, data, split: str, image_ids: Sequence[int] | None = None) -> "ChairScorer | None":
+    def for_split(cls, data, split: str, image_ids: Sequence[int] | None = None) -> ChairScorer | None:
         """``data`` a :class:`~captioner.config.DataConfig`; the instances file is found as
         for attention correctness (``captioner.evaluate.instances_file``)."""
         from captioner.data import instances_file

@@ -601,7 +601,8 @@ def replace(cfg: Any, **changes: Any) -> Any:
 
 
 __all__ = [
-    "AttentionConfig", "HardAttentionConfig", "LocalAttentionConfig", "Config", "DataConfig", "DecodeConfig", "DecoderConfig", "EncoderConfig",
+    "AttentionConfig", "HardAttentionConfig", "LocalAttentionConfig", "Config", "DataConfig", "DecodeConfig",
+    "DecoderConfig", "EncoderConfig",
     "ModelConfig", "ShapesConfig", "SplitConfig", "TrainConfig", "VocabConfig",
     "config_from_dict", "config_to_dict", "load_config", "save_config", "parse_override", "field",
 ]

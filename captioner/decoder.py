@@ -42,10 +42,10 @@ class DecoderState:
     c: Tensor
     out: Tensor | None = None
 
-    def index_select(self, index: Tensor) -> "DecoderState":
+    def index_select(self, index: Tensor) -> DecoderState:
         return DecoderState(*(None if x is None else x.index_select(0, index) for x in (self.h, self.c, self.out)))
 
-    def narrow(self, n: int) -> "DecoderState":
+    def narrow(self, n: int) -> DecoderState:
         """The first ``n`` rows (views)."""
         return DecoderState(*(None if x is None else x[:n] for x in (self.h, self.c, self.out)))
 
@@ -115,7 +115,7 @@ class _Packing:
     token_mask: Tensor | None = None
 
     @classmethod
-    def plan(cls, lengths: Tensor | None, B: int, T: int) -> "_Packing":
+    def plan(cls, lengths: Tensor | None, B: int, T: int) -> _Packing:
         if lengths is None:
             return cls([B] * T)
         lengths = lengths.clamp(1, T)  # every caption predicts at least <end>
@@ -225,7 +225,7 @@ class Decoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, vocab_size: int, feature_dim: int,
-                    grid: tuple[int, int] = (1, 1)) -> "Decoder":
+                    grid: tuple[int, int] = (1, 1)) -> Decoder:
         d = cfg.decoder
         attention = build_attention(cfg.attention, feature_dim=feature_dim, hidden_dim=d.hidden_dim, grid=grid)
         return cls(vocab_size=vocab_size, feature_dim=feature_dim, attention=attention,

@@ -28,8 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioner.progress import tqdm
-
 from captioner.checkpoint import load_checkpoint
 from captioner.config import Config, config_to_dict, load_config
 from captioner.data import load_split
@@ -37,6 +35,7 @@ from captioner.data.shapes import ensure_shapes
 from captioner.errors import CaptionerError
 from captioner.evaluate import EvalResult, evaluate
 from captioner.model import Captioner
+from captioner.progress import tqdm
 from captioner.report import write_report
 from captioner.train import fit, run_dir_of
 from captioner.visualize import Visualized, visualize_images

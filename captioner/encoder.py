@@ -236,7 +236,7 @@ class Encoder(nn.Module):
         self.train(False)
 
     @classmethod
-    def from_config(cls, cfg: EncoderConfig, *, load_weights: bool = True) -> "Encoder":
+    def from_config(cls, cfg: EncoderConfig, *, load_weights: bool = True) -> Encoder:
         return cls(backbone=cfg.backbone, weights=cfg.weights, layer=cfg.layer,
                    image_size=cfg.image_size, fine_tune=cfg.fine_tune, load_weights=load_weights)
 
@@ -257,7 +257,7 @@ class Encoder(nn.Module):
         """The preprocessing that matches this encoder's weights and input size."""
         return image_transform(self.image_size, self.mean, self.std)
 
-    def train(self, mode: bool = True) -> "Encoder":
+    def train(self, mode: bool = True) -> Encoder:
         super().train(mode)
         for m in self._frozen_modules:  # frozen BatchNorm keeps its running statistics
             m.train(False)

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
-from captioner.progress import tqdm
 
 from captioner.chair import ChairReport, chair, load_ground_truth
 from captioner.config import DataConfig
@@ -30,6 +29,7 @@ from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
 from captioner.metrics import MetricReport, caption_metrics
 from captioner.model import Captioner
+from captioner.progress import tqdm
 
 
 @dataclass

@@ -127,8 +127,8 @@ def training_targets(cfg, records: Sequence[ImageRecord], *, grid: tuple[int, in
         ConfigError: supervision without an instances file for the split, or ``strong``
             supervision on captions without per-word grounding.
     """
-    from captioner.errors import ConfigError
     from captioner.data import instances_file
+    from captioner.errors import ConfigError
 
     mode = cfg.train.attention_supervision
     if mode == "none":

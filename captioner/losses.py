@@ -135,7 +135,7 @@ class CaptionLoss(nn.Module):
         self.baseline_on = baseline_on
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "CaptionLoss":
+    def from_config(cls, cfg: TrainConfig) -> CaptionLoss:
         return cls(alpha_c=cfg.alpha_c, reinforce_weight=cfg.reinforce_weight, entropy_weight=cfg.entropy_weight,
                    baseline_decay=cfg.baseline_decay, baseline_on=cfg.baseline_on,
                    attention_weight=cfg.attention_supervision_weight)

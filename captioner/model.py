@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from captioner.checkpoint import load_checkpoint
 from captioner.config import Config, DecodeConfig, config_from_dict
+from captioner.data.images import load_image, to_rgb
 from captioner.decoder import Decoder, DecoderOutput
 from captioner.decoding import Decoded, beam_search, greedy
-from captioner.data.images import load_image, to_rgb
 from captioner.encoder import Encoder, PositionEmbedding2D
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.vocab import Vocabulary
@@ -131,7 +131,7 @@ class Captioner(nn.Module):
         self.vocab, self.config = vocab, config
 
     @classmethod
-    def from_config(cls, cfg: Config, vocab: Vocabulary, *, load_weights: bool = True) -> "Captioner":
+    def from_config(cls, cfg: Config, vocab: Vocabulary, *, load_weights: bool = True) -> Captioner:
         encoder = Encoder.from_config(cfg.model.encoder, load_weights=load_weights)
         decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=encoder.feature_dim,
                                       grid=encoder.grid)
@@ -140,7 +140,7 @@ class Captioner(nn.Module):
         return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, config=cfg)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "Captioner":
+    def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Captioner:
         """Rebuild the model saved at ``path`` (no weight download: the checkpoint has them)."""
         data = load_checkpoint(path)
         try:

@@ -27,7 +27,6 @@ import matplotlib
 import numpy as np
 import torch
 from PIL import Image
-from captioner.progress import tqdm
 
 from captioner.config import DecodeConfig
 from captioner.data.images import load_image
@@ -36,6 +35,7 @@ from captioner.errors import CaptionerError
 from captioner.metrics import DISPLAY_NAMES as METRIC_NAMES
 from captioner.metrics import METRICS
 from captioner.model import Captioner, CaptionResult
+from captioner.progress import tqdm
 from captioner.visualize import as_rgb, display_size, support_box
 
 DISPLAY_SIDE = 420  # CSS pixels of an image's longer side on the page

@@ -51,13 +51,13 @@ from captioner.config import Config, TrainConfig, config_to_dict, replace, save_
 from captioner.data import load_split
 from captioner.data.cache import default_cache_dir, open_cache
 from captioner.data.dataset import CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
-from captioner.grounding import training_targets
 from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
 from captioner.device import resolve_device
 from captioner.distributed import finish, init_distributed, max_parameter_difference, shard, wrap
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.evaluate import decode_records, encode_records, references
+from captioner.grounding import training_targets
 from captioner.losses import CaptionLoss, LossOutput
 from captioner.metrics import caption_metrics
 from captioner.model import Captioner, check_names

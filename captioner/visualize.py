@@ -34,12 +34,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 from torch import Tensor
-from captioner.progress import tqdm
 
 from captioner.correctness import upsample_maps
 from captioner.data.images import load_image
 from captioner.errors import CaptionerError
 from captioner.model import Captioner, CaptionResult, ImageLike
+from captioner.progress import tqdm
 from captioner.vocab import UNK, tokenize
 
 DISPLAY_SIDE = 384  # the longer side of a panel's image, in rendered pixels

@@ -48,7 +48,7 @@ class Vocabulary:
     pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
 
     @classmethod
-    def build(cls, captions: Iterable[str], *, min_count: int = 1, max_size: int = 0) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], *, min_count: int = 1, max_size: int = 0) -> Vocabulary:
         """Words seen at least ``min_count`` times, most frequent first (ties: alphabetical),
         at most ``max_size`` of them (0: all)."""
         counts = Counter(w for c in captions for w in tokenize(c))
@@ -91,7 +91,7 @@ class Vocabulary:
         return {"words": self.itos[len(SPECIALS):]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Vocabulary":
+    def from_dict(cls, data: dict) -> Vocabulary:
         try:
             words = data["words"]
         except (KeyError, TypeError):

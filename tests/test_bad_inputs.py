@@ -492,7 +492,8 @@ TRUNCATED = "truncated JPEG file (it ends before the image data does)"
 CASES = [
     # --- images: load_image
     Case("zero-byte .jpg", a_file("empty.jpg", lambda: b""), LOAD_IMAGE, Raises(DataError, "empty.jpg: empty file")),
-    Case("missing image file", lambda tmp: tmp / "gone.jpg", LOAD_IMAGE, Raises(DataError, "gone.jpg: image file does not exist")),
+    Case("missing image file", lambda tmp: tmp / "gone.jpg", LOAD_IMAGE,
+         Raises(DataError, "gone.jpg: image file does not exist")),
     Case("folder named like an image", folder_named("dir.jpg"), LOAD_IMAGE, Raises(DataError, "dir.jpg: is a folder")),
     Case("HTML error page saved as .jpg", a_file("page.jpg", lambda: b"<!DOCTYPE html>\n<html><body>404</body></html>"),
          LOAD_IMAGE, Raises(DataError, "page.jpg: not an image: an HTML page")),
@@ -587,7 +588,8 @@ CASES = [
          Raises(ConfigError, "data.bad_images must be one of error, skip; got 'ignore'")),
     Case("Karpathy format without an annotation file", literal("data.format=karpathy"), OVERRIDE,
          Raises(ConfigError, "data.annotations must name the annotation file for format karpathy")),
-    Case("malformed YAML", yaml_file("train:\n  lr: [1, 2\n"), LOAD_CONFIG, Raises(ConfigError, "bad.yaml: not valid YAML (line")),
+    Case("malformed YAML", yaml_file("train:\n  lr: [1, 2\n"), LOAD_CONFIG,
+         Raises(ConfigError, "bad.yaml: not valid YAML (line")),
     Case("config not UTF-8", yaml_file(b"name: caf\xe9\n"), LOAD_CONFIG, Raises(ConfigError, "bad.yaml: not a UTF-8 text file")),
     Case("config is a list", yaml_file("- 1\n- 2\n"), LOAD_CONFIG, Raises(ConfigError, "a config must be a mapping")),
     Case("config file that does not exist", lambda tmp: tmp / "nope.yaml", LOAD_CONFIG,

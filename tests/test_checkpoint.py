@@ -1,4 +1,5 @@
 import os
+import pickle
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def test_written_in_format_1_into_a_new_folder(tmp_path):
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(path, plain())
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, pickle.PicklingError)):  # a local lambda: AttributeError
         save_checkpoint(path, plain(bad=lambda: 0))  # a lambda cannot be saved
     assert load_checkpoint(path)["model"]["w"].sum() == 2
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]

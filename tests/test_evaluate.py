@@ -5,8 +5,8 @@ import json
 import pytest
 
 from captioner.cli import main
-from captioner.evaluate import decode_records, evaluate, instances_file
 from captioner.data import load_split
+from captioner.evaluate import decode_records, evaluate, instances_file
 from captioner.model import Captioner
 from captioner.train import fit
 
@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shapes_root):
-    from captioner.config import load_config
     from conftest import TINY_OVERRIDES
+
+    from captioner.config import load_config
 
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(None, [*TINY_OVERRIDES, f"data.root={shapes_root}", f"train.out_dir={out}", "train.epochs=1"])
@@ -99,8 +100,9 @@ def test_cli_evaluate(trained, tmp_path, capsys):
 
 def test_ablation_command_on_tiny_settings(shapes_root, tmp_path, capsys):
     """Two variants, one epoch, tiny model: the table has a row per variant with real numbers."""
-    from captioner import ablation
     from conftest import TINY_OVERRIDES
+
+    from captioner import ablation
 
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs")]
     code = ablation.main(["--variants", "soft", "none", "--epochs", "1", "--beam", "2", "--no-java",

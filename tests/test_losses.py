@@ -96,8 +96,9 @@ def test_entropy_bonus_lowers_the_loss_when_entropy_rises():
     log_probs = torch.full((B, T), -1.0)
     low, high = torch.full((B, T), 0.5), torch.full((B, T), 1.5)
     lam = 0.25
-    a = CaptionLoss(alpha_c=0.0, entropy_weight=lam).eval()(stochastic_output(log_probs, low), torch.zeros(B, T, dtype=torch.long), MASK)
-    b = CaptionLoss(alpha_c=0.0, entropy_weight=lam).eval()(stochastic_output(log_probs, high), torch.zeros(B, T, dtype=torch.long), MASK)
+    loss, targets = CaptionLoss(alpha_c=0.0, entropy_weight=lam).eval(), torch.zeros(B, T, dtype=torch.long)
+    a = loss(stochastic_output(log_probs, low), targets, MASK)
+    b = loss(stochastic_output(log_probs, high), targets, MASK)
     assert a.entropy.item() == pytest.approx(0.5) and b.entropy.item() == pytest.approx(1.5)  # per real word
     assert b.total.item() - a.total.item() == pytest.approx(-lam * 1.0, rel=1e-5)
 

@@ -2,7 +2,8 @@
 misbehave, whatever they are given."""
 
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from captioner.config import load_config
 from captioner.data.dataset import pad_captions

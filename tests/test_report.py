@@ -195,7 +195,8 @@ def test_hover_and_click_draw_the_word_map_in_a_real_browser(browser, tmp_path):
     assert browser.js(shown) == ""
     same_box = ("(() => { const a = document.querySelector('.frame img').getBoundingClientRect(), "
                 "b = document.querySelector('.frame canvas').getBoundingClientRect(); "
-                "return [a.x, a.y, a.width, a.height].every((v, i) => Math.abs(v - [b.x, b.y, b.width, b.height][i]) < 0.5); })()")
+                "return [a.x, a.y, a.width, a.height]"
+                ".every((v, i) => Math.abs(v - [b.x, b.y, b.width, b.height][i]) < 0.5); })()")
     assert browser.js(same_box), "the overlay canvas must cover exactly the image"
     assert browser.js("document.querySelector('.frame img').getBoundingClientRect().width / "
                       "document.querySelector('.frame img').getBoundingClientRect().height") == pytest.approx(2.0, rel=0.01)

@@ -5,7 +5,6 @@ resume from an inference checkpoint."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -18,13 +18,12 @@ from captioner.data.dataset import (
     collate_captions,
     collate_image_captions,
 )
-from captioner.grounding import attention_targets, region_target, target_matrix, training_targets
 from captioner.data.shapes import generate_shapes
 from captioner.errors import ConfigError
+from captioner.grounding import attention_targets, region_target, target_matrix, training_targets
 from captioner.losses import CaptionLoss
 from captioner.supervised_attention import attention_supervision_loss
 from captioner.vocab import Vocabulary, tokenize
-
 
 SHAPES = ["data.format=shapes", "data.shapes.n=30", "data.shapes.seed=2", "data.shapes.image_size=64"]
 

@@ -11,11 +11,11 @@ from torch import Tensor
 from captioner.checkpoint import load_checkpoint
 from captioner.data import load_split
 from captioner.data.images import load_image
+from captioner.data.records import Caption, ImageRecord
 from captioner.encoder import Encoder
 from captioner.errors import CheckpointError
 from captioner.model import Captioner
 from captioner.train import fit, most_common_caption
-from captioner.data.records import Caption, ImageRecord
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,9 @@ def test_fine_tuned_training_encodes_each_image_once_per_epoch(tiny_config, monk
 
     records = load_split(cfg.data, "train")
     transform = Encoder.from_config(cfg.model.encoder, load_weights=False).transform()
-    digest = lambda x: hashlib.sha1(x.numpy().tobytes()).hexdigest()
+    def digest(x):
+        return hashlib.sha1(x.numpy().tobytes()).hexdigest()
+
     train_images = Counter(digest(transform(load_image(r.path))) for r in records)
     encoded = Counter(digest(x) for batch in images for x in batch)
     n_captions = sum(len(r.captions) for r in records)

@@ -1,5 +1,6 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from captioner.errors import CheckpointError
 from captioner.vocab import SPECIALS, Vocabulary, tokenize

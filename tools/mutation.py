@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import json
 import os
 import shutil
@@ -338,12 +337,12 @@ def preload() -> None:
     import matplotlib
     matplotlib.use("Agg")
     import hypothesis  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401
     import numpy  # noqa: F401
     import PIL.Image  # noqa: F401
     import pytest  # noqa: F401
     import torch  # noqa: F401
     import torchvision  # noqa: F401
-    import matplotlib.pyplot  # noqa: F401
 
 
 def run_module(module: str, only: list[int] | None, list_only: bool, everything: bool = False) -> dict:

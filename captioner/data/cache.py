@@ -65,7 +65,8 @@ def _read_manifest(folder: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: the feature cache manifest is unreadable ({err}); delete {folder} and extract again")
+        raise DataError(f"{path}: the feature cache manifest is unreadable ({err}); delete {folder} and "
+                        "extract again") from None
     if not isinstance(data, dict) or data.get("version") != VERSION or "encoder" not in data or "splits" not in data:
         raise DataError(f"{path}: not a feature cache manifest of this version; delete {folder} and extract again")
     return data

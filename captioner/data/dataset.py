@@ -69,7 +69,7 @@ class CaptionBatch:
     image_index: Tensor | None = None
     attention_targets: Tensor | None = None
 
-    def to(self, device: torch.device | str) -> "CaptionBatch":
+    def to(self, device: torch.device | str) -> CaptionBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return CaptionBatch(move(self.index), move(self.captions), move(self.lengths), move(self.mask),
                             move(self.images), move(self.image_index), move(self.attention_targets))

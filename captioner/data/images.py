@@ -44,10 +44,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from captioner.progress import tqdm
 
 from captioner.data.records import ImageRecord
 from captioner.errors import DataError
+from captioner.progress import tqdm
 
 MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
 POLICIES = ("error", "skip")

@@ -32,8 +32,9 @@ def test_extract_and_read_back_across_shards(shapes_root, tmp_path):
 
 
 def load_split_records(root):
-    from captioner.config import load_config
     from conftest import TINY_OVERRIDES
+
+    from captioner.config import load_config
 
     return load_split(load_config(None, [*TINY_OVERRIDES, f"data.root={root}"]).data, "train")
 

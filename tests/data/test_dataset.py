@@ -3,8 +3,14 @@ import random
 import pytest
 import torch
 
-from captioner.data.dataset import (CaptionDataset, ImageCaptionsDataset, choose_captions, collate_captions,
-                                    collate_image_captions, pad_captions)
+from captioner.data.dataset import (
+    CaptionDataset,
+    ImageCaptionsDataset,
+    choose_captions,
+    collate_captions,
+    collate_image_captions,
+    pad_captions,
+)
 from captioner.data.records import Caption, ImageRecord
 from captioner.encoder import image_transform
 from captioner.vocab import Vocabulary
@@ -26,7 +32,7 @@ def test_one_sample_per_caption_with_images(tmp_path, make_image):
     batch = collate_captions([ds[0], ds[2]])
     assert batch.index.tolist() == [0, 1]
     assert batch.images.shape == (2, 3, 16, 16)
-    assert batch.lengths.tolist() == [5, 5]  # "a cat sat" cut to 3 words + <start> <end>
+    assert batch.lengths.tolist() == [5, 4]  # "a red dog" + <start> <end>; "a cat sat" cut: <start> and no <end>
     assert vocab.decode(batch.captions[1].tolist()) == ["a", "cat", "<unk>"]
 
 
@@ -45,7 +51,9 @@ def test_caption_choice_is_a_function_of_seed_epoch_and_image():
         assert chosen == choose_captions(7, 3, seed=seed, epoch=epoch, index=index)  # the same every time asked
         assert len(set(chosen)) == 3 and chosen == sorted(chosen) and all(0 <= j < 7 for j in chosen)
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state  # no global draws
-    by_image = lambda seed, epoch: [draws[seed, epoch, i] for i in range(20)]
+    def by_image(seed, epoch):
+        return [draws[seed, epoch, i] for i in range(20)]
+
     assert len({tuple(map(tuple, by_image(0, e))) for e in range(4)}) == 4  # a new subset every epoch
     assert by_image(0, 0) != by_image(1, 0)  # and another one for another seed
     assert len({tuple(draws[0, 0, i]) for i in range(20)}) > 1  # images do not all draw alike
@@ -92,7 +100,9 @@ def test_per_image_samples_cut_captions_to_max_len(tmp_path, make_image, max_len
     assert sorted(map(tuple, captions)) == sorted(tuple(per_caption[k][1]) for k in range(3))
     assert sorted(vocab.decode(c) for c in captions) == sorted(t.split()[:max_len] for t in texts)
     batch = collate_image_captions([per_image[0]])
-    assert batch.lengths.max().item() == max_len + 2  # <start> words <end>
+    # <start> words, and <end> only where the caption was not cut (a cut caption does not end there)
+    expected = max(1 + min(len(t.split()), max_len) + (len(t.split()) <= max_len) for t in texts)
+    assert batch.lengths.max().item() == expected
 
 
 def test_collate_repeats_images_to_captions_by_index(tmp_path, make_image):
