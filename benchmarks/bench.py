@@ -403,7 +403,7 @@ def setup_training(s: Settings, attention: str, device: torch.device, seed: int 
     decoder = make_decoder(s, attention).to(device).train()
     criterion = CaptionLoss.from_config(tcfg).to(device).train()
     opt = torch.optim.Adam(decoder.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                           fused=device.type in ("cpu", "cuda"))  # as fit's _optimizer
+                           fused=device.type in ("cpu", "cuda"))  # as the Trainer's build_optimizer
     step = train_step_fn(decoder, criterion, opt, features, captions.to(device), mask.to(device), tcfg.grad_clip,
                          amp=amp)
     return step, captions, words
