@@ -242,6 +242,8 @@ class DecoderConfig:
         deep_output: logits from E y_{t-1} + L_h h_t + L_z z_t (eq. 7) instead of from h_t alone.
         dropout_hidden: also drop h_t before the output layer (the authors' code), not only
             the layer's input.
+        fused: the teacher-forced pass sums the recurrent weights' gradients over the steps in
+            one matmul each (captioner/kernels.py); false: the plain per-step layers (same function).
         arrangement: ``xu`` attends with h_{t-1} before the LSTM step (the paper); ``luong``
             after it, on h_t, with an attentional hidden state and input feeding (Luong et al., 2015).
     """
@@ -253,6 +255,7 @@ class DecoderConfig:
     deep_output: bool = True
     dropout_hidden: bool = True
     arrangement: str = "xu"
+    fused: bool = True
 
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 1, "embed_dim", f"must be >= 1; got {self.embed_dim}")

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from captioner.attention import AttentionOutput, build_attention
-from captioner.autograd import StepWeight
 from captioner.config import ModelConfig
+from captioner.kernels import StepWeight
 
 
 @dataclass
@@ -177,6 +177,9 @@ class Decoder(nn.Module):
         dropout_hidden: with the deep output, also drop h_t before L_h (the authors' code).
         arrangement: "xu" (attend on h_{t-1}, before the step) or "luong" (attend on h_t,
             attentional hidden state, input feeding; no beta gate or deep output).
+        fused: in a teacher-forced pass, sum W_z's and W_h's gradients over the steps in one
+            matmul each (``captioner.kernels.StepWeight``); False: the plain per-step layers.
+            The same function either way.
     """
 
     def __init__(
@@ -192,6 +195,7 @@ class Decoder(nn.Module):
         deep_output: bool = True,
         dropout_hidden: bool = True,
         arrangement: str = "xu",
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.vocab_size, self.hidden_dim = vocab_size, hidden_dim
@@ -214,7 +218,7 @@ class Decoder(nn.Module):
         else:
             self.out = nn.Linear(hidden_dim, vocab_size)  # L_o, or Luong's W_s
         self.dropout = nn.Dropout(dropout)
-        self.dropout_hidden = dropout_hidden
+        self.dropout_hidden, self.fused = dropout_hidden, fused
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -230,7 +234,8 @@ class Decoder(nn.Module):
         attention = build_attention(cfg.attention, feature_dim=feature_dim, hidden_dim=d.hidden_dim, grid=grid)
         return cls(vocab_size=vocab_size, feature_dim=feature_dim, attention=attention,
                    embed_dim=d.embed_dim, hidden_dim=d.hidden_dim, dropout=d.dropout, beta_gate=d.beta_gate,
-                   deep_output=d.deep_output, dropout_hidden=d.dropout_hidden, arrangement=d.arrangement)
+                   deep_output=d.deep_output, dropout_hidden=d.dropout_hidden, arrangement=d.arrangement,
+                   fused=d.fused)
 
     # -- pieces shared by training and decoding
 
@@ -260,7 +265,7 @@ class Decoder(nn.Module):
         """One step of the arrangement. Returns (state, attention, z_t, beta_t).
 
         ``gates``: W_z and W_h of the teacher-forced loop, whose gradients are summed once
-        (captioner.autograd); else the layers themselves."""
+        (captioner.kernels); else the layers themselves."""
         w_in, w_h = gates if gates is not None else (self.gate_context, self.gate_hidden)
         if self.luong:  # step on [E y, h~_{t-1}], attend on h_t, h~_t = tanh(W_c [z_t; h_t])
             h, c = _lstm(gates_embed + w_in(state.out) + w_h(state.h), state.c)
@@ -274,8 +279,11 @@ class Decoder(nn.Module):
         beta = beta.squeeze(1) if beta is not None else z.new_ones(z.shape[0])
         return DecoderState(h, c), att, z, beta
 
-    def _step_weights(self) -> tuple[StepWeight, StepWeight]:
-        """W_z and W_h for one teacher-forced pass (see captioner.autograd)."""
+    def _step_weights(self) -> tuple[StepWeight, StepWeight] | None:
+        """W_z and W_h for one teacher-forced pass (the fused kernel, ``captioner.kernels``), or
+        None: the plain layers, one matmul and one gradient per step."""
+        if not self.fused:
+            return None
         return StepWeight(self.gate_context.weight), StepWeight(self.gate_hidden.weight)
 
     def _readout(self, state: DecoderState) -> Tensor:

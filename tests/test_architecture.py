@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "captioner"
 MAX_FUNCTION_LINES = 80
 # Longer today, in files being rewritten elsewhere; remove each name once its function is split.
-TOO_LONG_FOR_NOW = {"captioner.decoder.forward"}
+TOO_LONG_FOR_NOW: set[str] = set()  # every function is within the limit
 
 
 def documented_layers(text: str) -> dict[str, int]:
