@@ -597,7 +597,7 @@ CASES = [
     Case("_base_ file that does not exist", yaml_file("_base_: missing_base.yaml\n"), LOAD_CONFIG,
          Raises(ConfigError, "config file not found", "missing_base.yaml")),
     Case("unknown attention name", train("model.attention.name=sofft"), CLI,
-         Exits("unknown attention", "'sofft'", "valid names: hard, local, none, soft")),
+         Exits("unknown attention", "'sofft'", "valid names: hard, local, mean, none, soft")),
     Case("unknown backbone name", train("model.encoder.backbone=resnet9"), CLI, Exits("unknown backbone 'resnet9'", "resnet18")),
     Case("data.root that does not exist", train("data.root=/nonexistent/coco"), CLI,
          Exits("/nonexistent/coco/annotations/captions_train.json: annotation file does not exist")),
