@@ -39,9 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from captioner.correctness import _OTHER_COLOURS, _OTHER_SIZES, _category_phrases
+from captioner.correctness import _category_phrases, shape_phrases
 from captioner.data._io import check_new, coco_annotations, describe_json, get, optional, read_json
-from captioner.data.shapes import COLOURS, SHAPES, SIZES
 from captioner.errors import DataError
 from captioner.vocab import tokenize
 
@@ -144,23 +143,10 @@ class ChairReport:
 
 def _shape_mentions(words: Sequence[str], objects: Sequence[GroundObject]) -> list[Mention]:
     """``[size] [colour] shape`` phrases and the objects matching every attribute given."""
-    values = {key: {o.attributes.get(key) for o in objects} for key in ("shape", "colour", "size")}
-    shapes = set(SHAPES) | values["shape"]
-    colours = set(COLOURS) | _OTHER_COLOURS | values["colour"]
-    sizes = set(SIZES) | _OTHER_SIZES | values["size"]
     mentions = []
-    for t, word in enumerate(words):
-        if word not in shapes:
-            continue
-        given, start = {"shape": word}, t
-        if start > 0 and words[start - 1] in colours:
-            start -= 1
-            given["colour"] = words[start]
-        if start > 0 and words[start - 1] in sizes:
-            start -= 1
-            given["size"] = words[start]
+    for start, end, given in shape_phrases(words, [o.attributes for o in objects]):
         matches = tuple(o for o in objects if all(o.attributes.get(k) == v for k, v in given.items()))
-        mentions.append(Mention(start, t + 1, matches))
+        mentions.append(Mention(start, end, matches))
     return mentions
 
 

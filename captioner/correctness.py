@@ -192,26 +192,36 @@ def _union(regions: Sequence[Region]) -> Region:
     return Region(min(r.object_id for r in regions), regions[0].category, {}, mask)
 
 
-def _ground_shapes(words: Sequence[str], regions: Sequence[Region]) -> list[tuple[int, Region]]:
-    """``[size] [colour] shape`` phrases that pick out exactly one object."""
-    values = {key: {r.attributes.get(key) for r in regions} for key in ("shape", "colour", "size")}
+def shape_phrases(words: Sequence[str], attributes: Sequence[Mapping[str, str]]) -> list[tuple[int, int, dict]]:
+    """``[size] [colour] shape`` phrases: (start, end, the attributes they give), the phrase
+    being ``words[start:end]``. ``attributes`` are the image's objects' (their values count as
+    words too, beside the generator's vocabulary). Attention correctness and CHAIR share it."""
+    values = {key: {a.get(key) for a in attributes} for key in ("shape", "colour", "size")}
     shapes = set(SHAPES) | values["shape"]
     colours = set(COLOURS) | _OTHER_COLOURS | values["colour"]
     sizes = set(SIZES) | _OTHER_SIZES | values["size"]
-    grounded = []
+    phrases = []
     for t, word in enumerate(words):
         if word not in shapes:
             continue
-        given, start = {"shape": word}, t  # the phrase is words[start : t + 1]
+        given, start = {"shape": word}, t
         if start > 0 and words[start - 1] in colours:
             start -= 1
             given["colour"] = words[start]
         if start > 0 and words[start - 1] in sizes:
             start -= 1
             given["size"] = words[start]
+        phrases.append((start, t + 1, given))
+    return phrases
+
+
+def _ground_shapes(words: Sequence[str], regions: Sequence[Region]) -> list[tuple[int, Region]]:
+    """``[size] [colour] shape`` phrases that pick out exactly one object."""
+    grounded = []
+    for start, end, given in shape_phrases(words, [r.attributes for r in regions]):
         matches = [r for r in regions if all(r.attributes.get(k) == v for k, v in given.items())]
         if len(matches) == 1:  # ambiguous ("a circle" with two circles) or unmatched: skipped
-            grounded += [(i, matches[0]) for i in range(start, t + 1)]
+            grounded += [(i, matches[0]) for i in range(start, end)]
     return grounded
 
 

@@ -48,3 +48,14 @@ def test_disabled_bars_write_nothing_and_bars_can_be_forced(monkeypatch):
     for _ in tqdm(range(10), file=out, mininterval=0):
         pass
     assert "\r" in out.getvalue()  # tqdm's own in-place redraws
+
+
+def test_no_module_draws_tqdm_bars_directly():
+    """Every progress bar in the package goes through captioner.progress (line mode off a terminal)."""
+    import pathlib
+    import re
+
+    package = pathlib.Path(__file__).resolve().parents[1] / "captioner"
+    direct = [str(p.relative_to(package)) for p in package.rglob("*.py")
+              if p.name != "progress.py" and re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M)]
+    assert direct == []

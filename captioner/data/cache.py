@@ -82,7 +82,7 @@ def extract(encoder, records: Sequence[ImageRecord], folder: str | Path, *, spli
         folder: the cache folder (made if needed; other splits in it are kept).
     """
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    from captioner.progress import tqdm
 
     from captioner.data.dataset import ImageDataset, collate_images
 

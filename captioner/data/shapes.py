@@ -404,7 +404,7 @@ def generate_shapes(out_dir: str | Path, *, n: int, seed: int = 0, image_size: i
     try:
         results = pool.imap(_make_image, jobs, chunksize=16) if pool else map(_make_image, jobs)
         if progress:
-            from tqdm import tqdm
+            from captioner.progress import tqdm
             results = tqdm(results, total=n, desc="shapes", unit="img")
         for record in results:
             records[record["split"]].append(record)
