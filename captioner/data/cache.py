@@ -82,9 +82,9 @@ def extract(encoder, records: Sequence[ImageRecord], folder: str | Path, *, spli
         folder: the cache folder (made if needed; other splits in it are kept).
     """
     from torch.utils.data import DataLoader
-    from captioner.progress import tqdm
 
     from captioner.data.dataset import ImageDataset, collate_images
+    from captioner.progress import tqdm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
