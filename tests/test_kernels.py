@@ -204,50 +204,42 @@ def test_additive_score_fused_and_plain_agree_with_and_without_gradients(K):
         torch.testing.assert_close(fused(fused.precompute(keys), query), b.detach())
 
 
+def _decoder_loss_and_grads(*overrides: str, train: bool = False):
+    """A tiny decoder's teacher-forced loss and its parameters' gradients, in double precision."""
+    cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
+                             "model.decoder.dropout=0.0", "model.attention.hard.inference=argmax", *overrides]).model
+    torch.manual_seed(0)
+    dec = Decoder.from_config(cfg, vocab_size=20, feature_dim=8).double().train(train)
+    feats = torch.randn(3, 10, 8, dtype=torch.double)
+    caps = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 7, 8, 9, 10, 2], [1, 4, 2, 0, 0, 0]])
+    mask = caps[:, 1:] != 0
+    loss = CaptionLoss(alpha_c=1.0)(dec(feats, caps, lengths=mask.sum(1)), caps[:, 1:], mask).total
+    loss.backward()
+    return dec, loss.detach(), {n: p.grad for n, p in dec.named_parameters() if p.grad is not None}
+
+
+def _assert_same(fused, plain) -> dict:
+    (_, loss_f, grads_f), (_, loss_p, grads_p) = fused, plain
+    torch.testing.assert_close(loss_f, loss_p)
+    assert grads_f.keys() == grads_p.keys() and len(grads_p) > 10
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], msg=name)
+    return grads_p
+
+
 @pytest.mark.parametrize("attention", ["soft", "hard", "local"])
 def test_decoder_with_fused_kernels_matches_the_plain_model(attention):
     """The whole teacher-forced pass, model.attention.fused true against false: same loss and
     same gradients, in double precision."""
-    def grads(fused):
-        cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
-                                 "model.decoder.dropout=0.0", f"model.attention.name={attention}",
-                                 "model.attention.hard.inference=argmax", f"model.attention.fused={fused}"]).model
-        torch.manual_seed(0)
-        dec = Decoder.from_config(cfg, vocab_size=20, feature_dim=8).double().eval()
-        feats = torch.randn(3, 10, 8, dtype=torch.double)
-        caps = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 7, 8, 9, 10, 2], [1, 4, 2, 0, 0, 0]])
-        mask = caps[:, 1:] != 0
-        loss = CaptionLoss(alpha_c=1.0)(dec(feats, caps, lengths=mask.sum(1)), caps[:, 1:], mask).total
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in dec.named_parameters() if p.grad is not None}
-
-    (loss_f, fused), (loss_p, plain) = grads("true"), grads("false")
-    torch.testing.assert_close(loss_f, loss_p)
-    assert fused.keys() == plain.keys() and len(plain) > 10
-    for name in plain:
-        torch.testing.assert_close(fused[name], plain[name], msg=name)
+    _assert_same(_decoder_loss_and_grads(f"model.attention.name={attention}", "model.attention.fused=true"),
+                 _decoder_loss_and_grads(f"model.attention.name={attention}", "model.attention.fused=false"))
 
 
 @pytest.mark.parametrize("arrangement", ["xu", "luong"])
 def test_decoder_step_weights_fused_and_plain_agree(arrangement):
     """model.decoder.fused: the recurrent weights' gradients summed once per pass (StepWeight)
     against the plain per-step layers: the same loss and gradients, in double precision."""
-    def grads(fused):
-        cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=5", "model.decoder.hidden_dim=7",
-                                 "model.decoder.dropout=0.0", f"model.decoder.arrangement={arrangement}",
-                                 f"model.decoder.fused={fused}"]).model
-        torch.manual_seed(0)
-        dec = Decoder.from_config(cfg, vocab_size=20, feature_dim=8).double().train()
-        assert dec.fused is (fused == "true")
-        feats = torch.randn(3, 10, 8, dtype=torch.double)
-        caps = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 7, 8, 9, 10, 2], [1, 4, 2, 0, 0, 0]])
-        mask = caps[:, 1:] != 0
-        loss = CaptionLoss(alpha_c=1.0)(dec(feats, caps, lengths=mask.sum(1)), caps[:, 1:], mask).total
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in dec.named_parameters() if p.grad is not None}
-
-    (loss_f, fused), (loss_p, plain) = grads("true"), grads("false")
-    torch.testing.assert_close(loss_f, loss_p)
-    assert fused.keys() == plain.keys() and {"gate_context.weight", "gate_hidden.weight"} <= plain.keys()
-    for name in plain:
-        torch.testing.assert_close(fused[name], plain[name], msg=name)
+    fused = _decoder_loss_and_grads(f"model.decoder.arrangement={arrangement}", "model.decoder.fused=true", train=True)
+    plain = _decoder_loss_and_grads(f"model.decoder.arrangement={arrangement}", "model.decoder.fused=false", train=True)
+    assert fused[0].fused and not plain[0].fused
+    assert {"gate_context.weight", "gate_hidden.weight"} <= _assert_same(fused, plain).keys()
