@@ -269,14 +269,19 @@ def _add_data(sub) -> None:
     shapes.set_defaults(func=_cmd_shapes)
 
 
+def _add_config_arguments(cmd) -> None:
+    """CONFIG and its key=value overrides (which may also follow the options: see parse_args)."""
+    cmd.add_argument("config", help="YAML config file")
+    cmd.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
 def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train a captioner from a YAML config",
                            description="Train a captioner. CONFIG is a YAML file (configs/*.yaml); key=value "
                                        "arguments override it, e.g. train.epochs=5 model.attention.name=soft, "
                                        "before or after the options. The run folder (train.out_dir) gets "
                                        "config.yaml, vocab.json, metrics.jsonl, last.pt and best.pt.")
-    train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_config_arguments(train)
     train.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint ('auto': the run's last.pt)")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(func=_cmd_train)
@@ -288,8 +293,7 @@ def _add_train(sub) -> None:
                                            "annotation vectors (float16, memory-mapped shards, with a manifest) in "
                                            "data.feature_cache or <data.root>/features/...; training with the "
                                            "same config then reads them instead of encoding images.")
-    ext.add_argument("config", help="YAML config file")
-    ext.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_config_arguments(ext)
     ext.add_argument("--splits", nargs="+", default=["train", "val"], choices=("train", "val", "test"),
                      help="splits to encode (default: train val)")
     ext.set_defaults(func=_cmd_features)
