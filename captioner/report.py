@@ -7,7 +7,8 @@ lists the beam's n-best captions with their log-probabilities; hovering, focusin
 clicking (to pin) a word draws that word's attention map over the image in a
 ``<canvas>``, in the same frame, colours and transparency as :mod:`captioner.visualize`
 (grid cell (r, c) covers rows r*H/h .. (r+1)*H/h and columns c*W/w .. (c+1)*W/w of the
-original image, bilinear between cell centres). The run's metrics (``metrics_<split>.json``
+original image; each cell's weight is drawn at the centre of its feature's receptive field,
+``model.encoder.cell_origin``, and bilinear between). The run's metrics (``metrics_<split>.json``
 from ``captioner evaluate``) go on top when given.
 
 Letters: B batch, N n-best, T steps, L = h * w locations.
@@ -190,15 +191,17 @@ _SCRIPT = r"""
 const DATA = JSON.parse(document.getElementById("report-data").textContent);
 const settings = { opacity: DATA.opacity, smooth: DATA.smooth };
 
-// Resample a (sh, sw) row-major map to (dh, dw) bilinearly between cell centres, as torch's
-// interpolate(mode="bilinear", align_corners=False).
-function resample(src, sh, sw, dh, dw) {
+// Resample a (sh, sw) row-major map to (dh, dw) bilinearly, the weight of cell (r, c) at
+// (r + oy, c + ox) cells: origin [0.5, 0.5] is the cell's centre, as torch's
+// interpolate(mode="bilinear", align_corners=False); the encoder's cell_origin is where the
+// cell's feature looks (captioner.visualize.upsample_maps).
+function resample(src, sh, sw, dh, dw, origin = [0.5, 0.5]) {
   const out = new Float32Array(dh * dw);
   for (let y = 0; y < dh; y++) {
-    const sy = Math.min(Math.max((y + 0.5) * sh / dh - 0.5, 0), sh - 1);
+    const sy = Math.min(Math.max((y + 0.5) * sh / dh - origin[0], 0), sh - 1);
     const y0 = Math.floor(sy), y1 = Math.min(y0 + 1, sh - 1), fy = sy - y0;
     for (let x = 0; x < dw; x++) {
-      const sx = Math.min(Math.max((x + 0.5) * sw / dw - 0.5, 0), sw - 1);
+      const sx = Math.min(Math.max((x + 0.5) * sw / dw - origin[1], 0), sw - 1);
       const x0 = Math.floor(sx), x1 = Math.min(x0 + 1, sw - 1), fx = sx - x0;
       out[y * dw + x] = (1 - fy) * ((1 - fx) * src[y0 * sw + x0] + fx * src[y0 * sw + x1]) +
                         fy * ((1 - fx) * src[y1 * sw + x0] + fx * src[y1 * sw + x1]);
@@ -209,11 +212,11 @@ function resample(src, sh, sw, dh, dw) {
 
 // Gaussian blur (sigma in cells) at 8 pixels per cell, edges replicated, renormalised to peak 1:
 // the smoothing of captioner.visualize.attention_maps. Returns [map, rows, cols].
-function smoothed(map, grid, sigma) {
+function smoothed(map, grid, sigma, origin) {
   const S = 8, [h, w] = grid, H = h * S, W = w * S, r = Math.ceil(3 * sigma * S);
   const taps = Array.from({ length: 2 * r + 1 }, (_, k) => Math.exp(-((k - r) ** 2) / (2 * (sigma * S) ** 2)));
   const total = taps.reduce((a, b) => a + b);
-  let m = resample(map, h, w, H, W);
+  let m = resample(map, h, w, H, W, origin);
   for (const [n, len, step, stride] of [[H, W, 1, W], [W, H, W, 1]]) {  // along rows, then along columns
     const out = new Float32Array(H * W);
     for (let line = 0; line < n; line++) {
@@ -230,15 +233,16 @@ function smoothed(map, grid, sigma) {
 }
 
 // The map over the whole image: colour map, transparency ~ attention, and the support box.
-function draw(canvas, map, grid, box) {
+function draw(canvas, map, grid, box, origin) {
   const [h, w] = grid;
   const frame = canvas.parentElement;
   const W = Math.max(Math.round(frame.clientWidth * devicePixelRatio), 8 * w);
   const H = Math.max(Math.round(frame.clientHeight * devicePixelRatio), 8 * h);
   canvas.width = W;
   canvas.height = H;
-  const [src, sh, sw] = settings.smooth > 0 ? smoothed(map, grid, settings.smooth) : [map, h, w];
-  const values = resample(src, sh, sw, H, W);
+  const smooth = settings.smooth > 0;
+  const [src, sh, sw] = smooth ? smoothed(map, grid, settings.smooth, origin) : [map, h, w];
+  const values = resample(src, sh, sw, H, W, smooth ? [0.5, 0.5] : origin);  // smoothed: already in place
   const ctx = canvas.getContext("2d");
   const image = ctx.createImageData(W, H);
   for (let i = 0; i < values.length; i++) {
@@ -266,7 +270,7 @@ function show(article, word) {
   }
   const caption = item.captions[word.dataset.caption], step = Number(word.dataset.step);
   word.classList.add("active");
-  draw(canvas, caption.maps[step], item.grid, caption.boxes[step]);
+  draw(canvas, caption.maps[step], item.grid, caption.boxes[step], item.origin);
   figure.dataset.shown = word.dataset.caption + ":" + step;
   figure.querySelector(".now").textContent =
     "\u201c" + caption.words[step] + "\u201d \u00b7 \u03b2 = " + caption.betas[step].toFixed(2);
@@ -305,7 +309,8 @@ window.addEventListener("resize", redrawAll);
 
 
 def render_report(items: Sequence[ReportImage], *, title: str = "Where the model looks", info: str = "",
-                  metrics: dict | None = None, cmap: str = "jet", opacity: float = 0.7, smooth: float = 0.0) -> str:
+                  metrics: dict | None = None, cmap: str = "jet", opacity: float = 0.7, smooth: float = 0.0,
+                  origin: tuple[float, float] = (0.5, 0.5)) -> str:
     """The report page as one HTML string (no external resources).
 
     Args:
@@ -314,11 +319,14 @@ def render_report(items: Sequence[ReportImage], *, title: str = "Where the model
         metrics: the content of a ``metrics_<split>.json`` written by ``captioner evaluate``.
         cmap, opacity, smooth: the look of the maps, as in :func:`captioner.visualize.attention_figure`
             (the page has sliders for opacity and smoothing).
+        origin: where a cell's weight is drawn, in cells from its top-left corner: (0.5, 0.5) the
+            cell's centre, ``model.encoder.cell_origin`` where its feature looks.
     """
     lut = (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(int).tolist()  # (256, 3)
     data = {"cmap": lut, "opacity": opacity, "smooth": smooth,
             "images": [{"name": item.name, "size": list(item.image.size),
                         "grid": list(item.captions[0].grid) if item.captions else [1, 1],
+                        "origin": [float(origin[0]), float(origin[1])],
                         "captions": [_caption_data(c) for c in item.captions]} for item in items]}
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # cannot close the script tag
     controls = (f'<p class="controls"><label>opacity <input id="opacity" type="range" min="0" max="1" step="0.05" '
@@ -388,7 +396,7 @@ def write_report(model: Captioner, images: Sequence[str | Path], out_dir: str | 
         f"{cfg.model.attention.name} attention, {cfg.model.encoder.backbone} encoder" if cfg else "",
         f"grid {model.encoder.grid[0]}\u00d7{model.encoder.grid[1]}", f"beam {beam_size}") if part)
     page = render_report([ReportImage(p.name, im, c) for p, im, c in zip(paths, pictures, captions)],
-                         title=title, info=info, metrics=scores, smooth=smooth)
+                         title=title, info=info, metrics=scores, smooth=smooth, origin=model.encoder.cell_origin)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "report.html"

@@ -28,7 +28,7 @@ SIZE = (300, 150)  # (W, H): a wide image and a non-square grid
 CELLS = [(0, 4), (2, 0), (1, 2)]  # where "left", "right" and <end> look
 
 
-def synthetic_page(path: Path) -> Path:
+def synthetic_page(path: Path, origin: tuple[float, float] = (0.5, 0.5)) -> Path:
     """A report whose maps are one-hot at known cells, over a grey image."""
     best = CaptionResult(words=["left", "right"], alphas=one_hot(GRID, *CELLS), betas=torch.tensor([0.2, 0.4, 0.6]),
                          grid=GRID, score=-1.25)
@@ -38,7 +38,7 @@ def synthetic_page(path: Path) -> Path:
                "unavailable": {"meteor": "no Java"}, "attention_correctness": {"score": 0.5, "uniform": 0.1,
                                                                                "words": 7, "images": 2}}
     item = ReportImage("grey.png", Image.new("RGB", SIZE, (128, 128, 128)), [best, other])
-    path.write_text(render_report([item], metrics=metrics, info="synthetic"), encoding="utf-8")
+    path.write_text(render_report([item], metrics=metrics, info="synthetic", origin=origin), encoding="utf-8")
     return path
 
 
@@ -168,6 +168,19 @@ PEAK = """(() => {  // the canvas pixel with the most overlay opacity, as (x, y,
 })()"""
 
 
+CENTROID = """(() => {  // the overlay's opacity-weighted centre, outline box (white) left out, as (x, y, width, height)
+  const c = document.querySelector('.item canvas');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let sx = 0, sy = 0, total = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i] === 255 && d[i + 1] === 255 && d[i + 2] === 255) continue;
+    const p = i / 4, a = d[i + 3];
+    sx += a * (p % c.width + 0.5); sy += a * (Math.floor(p / c.width) + 0.5); total += a;
+  }
+  return [sx / total, sy / total, c.width, c.height];
+})()"""
+
+
 COVERED = """(() => {  // the share of canvas pixels the overlay colours visibly
   const c = document.querySelector('.item canvas');
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
@@ -221,6 +234,20 @@ def test_hover_and_click_draw_the_word_map_in_a_real_browser(browser, tmp_path):
     shot.write_bytes(base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"]))
     assert Image.open(shot).size == (1100, 700)
     print(f"screenshot: {shot}")
+
+
+def test_a_cells_weight_is_drawn_where_its_feature_looks(browser, tmp_path):
+    """With the receptive-field origin (0, 0) a one-hot cell's map is centred on its top-left
+    corner, with the default (0.5, 0.5) on its centre; as captioner.visualize draws it."""
+    peaks = {}
+    for origin in ((0.5, 0.5), (0.0, 0.0)):
+        page = synthetic_page(tmp_path / f"report-{origin[0]}.html", origin=origin)
+        browser.open(page.as_uri(), 1100, 700)
+        browser.mouse("mouseMoved", *word_centre(browser, 0, 2))  # <end>: cell (1, 2) of the 3 x 5 grid
+        x, y, W, H = browser.js(CENTROID)
+        peaks[origin] = (y * GRID[0] / H, x * GRID[1] / W)  # in cells
+    assert peaks[(0.5, 0.5)] == (pytest.approx(1.5, abs=0.05), pytest.approx(2.5, abs=0.05))
+    assert peaks[(0.0, 0.0)] == (pytest.approx(1.0, abs=0.05), pytest.approx(2.0, abs=0.05))
 
 
 # ----------------------------------------------------------------------------- the command
