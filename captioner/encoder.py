@@ -321,14 +321,13 @@ class PositionEmbedding2D(nn.Module):
         return features + pos
 
 
-
 class FeatureHead(nn.Module):
     """Trained residual blocks over the annotation grid, between a frozen (or cached)
     backbone and the decoder: each cell's vector learns from its neighbours what the
     captions need (``model.encoder.head_layers``). A random or off-task backbone's cells
     hold little that a linear read-out can use (on the shapes set, a linear probe of the
     random ResNet-18 ``layer2`` cells under an object tells its shape 68% of the time; after
-    one trained 3x3 layer, 94%).
+    one 3x3 layer trained on the objects' shapes, 93.5%: ``tools/probe_features.py``).
 
     A block is ``x + W2 relu(W1 x)``: W1 a 3x3 convolution (padding 1 keeps the grid and each
     cell's receptive-field centre), W2 a 1x1 convolution that starts at zero, so a fresh head
