@@ -327,7 +327,7 @@ class FeatureHead(nn.Module):
     captions need (``model.encoder.head_layers``). A random or off-task backbone's cells
     hold little that a linear read-out can use (on the shapes set, a linear probe of the
     random ResNet-18 ``layer2`` cells under an object tells its shape 68% of the time; after
-    one 3x3 layer trained on the objects' shapes, 93.5%: ``tools/probe_features.py``).
+    one 3x3 layer trained on the objects' shapes, 93.5%; README "Getting the words and the maps right").
 
     A block is ``x + W2 relu(W1 x)``: W1 a 3x3 convolution (padding 1 keeps the grid and each
     cell's receptive-field centre), W2 a 1x1 convolution that starts at zero, so a fresh head
