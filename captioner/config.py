@@ -142,6 +142,8 @@ class EncoderConfig:
         image_size: images are resized to this square size; the grid follows from it.
         fine_tune: train the last N stages of the backbone (0: frozen, -1: all of it).
         positional: add a learned 2-D position embedding to the annotation vectors.
+        coordinates: append each cell's (row, column), scaled to [-1, 1], as two more
+            channels: where a location is, kept apart from what is there.
         head_layers: trained residual blocks (3x3 convolution, ReLU, 1x1 convolution) over
             the backbone's grid, after any feature cache: they let a frozen backbone's cells
             learn what the captions need, at a fraction of fine-tuning's cost (0: none, the
@@ -155,6 +157,7 @@ class EncoderConfig:
     image_size: int = 224
     fine_tune: int = 0
     positional: bool = False
+    coordinates: bool = False
     head_layers: int = 0
     head_dim: int | None = None
 

@@ -321,6 +321,22 @@ class PositionEmbedding2D(nn.Module):
         return features + pos
 
 
+class GridCoordinates(nn.Module):
+    """Appends each location's (row, column), scaled to [-1, 1], to its annotation vector
+    (``model.encoder.coordinates``): C -> C + 2. Unlike :class:`PositionEmbedding2D`, the
+    position does not share channels with the content."""
+
+    def __init__(self, *, grid: tuple[int, int]) -> None:
+        super().__init__()
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, grid[0]), torch.linspace(-1, 1, grid[1]), indexing="ij")
+        self.register_buffer("coords", torch.stack([rows, cols], -1).flatten(0, 1), persistent=False)  # (L, 2)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, L, C) -> (B, L, C + 2)"""
+        coords = self.coords.to(features.dtype).expand(features.shape[0], -1, -1)
+        return torch.cat([features, coords], dim=-1)
+
+
 class FeatureHead(nn.Module):
     """Trained residual blocks over the annotation grid, between a frozen (or cached)
     backbone and the decoder: each cell's vector learns from its neighbours what the

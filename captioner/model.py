@@ -22,7 +22,7 @@ from captioner.config import Config, DecodeConfig, config_from_dict
 from captioner.data.images import load_image, to_rgb
 from captioner.decoder import Decoder, DecoderOutput
 from captioner.decoding import Decoded, beam_search, greedy
-from captioner.encoder import Encoder, FeatureHead, PositionEmbedding2D
+from captioner.encoder import Encoder, FeatureHead, GridCoordinates, PositionEmbedding2D
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.vocab import Vocabulary
 
@@ -123,26 +123,31 @@ class Captioner(nn.Module):
         position: an optional module added to the features (learned 2-D positions).
         head: an optional module over the raw features, before ``position`` (trained
             convolutions, :class:`FeatureHead`).
+        coords: an optional module after ``position`` (:class:`GridCoordinates`).
         config: the config that built it (saved in checkpoints).
     """
 
     def __init__(self, *, encoder: Encoder, decoder: Decoder, vocab: Vocabulary,
                  position: nn.Module | None = None, head: nn.Module | None = None,
-                 config: Config | None = None) -> None:
+                 coords: nn.Module | None = None, config: Config | None = None) -> None:
         super().__init__()
         self.encoder, self.decoder, self.position, self.head = encoder, decoder, position, head
+        self.coords = coords
         self.vocab, self.config = vocab, config
 
     @classmethod
     def from_config(cls, cfg: Config, vocab: Vocabulary, *, load_weights: bool = True) -> Captioner:
         e = cfg.model.encoder
         encoder = Encoder.from_config(e, load_weights=load_weights)
-        dim = (e.head_dim or encoder.feature_dim) if e.head_layers else encoder.feature_dim  # C the decoder sees
+        dim = (e.head_dim or encoder.feature_dim) if e.head_layers else encoder.feature_dim  # C after the head
         head = (FeatureHead(grid=encoder.grid, dim_in=encoder.feature_dim, dim=dim, layers=e.head_layers)
                 if e.head_layers else None)
-        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=dim, grid=encoder.grid)
         position = PositionEmbedding2D(grid=encoder.grid, dim=dim) if e.positional else None
-        return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, head=head, config=cfg)
+        coords = GridCoordinates(grid=encoder.grid) if e.coordinates else None
+        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=dim + 2 * e.coordinates,
+                                      grid=encoder.grid)
+        return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, head=head, coords=coords,
+                   config=cfg)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Captioner:
@@ -175,9 +180,10 @@ class Captioner(nn.Module):
 
     def features(self, raw: Tensor) -> Tensor:
         """Raw encoder output (B, L, C) -> annotation vectors the decoder attends over
-        (through the head, then plus the positions, each where configured)."""
+        (through the head, plus the positions, then with the coordinates, each where configured)."""
         feats = self.head(raw) if self.head is not None else raw
-        return self.position(feats) if self.position is not None else feats
+        feats = self.position(feats) if self.position is not None else feats
+        return self.coords(feats) if self.coords is not None else feats
 
     def encode(self, images: Tensor) -> Tensor:
         """images (B, 3, S, S) -> annotation vectors (B, L, C)."""

@@ -214,3 +214,17 @@ def test_cell_origin_is_measured_under_no_grad_too():
     with torch.no_grad():  # where inference and evaluation first ask for it
         origin = encoder.cell_origin
     assert origin == pytest.approx((0.0625, 0.0625), abs=0.01)
+
+
+def test_grid_coordinates_append_row_and_column_in_minus_one_to_one():
+    from captioner.encoder import GridCoordinates
+
+    feats = torch.randn(2, 3 * 4, 5)  # a (3, 4) grid, row-major
+    out = GridCoordinates(grid=(3, 4))(feats)
+    assert out.shape == (2, 12, 7)
+    torch.testing.assert_close(out[..., :5], feats)  # the content is untouched
+    rows, cols = out[0, :, 5].reshape(3, 4), out[0, :, 6].reshape(3, 4)
+    torch.testing.assert_close(rows[:, 0], torch.tensor([-1.0, 0.0, 1.0]))  # top to bottom
+    torch.testing.assert_close(cols[0], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))  # left to right
+    assert (rows == rows[:, :1]).all() and (cols == cols[:1]).all()
+    torch.testing.assert_close(out[1, :, 5:], out[0, :, 5:])  # the same for every image

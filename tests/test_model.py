@@ -93,3 +93,15 @@ def test_feature_head_config_is_checked():
         tiny_model("model.encoder.head_layers=-1")
     with pytest.raises(ConfigError, match="head_dim"):
         tiny_model("model.encoder.head_layers=1", "model.encoder.head_dim=0")
+
+
+def test_coordinates_reach_the_decoder_as_two_more_channels():
+    model = tiny_model("model.encoder.fine_tune=0", "model.encoder.coordinates=true")
+    c = model.encoder.feature_dim
+    assert model.decoder.init_h.in_features == c + 2
+    raw = torch.randn(2, model.encoder.num_locations, c)
+    feats = model.features(raw)
+    torch.testing.assert_close(feats[..., :c], model.position(raw))  # positions first, then the coordinates
+    assert feats[..., c:].min() == -1 and feats[..., c:].max() == 1
+    out = model(torch.randint(4, len(model.vocab), (2, 5)), raw_features=raw)
+    assert torch.isfinite(out.logits).all()
