@@ -147,3 +147,73 @@ def test_additive_score_without_gradients_equals_the_training_path(K):
     torch.testing.assert_close(decoded, trained.detach())
     plain = torch.tanh(score.key(keys).unsqueeze(1) + score.query(query).unsqueeze(2)) @ score.out.weight.view(-1)
     torch.testing.assert_close(decoded, plain.detach())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_additive_score_is_the_papers_f_att(activation, fused):
+    """f_att(a_i, h) = w^T act(W_a a_i + b + W_h h): one bias (on the keys), the configured
+    activation, the same function with and without the fused kernel."""
+    from captioner.attention import AdditiveScore
+
+    torch.manual_seed(0)
+    score = AdditiveScore(key_dim=C, query_dim=H, dim=6, activation=activation, fused=fused)
+    keys, query = torch.randn(B, L, C), torch.randn(B, H)
+    act = {"tanh": torch.tanh, "relu": torch.relu}[activation]
+    w_a, b, w_h, w = score.key.weight, score.key.bias, score.query.weight, score.out.weight.view(-1)
+    with torch.no_grad():
+        expected = act(keys @ w_a.T + b + (query @ w_h.T).unsqueeze(1)) @ w  # (B, L)
+        decoded = score(score.precompute(keys), query.unsqueeze(1).expand(B, 2, H))  # K = 2 equal queries
+    torch.testing.assert_close(decoded, expected.unsqueeze(1).expand(B, 2, L))
+    torch.testing.assert_close(score(score.precompute(keys), query).detach(), expected)  # the training path
+    assert {n for n, _ in score.named_parameters()} == {"key.weight", "key.bias", "query.weight", "out.weight"}
+
+
+def test_scaled_dot_score_divides_by_the_square_root_of_the_dimension():
+    """(W_k k) . (W_q q) / sqrt(A) (Vaswani et al., 2017), with A = 9: the scale is 1/3."""
+    from captioner.attention import ScaledDotScore
+
+    torch.manual_seed(0)
+    score = ScaledDotScore(key_dim=C, query_dim=H, dim=9)
+    keys, query = torch.randn(B, L, C), torch.randn(B, H)
+    with torch.no_grad():
+        expected = torch.einsum("bla,ba->bl", keys @ score.key.weight.T, query @ score.query.weight.T) / 3.0
+        torch.testing.assert_close(score(score.precompute(keys), query), expected)
+
+
+@pytest.mark.parametrize("name", ATTENTIONS.names())
+def test_state_dict_holds_the_learned_parameters_only(name):
+    """The grid coordinates of local attention are rebuilt from the config, not saved: a
+    checkpoint holds the learned weights, and loads into a model built for another grid."""
+    att = build_attention(AttentionConfig(name=name, dim=6), feature_dim=C, hidden_dim=H, grid=(3, 4))
+    assert set(att.state_dict()) == {n for n, _ in att.named_parameters()}
+    other = build_attention(AttentionConfig(name=name, dim=6), feature_dim=C, hidden_dim=H, grid=(2, 2))
+    other.load_state_dict(att.state_dict())  # strict
+
+
+def test_mean_attention_with_a_mask_averages_the_valid_locations():
+    att = make("mean")
+    feats, mask = torch.randn(B, L, C), torch.ones(B, L, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[2, :2] = False
+    out = att(feats, att.precompute(feats), torch.randn(B, H), mask)
+    expected = torch.stack([feats[i][mask[i]].mean(0) for i in range(B)])
+    torch.testing.assert_close(out.context, expected)
+    grouped = att(feats, att.precompute(feats), torch.randn(B, 2, H), mask)  # K = 2 queries per image
+    torch.testing.assert_close(grouped.context, expected.unsqueeze(1).expand(B, 2, C))
+
+
+@pytest.mark.parametrize("name", ATTENTIONS.names())
+def test_k_queries_per_image_without_a_mask(name):
+    """As above with no mask (every location valid): K queries of one image answer as K copies."""
+    K = 4
+    torch.manual_seed(0)
+    att = build_attention(AttentionConfig(name=name, dim=6), feature_dim=C, hidden_dim=H, grid=(3, 4)).eval()
+    feats, h = torch.randn(B, L, C), torch.randn(B, K, H)
+    grouped = att(feats, att.precompute(feats), h)
+    copies = feats.repeat_interleave(K, 0)
+    flat = att(copies, att.precompute(copies), h.flatten(0, 1))
+    assert grouped.context.shape == (B, K, C) and grouped.alpha.shape == (B, K, L)
+    torch.testing.assert_close(grouped.context.flatten(0, 1), flat.context)
+    torch.testing.assert_close(grouped.alpha.flatten(0, 1), flat.alpha)
+    torch.testing.assert_close(grouped.probs.flatten(0, 1), flat.probs)

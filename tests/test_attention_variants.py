@@ -103,11 +103,12 @@ def test_local_window_is_centred_where_predicted():
     assert (maps[:, ~inside] == 0).all() and (maps[:, inside] > 0).all()
 
 
+@pytest.mark.parametrize("sigma", [1.0, 0.7])
 @pytest.mark.parametrize("renormalise", [False, True])
-def test_local_p_multiplies_the_window_softmax_by_the_gaussian(renormalise):
+def test_local_p_multiplies_the_window_softmax_by_the_gaussian(renormalise, sigma):
     """Luong's eq. 10: a_t(s) = align(h_t, h_s) exp(-(s - p_t)^2 / (2 sigma^2)), the align a
     softmax over the window, NOT renormalised; ``renormalise`` is softmax(score + log G)."""
-    att = attention("local", "model.attention.local.window=1", "model.attention.local.sigma=1.0",
+    att = attention("local", "model.attention.local.window=1", f"model.attention.local.sigma={sigma}",
                     f"model.attention.local.renormalise={str(renormalise).lower()}", "model.attention.score=general")
     with torch.no_grad():
         for p in att.centre.parameters():
@@ -118,9 +119,20 @@ def test_local_p_multiplies_the_window_softmax_by_the_gaussian(renormalise):
     torch.testing.assert_close(out.probs, out.alpha / out.alpha.sum(-1, keepdim=True))  # where it looks
     maps = out.alpha.view(B, *GRID)
     rows, cols = torch.meshgrid(torch.arange(1, 4), torch.arange(0, 3), indexing="ij")
-    gauss = torch.exp(-((rows - 2.0) ** 2 + (cols - 1.0) ** 2) / 2)  # (3, 3)
+    gauss = torch.exp(-((rows - 2.0) ** 2 + (cols - 1.0) ** 2) / (2 * sigma * sigma))  # (3, 3)
     expected = gauss / gauss.sum() if renormalise else gauss / 9
     torch.testing.assert_close(maps[:, 1:4, 0:3], expected.expand(B, 3, 3))
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_local_sigma_zero_means_half_the_window(window):
+    """sigma = 0 (the default) is D / 2 cells: the same maps as that width given explicitly."""
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    maps = []
+    for sigma in (0.0, window / 2):
+        att = attention("local", f"model.attention.local.window={window}", f"model.attention.local.sigma={sigma}")
+        maps.append(att(feats, att.precompute(feats), h).alpha)
+    torch.testing.assert_close(maps[0], maps[1])
 
 
 def test_local_without_restriction_uses_the_whole_grid():
@@ -345,3 +357,72 @@ def test_toy_task_is_learned_by_every_attention(name):
 def test_toy_task_needs_attention():
     accuracy = train_on_toy_task("none")
     assert accuracy < 0.5, f"none: accuracy {accuracy:.2f}: the toy task does not need attention"
+
+
+# ----------------------------------------------------------------------------- hard attention details
+
+
+@pytest.mark.parametrize("tau", [0.5, 20.0])
+def test_straight_through_gumbel_has_the_relaxed_samples_gradient(tau):
+    """Forward: one-hot at the argmax of (log p + g) / tau; backward: the gradient of the
+    relaxed sample softmax((log p + g) / tau), g ~ Gumbel(0, 1) = -log(-log u), u ~ U(0, 1),
+    computed here over the valid locations only (p = 0 takes no part, at any temperature)."""
+    from captioner.attention import masked_softmax, straight_through_gumbel
+
+    torch.manual_seed(0)
+    theta = torch.randn(B, L, requires_grad=True)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[:, 3] = False
+    mask[1, 10:] = False
+    weights = torch.randn(B, L)
+    torch.manual_seed(5)
+    hard = straight_through_gumbel(masked_softmax(theta, mask), tau)
+    (hard * weights).sum().backward()
+    grad, theta.grad = theta.grad.clone(), None
+
+    torch.manual_seed(5)
+    g = -torch.log(-torch.log(torch.rand(B, L)))
+    log_p = torch.log_softmax(theta.masked_fill(~mask, float("-inf")), -1)
+    relaxed = torch.softmax((log_p + g) / tau, -1)
+    (relaxed * weights).sum().backward()
+    torch.testing.assert_close(hard.detach(), torch.nn.functional.one_hot(relaxed.argmax(-1), L).float())
+    assert (relaxed[~mask] == 0).all()
+    torch.testing.assert_close(grad, theta.grad)
+
+
+def test_straight_through_gumbel_samples_follow_the_distribution():
+    """argmax(log p + g) is a sample of p (the Gumbel-max trick); p = 0 is never drawn."""
+    from captioner.attention import straight_through_gumbel
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    counts = straight_through_gumbel(probs.expand(8000, 5)).sum(0) / 8000
+    assert (counts - probs).abs().max() < 0.025 and counts[-1] == 0
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_hard_attention_trains_on_a_single_caption(samples):
+    """A batch of one caption (k = samples paths of it, leave-one-out): one flag per row,
+    shared by the k paths."""
+    loo = ["model.attention.hard.estimator=loo", f"model.attention.hard.samples={samples}"] if samples > 1 else []
+    att = attention("hard", *loo).train()
+    feats = torch.randn(samples, L, C)
+    for _ in range(20):
+        projected = att.precompute(feats)
+        assert projected.sample.shape == (samples,) and (projected.sample == projected.sample[0]).all()
+        out = att(feats, projected, torch.randn(samples, H))
+        assert out.alpha.shape == (samples, L)
+
+
+def test_hard_flags_apply_to_every_query_of_their_image():
+    """K queries per image in training: an image that samples gives each of its K queries a
+    one-hot location; one that uses the expectation gives each the distribution itself."""
+    att = attention("hard", "model.attention.hard.mix_prob=0.5").train()
+    feats, h = torch.randn(2, L, C), torch.randn(2, 3, H)
+    projected = att.precompute(feats)
+    projected.sample[:] = torch.tensor([True, False])
+    out = att(feats, projected, h)
+    assert out.alpha.shape == (2, 3, L) and out.sampled.tolist() == [[True] * 3, [False] * 3]
+    assert (out.alpha[0].max(-1).values == 1).all() and (out.alpha[0].sum(-1) == 1).all()
+    torch.testing.assert_close(out.alpha[1], out.probs[1])
+    assert (out.log_prob[1] == 0).all() and (out.log_prob[0] < 0).all()
