@@ -105,6 +105,8 @@ def attention_maps(alphas: Tensor | np.ndarray, grid: tuple[int, int], size: tup
     if interpolation not in ("bilinear", "bicubic", "nearest"):
         raise ValueError(f"interpolation must be bilinear, bicubic or nearest; got {interpolation!r}")
     maps = maps.clamp_min(0).reshape(-1, 1, h, w)  # (N, 1, h, w)
+    if maps.shape[0] == 0:  # no words (a caption that is only <end>): no maps
+        return np.zeros((0, *size), dtype=np.float32)
     if interpolation == "bilinear":  # the weight of cell r at (r + origin) * Hm / h
         up = upsample_maps(maps, grid, size, origin=origin).float().unsqueeze(1)  # (N, 1, Hm, Wm)
     else:

@@ -330,3 +330,13 @@ def test_real_photos_with_a_pretrained_encoder(mobilenet_weights, tmp_path):
     page = render_report([ReportImage(name, photo, [result])
                           for (name, photo), result in zip(shots.items(), results)])
     assert page.count('class="item"') == len(shots) and len(page) < 3_000_000  # the huge photo is downscaled
+
+
+def test_a_caption_with_no_words_draws_the_image_alone():
+    """A model may write <end> first: the figure is the image panel, with no word panels."""
+    from captioner.visualize import attention_figure, attention_maps
+
+    assert attention_maps(torch.zeros(0, 12), (3, 4), (30, 40)).shape == (0, 30, 40)
+    fig = attention_figure(Image.new("RGB", (40, 30)), [], torch.full((1, 12), 1 / 12), (3, 4))
+    shown = [ax for ax in fig.axes if ax.get_images()]
+    assert len(shown) == 1 and shown[0].get_title() == "image 40\u00d730"
