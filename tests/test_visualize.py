@@ -15,13 +15,15 @@ from PIL import Image
 from captioner.checkpoint import save_checkpoint
 from captioner.cli import main
 from captioner.config import config_to_dict, load_config
-from captioner.model import Captioner
+from captioner.errors import CaptionerError
+from captioner.model import Captioner, CaptionResult
 from captioner.report import ReportImage, render_report
 from captioner.visualize import (
     attention_figure,
     attention_maps,
     display_size,
     overlay,
+    result_figure,
     support_box,
     teacher_forced,
     visualize_images,
@@ -119,6 +121,55 @@ def test_smoothing_spreads_by_sigma_cells_along_each_axis():
     assert np.abs(attention_maps(small, (4, 4), (8, 8), smooth=0.4) - attention_maps(small, (4, 4), (8, 8))).max() > 0.01
 
 
+def test_blur_is_truncated_at_three_sigma():
+    """The Gaussian of smooth = s cells has sigma = s * cell side pixels and reaches ceil(3 sigma)
+    pixels past the cell's box, no further: a nearest-neighbour box widened by exactly that."""
+    (h, w), (H, W) = (5, 5), (100, 100)  # cells of 20 x 20 pixels; cell (2, 2) is rows/cols 40..59
+    m = attention_maps(one_hot((h, w), (2, 2)), (h, w), (H, W), smooth=0.25, interpolation="nearest")[0]
+    radius = 15  # ceil(3 * 0.25 * 20)
+    rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+    assert (rows[0], rows[-1]) == (40 - radius, 59 + radius) and (cols[0], cols[-1]) == (40 - radius, 59 + radius)
+
+
+def test_bicubic_map_is_centred_on_the_cell():
+    """Bicubic places a cell's weight at the cell's centre too ((r + 0.5) * Hm / h), like bilinear."""
+    (h, w), (H, W) = (7, 7), (70, 140)  # cells two or more from the edge: the bicubic kernel stays inside
+    ys, xs = np.arange(H)[:, None] + 0.5, np.arange(W)[None, :] + 0.5
+    for r, c in [(2, 4), (4, 2), (3, 3)]:
+        m = attention_maps(one_hot((h, w), (r, c)), (h, w), (H, W), interpolation="bicubic")[0]
+        assert m.min() >= 0 and m.max() == pytest.approx(1.0)
+        assert (m * ys).sum() / m.sum() == pytest.approx((r + 0.5) * H / h, abs=1e-3)
+        assert (m * xs).sum() / m.sum() == pytest.approx((c + 0.5) * W / w, abs=1e-3)
+
+
+def test_normalizations_word_caption_and_absolute():
+    """word: each map over its own maximum; caption: all maps over their common maximum;
+    absolute: the weights as they are, capped at 1."""
+    grid, size = (2, 2), (4, 6)  # nearest: each cell a 2 x 3 block
+    alphas = torch.tensor([[0.8, 0.2, 0.0, 0.0], [0.0, 0.4, 0.4, 0.2]])
+
+    def blocks(rows):  # the expected (N, 4, 6) nearest maps of (N, 4) cell values
+        return np.stack([np.kron(np.array(v, np.float32).reshape(2, 2), np.ones((2, 3), np.float32)) for v in rows])
+
+    maps = {n: attention_maps(alphas, grid, size, interpolation="nearest", normalize=n)
+            for n in ("word", "caption", "absolute")}
+    np.testing.assert_allclose(maps["word"], blocks([[1, 0.25, 0, 0], [0, 1, 1, 0.5]]), rtol=1e-6)
+    np.testing.assert_allclose(maps["caption"], blocks([[1, 0.25, 0, 0], [0, 0.5, 0.5, 0.25]]), rtol=1e-6)
+    np.testing.assert_allclose(maps["absolute"], blocks(alphas.tolist()), rtol=1e-6)
+    np.testing.assert_allclose(attention_maps(torch.tensor([3.0, 0.5, 0, 0]), grid, size, interpolation="nearest",
+                                              normalize="absolute"), blocks([[1, 0.5, 0, 0]]), rtol=1e-6)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        attention_maps(alphas, grid, size, normalize="peak")
+
+
+def test_alphas_must_be_one_row_per_map_over_the_grid():
+    with pytest.raises(ValueError, match="do not fit a 3 x 4 grid"):
+        attention_maps(torch.ones(2, 12, 1), (3, 4), (6, 8))  # 3-D, though its second axis is L
+    with pytest.raises(ValueError, match="do not fit a 3 x 4 grid"):
+        attention_maps(torch.ones(2, 11), (3, 4), (6, 8))
+    assert attention_maps(torch.ones(12), (3, 4), (6, 8)).shape == (1, 6, 8)
+
+
 def test_overlay_transparency_follows_the_map_and_display_size():
     maps = np.array([[0.0, 0.25, 1.0]], dtype=np.float32)
     rgba = overlay(maps, opacity=0.6)
@@ -177,6 +228,64 @@ def test_one_panel_per_word_titled_with_word_and_beta():
                           f"circle\n\u03b2 = 0.75 \u00b7 {peaks[2]}"]
     with pytest.raises(ValueError, match="do not fit 2 words"):
         attention_figure(Image.new("RGB", (30, 20)), ["a", "b"], alphas, grid)
+
+
+def test_maps_are_rendered_with_at_least_eight_pixels_a_cell_over_the_whole_frame():
+    """A strip 384 x 10 shown at 384 x 10 pixels still gets 8 map rows per grid row; every layer,
+    image and map, spans the original frame (0..W, H..0), and panels have no axes drawn."""
+    grid = (3, 4)
+    image = Image.new("RGB", (384, 10), (128, 128, 128))
+    fig = attention_figure(image, ["a", "b"], torch.softmax(torch.randn(2, 12), 1), grid)
+    for ax in fig.axes:
+        assert not ax.axison
+        assert all(tuple(im.get_extent()) == (0, 384, 10, 0) for im in ax.get_images())
+    for ax in fig.axes[1:]:
+        _, colours = ax.get_images()
+        assert colours.get_array().shape == (3 * 8, 384, 4)
+    tall = attention_figure(Image.new("RGB", (6, 384)), ["a"], torch.ones(1, 60) / 60, (6, 10))
+    assert tall.axes[1].get_images()[1].get_array().shape == (384, 10 * 8, 4)
+
+
+@pytest.mark.parametrize("n,columns,layout", [(0, 5, (1, 1)), (2, 5, (1, 3)), (7, 5, (2, 5)), (5, 3, (2, 3)),
+                                              (4, 1, (5, 1))])
+def test_panels_are_laid_out_columns_a_row(n, columns, layout):
+    """1 + n panels, ``columns`` a row (fewer when there are fewer panels), in reading order;
+    each panel is ``panel_inches`` wide, so the figure is that many panels wide."""
+    grid = (2, 2)
+    fig = attention_figure(Image.new("RGB", (40, 40)), [f"w{k}" for k in range(n)], torch.ones(n + 1, 4) / 4, grid,
+                           columns=columns, panel_inches=2.0)
+    assert len(fig.axes) == n + 1
+    for k, ax in enumerate(fig.axes):
+        rows, cols, start, _ = ax.get_subplotspec().get_geometry()
+        assert (rows, cols, start) == (*layout, k)
+    assert fig.get_size_inches()[0] == pytest.approx(2.0 * layout[1])
+
+
+def test_panel_height_follows_the_image_aspect_within_bounds():
+    """A panel is ``panel_inches`` wide and panel_inches * H / W tall, H / W bounded to [0.15, 3]:
+    the figure grows by exactly that per row."""
+    def height(W, H, n=4):  # n = 4 words, columns = 5: one row
+        fig = attention_figure(Image.new("RGB", (W, H)), ["w"] * n, torch.ones(n, 4) / 4, (2, 2), panel_inches=2.0)
+        return fig.get_size_inches()[1]
+
+    assert height(100, 200) - height(100, 100) == pytest.approx(2.0 * (2 - 1))
+    assert height(100, 50) - height(100, 100) == pytest.approx(2.0 * (0.5 - 1))
+    assert height(100, 500) == pytest.approx(height(100, 300)) and height(100, 300) > height(100, 290)
+    assert height(1000, 10) == pytest.approx(height(1000, 150))
+    assert height(1000, 150) - height(1000, 400) == pytest.approx(2.0 * (0.15 - 0.4))
+    assert height(100, 200, n=9) - height(100, 100, n=9) == pytest.approx(2 * 2.0 * (2 - 1))  # two rows
+
+
+def test_figure_titles_default_to_the_caption():
+    grid = (2, 2)
+    alphas = torch.ones(3, 4) / 4
+    image = Image.new("RGB", (20, 20))
+    assert attention_figure(image, ["a", "red", "circle"], alphas, grid).get_suptitle() == "a red circle"
+    assert attention_figure(image, ["a", "red", "circle"], alphas, grid, title="mine").get_suptitle() == "mine"
+    result = CaptionResult(words=["a", "red", "circle"], alphas=torch.ones(4, 4) / 4, betas=torch.ones(4),
+                           grid=grid, score=-1.234)
+    assert result_figure(image, result).get_suptitle() == "a red circle   (log p = -1.23)"
+    assert result_figure(image, result, title="x").get_suptitle() == "x"
 
 
 @pytest.mark.parametrize("mode,size", [("L", (50, 40)), ("RGBA", (40, 50)), ("P", (33, 17)), ("1", (20, 20)),
@@ -241,6 +350,7 @@ def test_outline_frames_the_chosen_cell_in_image_pixels(size, grid):
     spans = [(c, r, 1, 1) for r, c in cells] + [(1, 0, 2, 2)]
     for ax, (c, r, nc, nr) in zip(fig.axes[1:5], spans):
         (patch,) = ax.patches
+        assert not patch.get_fill() and patch.get_edgecolor() == (1.0, 1.0, 1.0, 1.0)  # a frame: the map shows inside
         assert patch.get_xy() == pytest.approx((c * W / w, r * H / h))
         assert (patch.get_width(), patch.get_height()) == pytest.approx((nc * W / w, nr * H / h))
     assert not fig.axes[5].patches
@@ -251,6 +361,26 @@ def test_visualize_images_writes_one_png_per_image(checkpoint, tmp_path, make_im
     images = [make_image(tmp_path / "a" / "x.png", (40, 30)), make_image(tmp_path / "b" / "x.png", (30, 60))]
     done = visualize_images(model, images, tmp_path / "out", beam_size=2)
     assert [d.figure.name for d in done] == ["x.png", "x-2.png"] and all(d.figure.is_file() for d in done)
+
+
+def test_visualize_images_bad_images_progress_and_folders(checkpoint, tmp_path, make_image, capsys):
+    """A missing image raises before anything is drawn, unless ``on_bad_image`` takes it (then it is
+    skipped and the rest drawn); the output folder is made with its parents, and may exist already;
+    the progress bar shows only when asked for."""
+    model = Captioner.from_checkpoint(checkpoint)
+    good, other, gone = make_image(tmp_path / "good.png", (40, 30)), make_image(tmp_path / "other.png"), tmp_path / "gone.png"
+    with pytest.raises(CaptionerError, match="image not found"):
+        visualize_images(model, [good, gone], tmp_path / "early", beam_size=1)
+    assert not list(tmp_path.glob("early/*.png"))
+    capsys.readouterr()
+    bad = []
+    out = tmp_path / "deep" / "er" / "out"
+    done = visualize_images(model, [gone, good, other], out, beam_size=1, on_bad_image=lambda p, why: bad.append(p))
+    assert bad == [gone] and [d.image for d in done] == [good, other]
+    assert sorted(p.name for p in out.iterdir()) == ["good.png", "other.png"]
+    assert capsys.readouterr().err == ""  # progress=False: no bar
+    again = visualize_images(model, [good], out, beam_size=1, progress=True)  # the folder exists already
+    assert [d.figure for d in again] == [out / "good.png"] and "visualize" in capsys.readouterr().err
 
 
 def run(capsys, *argv):
