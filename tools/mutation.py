@@ -18,7 +18,7 @@ Usage (from the repository root, venv active):
 
     OMP_NUM_THREADS=1 python tools/mutation.py losses decoding   # modules in MODULES below
     python tools/mutation.py losses --list                       # the mutants, not run
-    python tools/mutation.py losses --only 12 40                 # rerun some mutants by number
+    python tools/mutation.py losses --only 12 40                 # rerun some by number; the rest keep the last run's result
 
 Results: ``mutants/<module>.json`` and a summary with each survivor's line and key (git-ignored).
 An equivalents line reads ``module | stripped source line | mutation | reason``.
@@ -380,7 +380,23 @@ def run_module(module: str, only: list[int] | None, list_only: bool, everything:
             m.seconds = round(time.monotonic() - start, 1)
             print(f"  {m.status} #{m.index} L{m.line} ({m.seconds:.0f} s): {m.key}", flush=True)
         (work / rel).write_text(source, encoding="utf-8")
+    if only is not None:
+        merge_last_run(module, mutants, equivalents)
     return summarise(module, mutants, equivalents)
+
+
+def merge_last_run(module: str, mutants: list[Mutant], equivalents: dict[str, str]) -> None:
+    """After ``--only``: the mutants not rerun keep their result from the last run (same
+    number and key), so the score and the results file stay whole."""
+    path = OUT / f"{module}.json"
+    if not path.exists():
+        return
+    last = {(r["index"], f"{r['source']} | {r['mutation']}"): r for r in json.loads(path.read_text())["results"]}
+    for m in mutants:
+        before = last.get((m.index, m.key)) if m.status == "skipped" else None
+        if before is not None:
+            m.status = "equivalent" if m.key in equivalents else before["status"]
+            m.seconds = before["seconds"]
 
 
 def summarise(module: str, mutants: list[Mutant], equivalents: dict[str, str]) -> dict:
