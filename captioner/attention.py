@@ -4,8 +4,10 @@ Call contract of every variant registered in :data:`ATTENTIONS`:
 
 - ``Variant.from_config(cfg: AttentionConfig, *, feature_dim, hidden_dim, grid)`` builds it
   (``grid`` is the (h, w) shape of the L = h * w locations, row-major).
-- ``precompute(features) -> projected``: all that depends on the image alone (the paper's
-  W_a a_i), computed once per image, outside the time loop. Opaque to the caller.
+- ``precompute(features, rows=None) -> projected``: all that depends on the image alone (the
+  paper's W_a a_i), computed once per image, outside the time loop. Opaque to the caller.
+  ``rows`` (B,): the image of each of B query rows, when captions share images (features
+  (U, L, C)): the work runs once per image and is then indexed per row (:func:`per_row`).
 - ``forward(features, projected, hidden, mask=None) -> AttentionOutput``, with features
   (B, L, C), mask (B, L) or None, and ``hidden`` either (B, H), one query per image, or
   (B, K, H), K queries of the same image (the beams of a beam search): then every output
@@ -13,7 +15,7 @@ Call contract of every variant registered in :data:`ATTENTIONS`:
   instead of being copied K times.
 
 Score functions f(query, keys) live in :data:`SCORES` with the same split:
-``precompute(keys) -> projected_keys`` and ``forward(projected_keys, query) -> scores``,
+``precompute(keys, rows=None) -> projected_keys`` and ``forward(projected_keys, query) -> scores``,
 query (B, Q) -> scores (B, L), or (B, K, Q) -> (B, K, L).
 
 Letters: B batch, K queries per image, L grid locations, C feature channels, H decoder
@@ -77,6 +79,12 @@ def _ungrouped(scores: Tensor, query: Tensor) -> Tensor:
     return scores.squeeze(1) if query.dim() == 2 else scores
 
 
+def per_row(x: Tensor, rows: Tensor | None) -> Tensor:
+    """Per-image work (U, ...) -> per query row (B, ...): row ``rows[b]`` for row b; None: as it is.
+    The backward adds each row's gradient into its image's."""
+    return x if rows is None else x.index_select(0, rows)
+
+
 def _dot(keys: Tensor, query: Tensor) -> Tensor:
     """keys (B, L, D) . query (B, D) or (B, K, D) -> (B, L) or (B, K, L), one bmm."""
     return _ungrouped(torch.bmm(_grouped(query).to(keys.dtype), keys.transpose(1, 2)), query)
@@ -104,8 +112,8 @@ class AdditiveScore(nn.Module):
     def uses_kernel(self) -> bool:
         return self.fused and self.activation == "tanh"
 
-    def precompute(self, keys: Tensor) -> Tensor | kernels.SummedKeys:
-        projected = self.key(keys)  # (B, L, A): W_a a_i + b
+    def precompute(self, keys: Tensor, rows: Tensor | None = None) -> Tensor | kernels.SummedKeys:
+        projected = per_row(self.key(keys), rows)  # (B, L, A): W_a a_i + b
         return kernels.summed_keys(projected, self.out.weight.view(-1)) if self.uses_kernel else projected
 
     def forward(self, projected: Tensor | kernels.SummedKeys, query: Tensor) -> Tensor:
@@ -138,8 +146,8 @@ class DotScore(nn.Module):
             raise ValueError(f"the dot score needs feature channels == decoder hidden size, got C={key_dim}, "
                              f"H={query_dim}; use score 'general' (k^T W q) for a learned projection")
 
-    def precompute(self, keys: Tensor) -> Tensor:
-        return keys  # (B, L, C)
+    def precompute(self, keys: Tensor, rows: Tensor | None = None) -> Tensor:
+        return per_row(keys, rows)  # (B, L, C)
 
     def forward(self, projected: Tensor, query: Tensor) -> Tensor:
         return _dot(projected, query)
@@ -153,8 +161,8 @@ class GeneralScore(nn.Module):
         super().__init__()
         self.weight = nn.Linear(key_dim, query_dim, bias=False)
 
-    def precompute(self, keys: Tensor) -> Tensor:
-        return self.weight(keys)  # (B, L, H)
+    def precompute(self, keys: Tensor, rows: Tensor | None = None) -> Tensor:
+        return per_row(self.weight(keys), rows)  # (B, L, H)
 
     def forward(self, projected: Tensor, query: Tensor) -> Tensor:
         return _dot(projected, query)
@@ -170,8 +178,8 @@ class ScaledDotScore(nn.Module):
         self.query = nn.Linear(query_dim, dim, bias=False)
         self.scale = 1.0 / math.sqrt(dim)
 
-    def precompute(self, keys: Tensor) -> Tensor:
-        return self.key(keys) * self.scale  # (B, L, A)
+    def precompute(self, keys: Tensor, rows: Tensor | None = None) -> Tensor:
+        return per_row(self.key(keys) * self.scale, rows)  # (B, L, A)
 
     def forward(self, projected: Tensor, query: Tensor) -> Tensor:
         return _dot(projected, self.query(query))
@@ -223,8 +231,8 @@ class SoftAttention(nn.Module):
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
                    activation=cfg.activation)
 
-    def precompute(self, features: Tensor) -> Tensor:
-        return self.score.precompute(features)
+    def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
+        return self.score.precompute(features, rows)
 
     def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mask: Tensor | None = None) -> AttentionOutput:
         alpha = masked_softmax(self.score(projected, hidden), mask)  # (B, L)
@@ -255,8 +263,9 @@ class NoAttention(nn.Module):
                     grid: tuple[int, int]) -> NoAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim)
 
-    def precompute(self, features: Tensor) -> Tensor:
-        return features.new_zeros(features.shape[0], 0)  # (B, 0): nothing depends on the image
+    def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
+        B = features.shape[0] if rows is None else rows.shape[0]
+        return features.new_zeros(B, 0)  # (B, 0): nothing depends on the image
 
     def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mask: Tensor | None = None) -> AttentionOutput:
         lead = tuple(hidden.shape[:-1])  # (B,) or (B, K)
@@ -278,8 +287,8 @@ class MeanAttention(nn.Module):
                     grid: tuple[int, int]) -> MeanAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim)
 
-    def precompute(self, features: Tensor) -> Tensor:
-        return features.mean(dim=1)  # (B, C), once per image
+    def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
+        return per_row(features.mean(dim=1), rows)  # (B, C), once per image
 
     def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mask: Tensor | None = None) -> AttentionOutput:
         lead = tuple(hidden.shape[:-1])  # (B,) or (B, K)
@@ -304,7 +313,8 @@ def straight_through_gumbel(probs: Tensor, tau: float = 1.0) -> Tensor:
     softmax((log p + g) / tau), g ~ Gumbel(0, 1) (Jang et al., 2017; Bengio et al., 2013).
     Locations with p = 0 are never drawn."""
     logits = torch.where(probs > 0, torch.log(probs.clamp_min(1e-30)), float("-inf"))
-    gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp(1e-10, 1.0 - 1e-7)))
+    noise = torch.rand(probs.shape, device=probs.device).clamp(1e-10, 1.0 - 1e-7)  # float32: 1 - 1e-7 is 1 in bf16
+    gumbel = -torch.log(-torch.log(noise)).to(probs.dtype)
     soft = torch.softmax((logits + gumbel) / tau, dim=-1)  # (..., L)
     hard = F.one_hot(soft.argmax(-1), probs.shape[-1]).to(probs.dtype)
     return hard + soft - soft.detach()
@@ -354,15 +364,15 @@ class HardAttention(nn.Module):
                    activation=cfg.activation, mix_prob=h.mix_prob, mix_per=h.mix_per, inference=h.inference,
                    estimator=h.estimator, samples=h.samples, tau=h.tau)
 
-    def precompute(self, features: Tensor) -> HardProjected:
-        B = features.shape[0]
+    def precompute(self, features: Tensor, rows: Tensor | None = None) -> HardProjected:
+        B = features.shape[0] if rows is None else rows.shape[0]
         if self.training:  # drawn once per pass, so a caption keeps its choice over all steps
             draws = max(B // self.samples, 1) if self.mix_per == "caption" else 1  # k paths of a caption share it
             # repeat_interleave, not expand: the flags own their memory (callers may write to them)
             sample = (torch.rand(draws, device=features.device) >= self.mix_prob).repeat_interleave(B // draws)
         else:
             sample = torch.full((B,), self.inference != "expectation", device=features.device)
-        return HardProjected(self.score.precompute(features), sample)
+        return HardProjected(self.score.precompute(features, rows), sample)
 
     def forward(self, features: Tensor, projected: HardProjected, hidden: Tensor,
                 mask: Tensor | None = None) -> AttentionOutput:
@@ -424,8 +434,8 @@ class LocalAttention(nn.Module):
                    activation=cfg.activation, window=o.window, sigma=o.sigma, restrict=o.restrict,
                    renormalise=o.renormalise)
 
-    def precompute(self, features: Tensor) -> Tensor:
-        return self.score.precompute(features)
+    def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
+        return self.score.precompute(features, rows)
 
     def predict_centre(self, hidden: Tensor) -> Tensor:
         """p_t: (..., H) -> (..., 2) (row, column) in grid cells."""
@@ -441,6 +451,7 @@ class LocalAttention(nn.Module):
                 mask = mask.unsqueeze(1)
             mask = inside if mask is None else mask & inside
         scores = self.score(projected, hidden)  # (B, [K,] L)
+        log_gauss = log_gauss.to(scores.dtype)  # the grid's positions are float32 buffers; a bf16 pass stays bf16
         if self.renormalise:
             alpha = masked_softmax(scores + log_gauss, mask)
         else:  # Luong's eq. 10: the window's alignment times the Gaussian

@@ -317,7 +317,9 @@ class TrainConfig:
         max_minutes: stop after this much wall time, checkpointing first (0: no limit).
         max_steps: stop after this many optimizer steps in all, checkpointing first (0: no limit).
         amp: mixed precision for the forward pass: none, bf16 (CPU or GPU) or fp16 (GPU, with
-            a gradient scaler). Losses are computed in float32.
+            a gradient scaler). bf16: the decoder runs in bf16 with its weights and the features
+            cast once per batch and float32 master weights (``captioner.precision``), a
+            fine-tuned encoder under bf16 autocast; fp16: autocast. Losses are computed in float32.
         compile: ``torch.compile`` the training step's model (worth it on a GPU; slow to start on a CPU).
         cache_features: with a frozen encoder, encode each image once and train on the
             stored features.

@@ -159,10 +159,13 @@ def _flat(x: Tensor | None) -> Tensor | None:
 
 
 def _lstm(pre: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """The LSTM cell from its gate pre-activations (B, 4H) and c_{t-1} (B, H) -> h_t, c_t."""
+    """The LSTM cell from its gate pre-activations (B, 4H) and c_{t-1} (B, H) -> h_t, c_t.
+
+    h_t comes out in the gates' dtype and c_t in c's: in a bf16 pass c stays float32, a
+    running sum over the steps (``captioner.precision``); in float32 nothing is cast."""
     i, f, g, o = pre.chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+    return (torch.sigmoid(o) * torch.tanh(c)).to(pre.dtype), c
 
 
 class Decoder(nn.Module):
@@ -243,7 +246,9 @@ class Decoder(nn.Module):
         """h_0, c_0 = tanh(f_init(mean_i a_i)): features (B, L, C) -> (B, H) each (Luong: h~_0 = 0)."""
         mean = features.mean(dim=1)  # (B, C)
         h = torch.tanh(self.init_h(mean))
-        return DecoderState(h, torch.tanh(self.init_c(mean)), torch.zeros_like(h) if self.luong else None)
+        c = torch.tanh(self.init_c(mean))
+        c = c.to(torch.promote_types(c.dtype, torch.float32))  # float32 at least (a bf16 pass: see _lstm)
+        return DecoderState(h, c, torch.zeros_like(h) if self.luong else None)
 
     def precompute(self, features: Tensor):
         """The attention's per-image work (W_a a_i), once before the time loop (opaque here)."""
@@ -314,13 +319,16 @@ class Decoder(nn.Module):
 
     # -- teacher forcing
 
-    def _paths(self, features: Tensor, captions: Tensor, mask: Tensor | None, lengths: Tensor | None):
+    def _paths(self, captions: Tensor, lengths: Tensor | None, rows: Tensor | None):
         """k copies of each caption (rows i * k .. i * k + k - 1) when the attention asks for
-        k sampled paths per caption in training (``attention.samples``); else as given."""
+        k sampled paths per caption in training (``attention.samples``); else as given. Returns
+        k, the captions, their lengths and each one's image row (None: row b for caption b)."""
         k = getattr(self.attention, "samples", 1) if self.training else 1
         if k == 1:
-            return k, features, captions, mask, lengths
-        return k, *(None if x is None else x.repeat_interleave(k, 0) for x in (features, captions, mask, lengths))
+            return k, captions, lengths, rows
+        if rows is None:
+            rows = torch.arange(captions.shape[0], device=captions.device)
+        return k, *(None if x is None else x.repeat_interleave(k, 0) for x in (captions, lengths, rows))
 
     def _embed_steps(self, inputs: Tensor, pack: _Packing) -> tuple[Tensor, Tensor]:
         """E y and its gate share for all steps at once: (B, T, E) and (B, T, 4H); packed, the
@@ -335,11 +343,11 @@ class Decoder(nn.Module):
         return emb, gates_embed.index_select(0, pack.order)
 
     def forward(self, features: Tensor, captions: Tensor, mask: Tensor | None = None,
-                lengths: Tensor | None = None) -> DecoderOutput:
+                lengths: Tensor | None = None, image_index: Tensor | None = None) -> DecoderOutput:
         """Teacher-forced pass.
 
         Args:
-            features: (B, L, C) annotation vectors.
+            features: (B, L, C) annotation vectors; with ``image_index``, (U, L, C) for U images.
             captions: (B, T+1) ``<start> w1 .. <end> <pad>..``; words 0..T-1 go in, 1..T are predicted.
             mask: (B, L) valid grid locations, or None for all.
             lengths: (B,) steps that predict a real word (the words and ``<end>``), or None
@@ -347,15 +355,25 @@ class Decoder(nn.Module):
                 first, inside; outputs come back in the input order) and the output layer only
                 on real steps: the logits come packed (see :class:`DecoderOutput`). That is
                 what training does; the result on real steps is the same either way.
+            image_index: (B,) each caption's image: its row of ``features`` (and ``mask``).
+                An image's keys are projected once for all its captions, then indexed per
+                caption. None: row b for caption b.
         """
-        k, features, captions, mask, lengths = self._paths(features, captions, mask, lengths)
+        k, captions, lengths, rows = self._paths(captions, lengths, image_index)
         inputs = captions[:, :-1]  # (B, T)
         pack = _Packing.plan(lengths, *inputs.shape)
         emb, gates_embed = self._embed_steps(inputs, pack)
-        if pack.order is not None:
-            features = features.index_select(0, pack.order)  # longest caption first
-            mask = mask.index_select(0, pack.order) if mask is not None else None
-        projected, state, gates = self.precompute(features), self.init_state(features), self._step_weights()
+        if rows is not None:  # captions share images: the keys once per image, then a row per caption
+            rows = rows.index_select(0, pack.order) if pack.order is not None else rows  # longest caption first
+            projected = self.attention.precompute(features, rows=rows)
+            features = features.index_select(0, rows)  # (B, L, C)
+            mask = mask.index_select(0, rows) if mask is not None else None
+        else:
+            if pack.order is not None:
+                features = features.index_select(0, pack.order)  # longest caption first
+                mask = mask.index_select(0, pack.order) if mask is not None else None
+            projected = self.precompute(features)
+        state, gates = self.init_state(features), self._step_weights()
         steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs")}
         sampled = None
         for t, n in enumerate(pack.active):

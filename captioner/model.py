@@ -24,6 +24,7 @@ from captioner.decoder import Decoder, DecoderOutput
 from captioner.decoding import Decoded, beam_search, greedy
 from captioner.encoder import Encoder, FeatureHead, GridCoordinates, PositionEmbedding2D
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
+from captioner.precision import cast_parameters
 from captioner.vocab import Vocabulary
 
 ImageLike = Image.Image | str | Path | np.ndarray | Tensor
@@ -190,7 +191,7 @@ class Captioner(nn.Module):
         return self.features(self.encoder(images))
 
     def forward(self, captions: Tensor, *, images: Tensor | None = None, raw_features: Tensor | None = None,
-                image_index: Tensor | None = None) -> DecoderOutput:
+                image_index: Tensor | None = None, dtype: torch.dtype | None = None) -> DecoderOutput:
         """Teacher-forced pass from pixels or from cached raw encoder features; no step runs
         past a caption's ``<end>`` (the logits come packed, see :class:`DecoderOutput`).
 
@@ -200,12 +201,20 @@ class Captioner(nn.Module):
             raw_features: (U, L, C) cached raw encoder output.
             image_index: (B,) each caption's row of ``images`` / ``raw_features``, so that an
                 image with several captions is encoded once; None: U == B, row b for caption b.
+            dtype: the decoder's compute dtype (``torch.bfloat16``: ``train.amp=bf16``): the
+                annotation vectors and the decoder's weights are cast once for the pass, float32
+                masters keep the gradients (:mod:`captioner.precision`); None: as they are.
         """
         feats = self.features(raw_features) if raw_features is not None else self.encode(images)  # (U, L, C)
-        if image_index is not None:
-            feats = feats[image_index]  # (B, L, C); the backward sums each image's gradients over its captions
         steps = (captions[:, 1:] != self.vocab.pad_id).sum(1)  # words + <end>: the steps worth running
-        return self.decoder(feats, captions, lengths=steps)
+        # the decoder projects each image's keys once and indexes them per caption; the backward
+        # sums each image's gradients over its captions
+        if dtype is None:
+            return self.decoder(feats, captions, lengths=steps, image_index=image_index)
+        # one cast of the features and of each weight, none in the time loop; autocast off, as it
+        # would move ops back to float32 step by step
+        with torch.autocast(feats.device.type, enabled=False), cast_parameters(self.decoder, dtype):
+            return self.decoder(feats.to(dtype), captions, lengths=steps, image_index=image_index)
 
     @torch.no_grad()
     def generate(self, *, images: Tensor | None = None, raw_features: Tensor | None = None,

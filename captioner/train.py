@@ -407,7 +407,8 @@ class Trainer:
         t = self.t
         if t.amp == "fp16" and self.device.type != "cuda":
             raise CaptionerError("train.amp=fp16 needs a CUDA GPU; on the CPU use train.amp=bf16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)  # autocast (the encoder's)
+        self.decoder_dtype = torch.bfloat16 if t.amp == "bf16" else None  # cast once a pass (captioner.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         # DDP averages the gradients over the ranks; the module is what compute_loss calls
         self.train_model = wrap(self.training_module(), self.ddp, self.device)
@@ -476,9 +477,10 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             if self.cached:
                 feats = self.train_feats[batch.index.cpu()].to(self.device)
-                out = self.train_model(batch.captions, raw_features=feats)
+                out = self.train_model(batch.captions, raw_features=feats, dtype=self.decoder_dtype)
             else:  # image_index is None for one sample per caption
-                out = self.train_model(batch.captions, images=batch.images, image_index=batch.image_index)
+                out = self.train_model(batch.captions, images=batch.images, image_index=batch.image_index,
+                                       dtype=self.decoder_dtype)
         mask = batch.mask[:, 1:]
         return self.criterion(out, batch.captions[:, 1:], mask, words=self.ddp.words(mask),
                               attention_targets=batch.attention_targets)

@@ -52,18 +52,21 @@ def test_quick_run_writes_every_section(tmp_path):
             assert len(row["times_s"]) == (1 if section == "epoch" else 2), where  # an epoch is a whole fit()
             assert 0 < row["gflop_needed"] <= row["gflop_executed"] * (1 + 1e-9), where
             assert row["share_of_peak"] > 0 and row["peak_mem_mib"] > 0, where
-    assert [r["case"] for r in results["sections"]["beam"]] == ["k=1", "k=3", "k=5", "k=5 bf16"]
-    assert {r["case"] for r in results["sections"]["train"]} == {"soft", "hard", "soft bf16"}
+    assert [r["case"] for r in results["sections"]["beam"]] == ["k=1", "k=3", "k=5", "k=5 bf16", "k=5 bf16-autocast"]
+    assert {r["case"] for r in results["sections"]["train"]} == {"soft", "hard", "soft bf16", "soft bf16-autocast"}
     assert results["machine"]["cpu_bf16"] in ("AMX", "AVX512-BF16", "none")
     for section, peak in results["section_peaks"].items():  # the bf16 rows are measured against the bf16 peak
         assert peak["bf16"]["dtype"] == "bfloat16" and peak["bf16"]["gflops"] > 0, section
     for row in results["sections"]["train"] + results["sections"]["beam"]:
         expected = results["section_peaks"][row["section"]]
-        expected = expected["bf16"] if row["case"].endswith("bf16") else expected
+        expected = expected["bf16"] if "bf16" in row["case"] else expected
         assert row["peak_gflops"] == expected["gflops"], row["case"]
     assert "bfloat16 matmul peak (CPU bf16: " in proc.stdout
     assert {r["case"] for r in results["sections"]["epoch"]} == {"cache", "no cache", "per caption"}
-    assert set(results["targets"]) == {"train soft", "train hard", "beam k=5"}
+    assert set(results["targets"]) == {"train soft", "train hard", "beam k=5", "train soft bf16"}
+    bf16 = results["targets"]["train soft bf16"]
+    rows = {r["case"]: r["throughput"] for r in results["sections"]["train"]}
+    assert bf16["speedup"] == pytest.approx(rows["soft bf16"] / rows["soft"]) and bf16["met"] == (bf16["speedup"] >= 1.7)
     assert "% peak" in proc.stdout and "train" in proc.stdout  # the table
 
 

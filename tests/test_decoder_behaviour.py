@@ -241,3 +241,48 @@ def test_packed_hard_pass_reports_each_captions_flag_in_the_input_order():
         assert out.sampled.shape == (n,) and out.sampled.any() and not out.sampled.all()
         one_hot = out.alphas[:, 0].max(-1).values == 1
         assert one_hot.tolist() == out.sampled.tolist()
+
+
+@pytest.mark.parametrize("overrides", [
+    ("model.attention.score=additive",), ("model.attention.score=additive", "model.attention.fused=false"),
+    ("model.attention.score=general",), ("model.attention.score=scaled_dot",),
+    ("model.attention.name=hard", "model.attention.hard.estimator=loo"), ("model.attention.name=local",),
+    ("model.attention.name=mean",), ("model.attention.name=none",), ("model.decoder.arrangement=luong",),
+])
+def test_captions_sharing_images_equal_the_images_copied_per_caption(overrides):
+    """image_index: the keys are projected once per image and indexed per caption; values and
+    every gradient (the features' summed over each image's captions) as with copied features."""
+    cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=8",
+                             "model.decoder.dropout=0.0", *overrides]).model
+    torch.manual_seed(0)
+    dec = Decoder.from_config(cfg, vocab_size=V, feature_dim=C, grid=(2, 3)).train()  # L = 6
+    torch.manual_seed(3)
+    feats = torch.randn(3, L, C, requires_grad=True)
+    index = torch.tensor([2, 0, 0, 2, 1, 2])
+    captions = torch.randint(3, V, (6, 6))
+    lengths = torch.tensor([5, 3, 5, 2, 4, 1])
+
+    def run(**kw):
+        torch.manual_seed(4)  # the same draws for the stochastic variants
+        out = dec(feats if kw else feats[index], captions, lengths=lengths, **kw)
+        (out.logits.square().sum() + out.probs.square().sum()).backward()
+        grads = [feats.grad.clone()] + [p.grad.clone() for p in dec.parameters() if p.grad is not None]
+        feats.grad = None
+        dec.zero_grad()
+        return out, grads
+
+    shared, shared_grads = run(image_index=index)
+    copied, copied_grads = run()
+    assert torch.allclose(shared.logits, copied.logits, atol=1e-6)
+    assert torch.allclose(shared.alphas, copied.alphas, atol=1e-6)
+    assert len(shared_grads) == len(copied_grads)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared_grads, copied_grads))
+
+
+def test_the_keys_are_projected_once_per_image():
+    dec = make_decoder().train()
+    seen = []
+    dec.attention.score.key.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    feats, captions = torch.randn(2, L, C), torch.randint(3, V, (6, 5))
+    dec(feats, captions, lengths=torch.tensor([4, 4, 3, 2, 4, 1]), image_index=torch.tensor([0, 1, 0, 1, 1, 0]))
+    assert seen == [2]

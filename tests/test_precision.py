@@ -1,0 +1,145 @@
+"""bf16 compute with float32 master weights (captioner.precision, train.amp=bf16)."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from captioner.config import load_config
+from captioner.decoder import Decoder
+from captioner.losses import CaptionLoss
+from captioner.precision import cast_parameters
+
+B, L, C, V, H = 4, 9, 24, 50, 32
+BF16 = torch.bfloat16
+
+
+def make_decoder(*overrides: str) -> Decoder:
+    cfg = load_config(None, [f"model.attention.dim={H}", f"model.decoder.embed_dim={H}",
+                             f"model.decoder.hidden_dim={H}", "model.decoder.dropout=0.0", *overrides]).model
+    torch.manual_seed(0)
+    return Decoder.from_config(cfg, vocab_size=V, feature_dim=C, grid=(3, 3)).train()
+
+
+def batch(T: int = 7, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, L, C, generator=g)
+    captions = torch.randint(3, V, (B, T), generator=g)
+    lengths = torch.tensor([T - 1, T - 3, T - 1, 2])
+    return feats, captions, lengths
+
+
+def grads(dec: Decoder) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+
+
+def test_inside_the_context_parameters_read_as_copies_and_come_back_in_order():
+    dec = make_decoder()
+    before = list(dec.named_parameters())
+    keys = list(dec.state_dict())
+    with cast_parameters(dec, BF16):
+        assert dec.gate_hidden.weight.dtype == BF16 and dec.embed.weight.dtype == BF16
+        assert not isinstance(dec.gate_hidden.weight, torch.nn.Parameter)
+        assert list(dec.parameters()) == []  # the copies are not parameters: no optimizer can step them
+    after = list(dec.named_parameters())
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(a is b for (_, a), (_, b) in zip(after, before))
+    assert list(dec.state_dict()) == keys
+    assert dec.gate_hidden.weight.dtype == torch.float32
+
+
+def test_parameters_come_back_when_the_pass_raises():
+    dec = make_decoder()
+    weight = dec.out.weight
+    with pytest.raises(RuntimeError, match="boom"), cast_parameters(dec, BF16):
+        raise RuntimeError("boom")
+    assert dec.out.weight is weight and dec.out.weight.dtype == torch.float32
+
+
+def test_no_dtype_changes_nothing():
+    dec = make_decoder()
+    weight = dec.out.weight
+    with cast_parameters(dec, None):
+        assert dec.out.weight is weight
+
+
+@pytest.mark.parametrize("overrides", [
+    (), ("model.decoder.arrangement=luong",), ("model.attention.name=hard", "model.attention.hard.estimator=gumbel"),
+    ("model.attention.name=local",), ("model.attention.fused=false",), ("model.decoder.fused=false",),
+])
+def test_a_bf16_pass_agrees_with_float32_and_trains_the_float32_weights(overrides):
+    feats, captions, lengths = batch()
+    dec = make_decoder(*overrides)
+    loss_fn = CaptionLoss(alpha_c=1.0)
+    targets, mask = captions[:, 1:], (torch.arange(captions.shape[1] - 1) < lengths.unsqueeze(1)).float()
+    torch.manual_seed(2)
+    out32 = dec(feats, captions, lengths=lengths)
+    loss32 = loss_fn(out32, targets, mask).total
+    loss32.backward()
+    g32 = grads(dec)
+    dec.zero_grad()
+    torch.manual_seed(2)
+    with cast_parameters(dec, BF16):
+        out16 = dec(feats.to(BF16), captions, lengths=lengths)
+    assert out16.logits.dtype == BF16
+    loss16 = loss_fn(out16, targets, mask).total
+    assert loss16.dtype == torch.float32
+    loss16.backward()
+    g16 = grads(dec)
+    assert set(g16) == set(g32)
+    assert all(g.dtype == torch.float32 for g in g16.values())
+    # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
+    assert torch.allclose(out16.logits.float(), out32.logits, atol=0.02, rtol=0.02)
+    assert abs(loss16.item() - loss32.item()) < 0.01 * loss32.item()
+    for name, g in g32.items():
+        cos = torch.nn.functional.cosine_similarity(g16[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.99, (name, cos.item())
+
+
+def test_the_cell_state_stays_float32_and_h_follows_the_gates():
+    dec = make_decoder()
+    feats = torch.randn(B, L, C).to(BF16)
+    with torch.no_grad(), cast_parameters(dec, BF16):
+        state = dec.init_state(feats)
+        out = dec.step(torch.full((B,), 3), state, feats, dec.precompute(feats))
+    assert state.c.dtype == torch.float32 and state.h.dtype == BF16
+    assert out.state.c.dtype == torch.float32 and out.state.h.dtype == BF16
+
+
+class CastLog(TorchDispatchMode):
+    """Records the shape of every tensor a dtype cast copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.shapes[tuple(args[0].shape)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def casts_of_a_training_pass(T: int) -> Counter:
+    feats, captions, lengths = batch(T)
+    lengths = torch.full((B,), T - 1)
+    dec = make_decoder()
+    log = CastLog()
+    with log:
+        with cast_parameters(dec, BF16):
+            out = dec(feats.to(BF16), captions, lengths=lengths)
+        out.logits.float().sum().backward()
+    return log.shapes
+
+
+def test_no_weight_or_feature_is_cast_inside_the_time_loop():
+    short, long = casts_of_a_training_pass(4), casts_of_a_training_pass(12)  # 3 and 11 steps
+    grown = {shape: long[shape] - short[shape] for shape in long if shape in short and long[shape] != short[shape]}
+    # all that is cast at every step is the LSTM cell's (B, H) values where the float32 cell
+    # state meets the bf16 gates (h_t, and the gradients back to the gates)
+    assert set(grown) == {(B, H)}, grown
+    # what has T in its shape (the logits (B, T, V) for the loss, say) is cast once, and its gradient once
+    assert all(n <= 2 for shape, n in (long - short).items() if shape not in short), long - short
+    weights = {tuple(p.shape) for p in make_decoder().parameters()}
+    assert all(short[w] == long[w] for w in weights)
+    assert short[(B, L, C)] == long[(B, L, C)] == 1  # the features: once per pass
