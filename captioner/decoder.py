@@ -366,14 +366,15 @@ class Decoder(nn.Module):
         if rows is not None:  # captions share images: the keys once per image, then a row per caption
             rows = rows.index_select(0, pack.order) if pack.order is not None else rows  # longest caption first
             projected = self.attention.precompute(features, rows=rows)
+            state = self.init_state(features).index_select(rows)
             features = features.index_select(0, rows)  # (B, L, C)
             mask = mask.index_select(0, rows) if mask is not None else None
         else:
             if pack.order is not None:
                 features = features.index_select(0, pack.order)  # longest caption first
                 mask = mask.index_select(0, pack.order) if mask is not None else None
-            projected = self.precompute(features)
-        state, gates = self.init_state(features), self._step_weights()
+            projected, state = self.precompute(features), self.init_state(features)
+        gates = self._step_weights()
         steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs")}
         sampled = None
         for t, n in enumerate(pack.active):

@@ -53,7 +53,8 @@ def test_quick_run_writes_every_section(tmp_path):
             assert 0 < row["gflop_needed"] <= row["gflop_executed"] * (1 + 1e-9), where
             assert row["share_of_peak"] > 0 and row["peak_mem_mib"] > 0, where
     assert [r["case"] for r in results["sections"]["beam"]] == ["k=1", "k=3", "k=5", "k=5 bf16", "k=5 bf16-autocast"]
-    assert {r["case"] for r in results["sections"]["train"]} == {"soft", "hard", "soft bf16", "soft bf16-autocast"}
+    assert {r["case"] for r in results["sections"]["train"]} == {"soft", "hard", "soft bf16", "soft bf16-autocast",
+                                                                   "soft, 5 captions an image"}
     assert results["machine"]["cpu_bf16"] in ("AMX", "AVX512-BF16", "none")
     for section, peak in results["section_peaks"].items():  # the bf16 rows are measured against the bf16 peak
         assert peak["bf16"]["dtype"] == "bfloat16" and peak["bf16"]["gflops"] > 0, section
