@@ -206,6 +206,32 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
     return torch.softmax(scores, dim=-1)
 
 
+def sparsemax(scores: Tensor, dim: int = -1) -> Tensor:
+    """Sparsemax (Martins and Astudillo, 2016): the point of the simplex nearest to the
+    scores, max(z - tau, 0) with tau chosen so the weights sum to 1. Unlike softmax it
+    gives exact zeros to every location more than tau below the best; its gradient (autograd
+    through the support, k held fixed) is the paper's: g - mean of g over the support."""
+    z = scores.transpose(dim, -1)
+    ranked = z.sort(dim=-1, descending=True).values  # (..., L)
+    k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    cumulative = ranked.cumsum(-1)
+    support = (1 + k * ranked > cumulative).sum(-1, keepdim=True)  # (..., 1): the support's size, >= 1
+    tau = (cumulative.gather(-1, support - 1) - 1) / support.to(z.dtype)
+    return (z - tau).clamp_min(0).transpose(dim, -1)
+
+
+def masked_sparsemax(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """:func:`sparsemax` over L with masked-out locations at exactly zero (as :func:`masked_softmax`)."""
+    if mask is not None:
+        if mask.dim() < scores.dim():
+            mask = mask.unsqueeze(1)
+        scores = scores.masked_fill(~mask, -1e9)  # finite: the sort's cumulative sum stays finite
+    return sparsemax(scores, dim=-1)
+
+
+NORMALIZERS = {"softmax": masked_softmax, "sparsemax": masked_sparsemax}
+
+
 # ----------------------------------------------------------------------------- variants
 
 ATTENTIONS: Registry[nn.Module] = Registry("attention (model.attention.name)")
@@ -218,24 +244,26 @@ class SoftAttention(nn.Module):
 
     Args:
         feature_dim: C. hidden_dim: H. dim: A. score: a name in :data:`SCORES`.
+        normalizer: ``softmax`` (the paper's) or ``sparsemax`` (exact zeros off the best locations).
     """
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
-                 activation: str = "tanh") -> None:
+                 activation: str = "tanh", normalizer: str = "softmax") -> None:
         super().__init__()
         self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
+        self.normalize = NORMALIZERS[normalizer]
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
                     grid: tuple[int, int]) -> SoftAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
-                   activation=cfg.activation)
+                   activation=cfg.activation, normalizer=cfg.normalizer)
 
     def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
         return self.score.precompute(features, rows)
 
     def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mask: Tensor | None = None) -> AttentionOutput:
-        alpha = masked_softmax(self.score(projected, hidden), mask)  # (B, L)
+        alpha = self.normalize(self.score(projected, hidden), mask)  # (B, L)
         return AttentionOutput(context=attend(alpha, features), alpha=alpha)
 
 

@@ -227,19 +227,24 @@ class AttentionConfig:
     none), ``score`` from the score registry (additive is the paper's MLP; dot, general,
     scaled_dot), ``dim`` the attention space, ``activation`` of the additive score;
     ``fused``: the additive tanh score runs as a fused kernel (captioner/kernels.py), the
-    same function as the plain expression, faster (false: the plain expression)."""
+    same function as the plain expression, faster (false: the plain expression);
+    ``normalizer``: how soft attention turns scores into weights, ``softmax`` (the paper's)
+    or ``sparsemax`` (Martins and Astudillo, 2016: the Euclidean projection onto the
+    simplex; locations far below the best get exactly zero)."""
 
     name: str = "soft"
     score: str = "additive"
     dim: int = 512
     activation: str = "tanh"
     fused: bool = True
+    normalizer: str = "softmax"
     hard: HardAttentionConfig = HardAttentionConfig()
     local: LocalAttentionConfig = LocalAttentionConfig()
 
     def __post_init__(self) -> None:
         _check(self.dim >= 1, "dim", f"must be >= 1; got {self.dim}")
         _choice(self.activation, "activation", ("tanh", "relu"))
+        _choice(self.normalizer, "normalizer", ("softmax", "sparsemax"))
 
 
 @dataclass(frozen=True)

@@ -217,3 +217,59 @@ def test_k_queries_per_image_without_a_mask(name):
     torch.testing.assert_close(grouped.context.flatten(0, 1), flat.context)
     torch.testing.assert_close(grouped.alpha.flatten(0, 1), flat.alpha)
     torch.testing.assert_close(grouped.probs.flatten(0, 1), flat.probs)
+
+
+# ----------------------------------------------------------------------------- sparsemax
+
+
+def test_sparsemax_is_the_projection_onto_the_simplex():
+    from captioner.attention import sparsemax
+
+    z = torch.tensor([[1.0, 0.8, 0.1, -2.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.5, 0.2]])
+    # tau = (1.0 + 0.8 - 1) / 2 = 0.4; uniform scores: uniform; one clear winner: one-hot
+    torch.testing.assert_close(sparsemax(z), torch.tensor([[0.6, 0.4, 0, 0], [0.25] * 4, [1.0, 0, 0, 0]]))
+    torch.manual_seed(0)
+    z = torch.randn(50, 30) * 3
+    p = sparsemax(z)
+    torch.testing.assert_close(p.sum(-1), torch.ones(50))
+    assert (p >= 0).all() and (p == 0).any()
+    # the KKT conditions of min ||p - z||^2 on the simplex: z - p is tau on the support, <= tau off it
+    tau = (z - p)[p > 0].view(-1)
+    support = p > 0
+    for row in range(50):
+        t = (z[row] - p[row])[support[row]]
+        torch.testing.assert_close(t, t[:1].expand_as(t))
+        assert (z[row][~support[row]] <= t[0] + 1e-6).all()
+    assert tau.numel() > 0
+    torch.testing.assert_close(sparsemax(z.t(), dim=0), p.t())  # over any dimension
+
+
+def test_sparsemax_gradient_is_centred_on_the_support():
+    from captioner.attention import sparsemax
+
+    z = torch.tensor([1.0, 0.8, 0.1, -2.0], dtype=torch.double, requires_grad=True)
+    g = torch.tensor([0.3, -0.5, 2.0, 1.0], dtype=torch.double)
+    (sparsemax(z) * g).sum().backward()
+    torch.testing.assert_close(z.grad, torch.tensor([0.4, -0.4, 0.0, 0.0], dtype=torch.double))
+    assert torch.autograd.gradcheck(sparsemax, (torch.randn(4, 7, dtype=torch.double, requires_grad=True),))
+
+
+def test_soft_attention_with_sparsemax_zeroes_masked_and_distant_locations():
+    att = build_attention(AttentionConfig(name="soft", dim=6, normalizer="sparsemax"), feature_dim=C, hidden_dim=H)
+    torch.manual_seed(1)
+    feats, hidden = torch.randn(B, L, C), torch.randn(B, H) * 5
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[:, -3:] = False
+    out = att(feats, att.precompute(feats), hidden, mask)
+    check_distributions(out, "soft")
+    assert (out.alpha[:, -3:] == 0).all()
+    assert (out.alpha[:, :-3] == 0).any()  # and some valid locations far below the best
+    torch.testing.assert_close(out.context, torch.einsum("bl,blc->bc", out.alpha, feats))
+    soft = build_attention(AttentionConfig(name="soft", dim=6), feature_dim=C, hidden_dim=H)
+    soft.load_state_dict(att.state_dict())
+    assert (soft(feats, soft.precompute(feats), hidden, mask).alpha[:, :-3] > 0).all()  # softmax never zeroes
+
+
+def test_an_unknown_normalizer_is_refused_by_name():
+    with pytest.raises(ConfigError, match="normalizer"):
+        AttentionConfig(normalizer="entmax")
