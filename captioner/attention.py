@@ -377,9 +377,11 @@ class HardAttention(nn.Module):
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
                  activation: str = "tanh", mix_prob: float = 0.5, mix_per: str = "caption",
-                 inference: str = "argmax", estimator: str = "reinforce", samples: int = 4, tau: float = 1.0) -> None:
+                 inference: str = "argmax", estimator: str = "reinforce", samples: int = 4, tau: float = 1.0,
+                 normalizer: str = "softmax") -> None:
         super().__init__()
         self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
+        self.normalize = NORMALIZERS[normalizer]  # sparsemax: locations outside its support are never drawn
         self.mix_prob, self.mix_per, self.inference = mix_prob, mix_per, inference
         self.estimator, self.tau = estimator, tau
         self.samples = samples if estimator == "loo" else 1  # paths per caption in training (the decoder reads it)
@@ -390,7 +392,7 @@ class HardAttention(nn.Module):
         h = cfg.hard
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
                    activation=cfg.activation, mix_prob=h.mix_prob, mix_per=h.mix_per, inference=h.inference,
-                   estimator=h.estimator, samples=h.samples, tau=h.tau)
+                   estimator=h.estimator, samples=h.samples, tau=h.tau, normalizer=cfg.normalizer)
 
     def precompute(self, features: Tensor, rows: Tensor | None = None) -> HardProjected:
         B = features.shape[0] if rows is None else rows.shape[0]
@@ -404,7 +406,7 @@ class HardAttention(nn.Module):
 
     def forward(self, features: Tensor, projected: HardProjected, hidden: Tensor,
                 mask: Tensor | None = None) -> AttentionOutput:
-        probs = masked_softmax(self.score(projected.keys, hidden), mask)  # (B, L) or (B, K, L)
+        probs = self.normalize(self.score(projected.keys, hidden), mask)  # (B, L) or (B, K, L)
         sample = projected.sample.view(-1, *[1] * (probs.dim() - 2)).expand(probs.shape[:-1])  # (B,) or (B, K)
         if self.training and self.estimator == "gumbel":
             alpha = torch.where(sample.unsqueeze(-1), straight_through_gumbel(probs, self.tau), probs)
@@ -444,9 +446,10 @@ class LocalAttention(nn.Module):
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, grid: tuple[int, int], dim: int = 512,
                  score: str = "additive", activation: str = "tanh", window: int = 3, sigma: float = 0.0,
-                 restrict: bool = True, renormalise: bool = False) -> None:
+                 restrict: bool = True, renormalise: bool = False, normalizer: str = "softmax") -> None:
         super().__init__()
         self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
+        self.normalize = NORMALIZERS[normalizer]
         self.centre = nn.Sequential(nn.Linear(hidden_dim, dim), nn.Tanh(), nn.Linear(dim, 2))  # W_p, v_p
         self.window, self.restrict, self.renormalise = window, restrict, renormalise
         self.sigma = sigma or max(window / 2, 0.5)
@@ -460,7 +463,7 @@ class LocalAttention(nn.Module):
         o = cfg.local
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, grid=grid, dim=cfg.dim, score=cfg.score,
                    activation=cfg.activation, window=o.window, sigma=o.sigma, restrict=o.restrict,
-                   renormalise=o.renormalise)
+                   renormalise=o.renormalise, normalizer=cfg.normalizer)
 
     def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
         return self.score.precompute(features, rows)
@@ -481,9 +484,9 @@ class LocalAttention(nn.Module):
         scores = self.score(projected, hidden)  # (B, [K,] L)
         log_gauss = log_gauss.to(scores.dtype)  # the grid's positions are float32 buffers; a bf16 pass stays bf16
         if self.renormalise:
-            alpha = masked_softmax(scores + log_gauss, mask)
+            alpha = self.normalize(scores + log_gauss, mask)
         else:  # Luong's eq. 10: the window's alignment times the Gaussian
-            alpha = masked_softmax(scores, mask) * torch.exp(log_gauss)
+            alpha = self.normalize(scores, mask) * torch.exp(log_gauss)
         probs = alpha / alpha.sum(-1, keepdim=True).clamp_min(1e-12)  # where it looks, as a distribution
         return AttentionOutput(context=attend(alpha, features), alpha=alpha, probs=probs)
 

@@ -228,9 +228,9 @@ class AttentionConfig:
     scaled_dot), ``dim`` the attention space, ``activation`` of the additive score;
     ``fused``: the additive tanh score runs as a fused kernel (captioner/kernels.py), the
     same function as the plain expression, faster (false: the plain expression);
-    ``normalizer``: how soft attention turns scores into weights, ``softmax`` (the paper's)
-    or ``sparsemax`` (Martins and Astudillo, 2016: the Euclidean projection onto the
-    simplex; locations far below the best get exactly zero)."""
+    ``normalizer``: how soft, hard and local attention turn scores into weights, ``softmax``
+    (the paper's) or ``sparsemax`` (Martins and Astudillo, 2016: the Euclidean projection
+    onto the simplex; locations far below the best get exactly zero)."""
 
     name: str = "soft"
     score: str = "additive"

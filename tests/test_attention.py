@@ -273,3 +273,17 @@ def test_soft_attention_with_sparsemax_zeroes_masked_and_distant_locations():
 def test_an_unknown_normalizer_is_refused_by_name():
     with pytest.raises(ConfigError, match="normalizer"):
         AttentionConfig(normalizer="entmax")
+
+
+@pytest.mark.parametrize("name", ["soft", "hard", "local"])
+def test_every_normalizing_variant_takes_sparsemax(name):
+    torch.manual_seed(0)
+    cfg = AttentionConfig(name=name, dim=6, normalizer="sparsemax")
+    att = build_attention(cfg, feature_dim=C, hidden_dim=H, grid=(3, 4))
+    att.train(False)
+    feats, hidden = torch.randn(B, L, C), torch.randn(B, H) * 5
+    out = att(feats, att.precompute(feats), hidden)
+    check_distributions(out, name)
+    assert (out.probs == 0).any()  # sparse: softmax gives no exact zeros on these scores
+    if name == "hard":  # the argmax location is in the support
+        assert (out.probs.gather(-1, out.alpha.argmax(-1, keepdim=True)) > 0).all()
