@@ -44,3 +44,12 @@ def test_images_the_check_marks_bad_never_reach_training(shapes_root, tiny_confi
     skipped = [r for r in records if r.get("split") == "train" and "skipped_images" in r]
     assert [p for p, _ in skipped[0]["skipped_images"]] == [str(bad)]
     assert load_checkpoint(result.run_dir / "last.pt")["trainer"]["step"] == 3
+
+
+def test_a_run_resumed_after_a_mid_epoch_stop_remembers_the_best_score_of_that_stop(tiny_config, tmp_path):
+    """The validation at a max_steps stop may write best.pt; last.pt must then carry that best
+    score, or the resumed run would count any later score as better and overwrite best.pt."""
+    stopped = fit(tiny_config(*SMALL_BATCHES, "train.max_steps=2"), quiet=True)
+    last, best = load_checkpoint(stopped.run_dir / "last.pt"), load_checkpoint(stopped.run_dir / "best.pt")
+    assert last["trainer"]["best_score"] == best["trainer"]["best_score"] == stopped.best_score >= 0
+    assert (last["trainer"]["epoch"], last["trainer"]["batch"], last["trainer"]["step"]) == (0, 2, 2)
