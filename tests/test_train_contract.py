@@ -23,7 +23,7 @@ from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.config import TrainConfig, replace
 from captioner.data.records import Caption, ImageRecord
 from captioner.distributed import Dist
-from captioner.errors import CaptionerError, CheckpointError
+from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.model import Captioner
 from captioner.train import (
     Trainer,
@@ -55,10 +55,12 @@ def position(path):
 
 
 def scripted(scores):
-    """A Trainer whose validations score ``scores[0]``, ``scores[1]``, ... (CIDEr-D, BLEU-4)."""
+    """A Trainer whose validations score ``scores[0]``, ``scores[1]``, ... (CIDEr-D, BLEU-4), after
+    decoding the val images as a real validation does (the model in eval mode)."""
 
     class Scripted(Trainer):
         def validate(self):
+            super().validate()
             value = scores.pop(0)
             return Validation({"cider": value, "bleu4": value / 2}, {r.image_id: "a shape" for r in self.val_records})
 
@@ -224,6 +226,17 @@ def test_rank_zero_writes_the_run_folder_and_other_ranks_write_and_say_nothing(t
     quiet.log.say("shh")
     assert capsys.readouterr().out == ""
 
+    fresh = tmp_path / "new" / "nested" / "run"
+    Trainer(tiny_config(f"train.out_dir={fresh}"), quiet=True).setup_process()
+    assert (fresh / "config.yaml").is_file()  # the run folder and its parents are made
+
+    # a misspelt name fails at once, before any data is read or a run folder is made
+    never = tmp_path / "never"
+    with pytest.raises(ConfigError, match="sofft"):
+        Trainer(tiny_config("model.attention.name=sofft", f"data.root={tmp_path}/no-data",
+                            f"train.out_dir={never}"), quiet=True).setup()
+    assert not never.exists()
+
     # under torchrun: rank 1 of 2, on a machine with GPUs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(train_module, "init_distributed", lambda device: Dist(rank=1, world=2, local_rank=1))
@@ -248,6 +261,7 @@ def test_progress_output_only_with_train_progress_and_not_quiet(tiny_config, cap
         trainer.run()
         err = capsys.readouterr().err
         assert ("epoch 1/1" in err) == shown, (progress, quiet, err)
+        assert "" not in err.splitlines()  # whole progress lines, no blank ones between them
 
 
 @pytest.mark.slow
@@ -266,6 +280,10 @@ def test_setup_reports_the_run_and_picks_what_a_sample_is(tiny_config, tmp_path,
     scores = trainer.score_captions({r.image_id: "a red square" for r in trainer.val_records})
     assert {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "chair_s", "chair_i"} <= set(scores)
     assert "meteor" not in scores and "spice" not in scores  # validation is pure Python, no Java
+    before = _rng_state()
+    trainer.validate()  # draws nothing from the global RNGs: a checkpoint taken after it resumes exactly
+    after = _rng_state()
+    assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
 
     pixels = Trainer(tiny_config("train.batch_size=16", "train.cache_features=false", "train.captions_per_image=0",
                                  f"train.out_dir={tmp_path}/pixels"))
@@ -303,6 +321,14 @@ def test_features_come_from_the_on_disk_cache_when_it_holds_this_encoder(tiny_co
     assert f"features from the cache {folder}" in capsys.readouterr().out
     assert torch.allclose(second.val_feats.float(), first.val_feats.float(), atol=1e-2)
     assert len(second.val_feats) == 2
+
+    partial = tmp_path / "train-only"  # a cache of one split is not used: both are encoded now
+    extract(first.model.encoder, first.train_records, partial, split="train")
+    third = Trainer(tiny_config("train.val_images=2", f"data.feature_cache={partial}",
+                                f"train.out_dir={tmp_path}/third"))
+    third.setup()
+    assert "features from the cache" not in capsys.readouterr().out
+    assert torch.allclose(third.val_feats, first.val_feats) and len(third.train_feats) == 32
 
 
 @pytest.mark.slow
@@ -444,15 +470,16 @@ def test_max_steps_stops_mid_epoch_and_resumes_there_until_the_run_ends(tiny_con
 @pytest.mark.slow
 def test_resumed_at_an_epoch_end_the_schedule_and_dropout_go_on_as_uninterrupted(tiny_config, tmp_path, capsys):
     common = [*FIVE_STEPS, "train.epochs=3", "train.scheduler=step", "train.lr_patience=2", "train.lr_decay=0.5",
-              "model.decoder.dropout=0.3"]
+              "model.decoder.dropout=0.3", "model.attention.name=hard"]  # hard: the REINFORCE baseline too
     straight = Trainer(tiny_config(*common, f"train.out_dir={tmp_path}/straight"), quiet=True).run()
     Trainer(tiny_config(*common, f"train.out_dir={tmp_path}/split", "train.max_steps=5"), quiet=True).run()
     resumed = Trainer(tiny_config(*common, f"train.out_dir={tmp_path}/split", "train.resume=auto")).run()
     assert "at epoch 2, batch 0, step 5" in capsys.readouterr().out
     assert [e["lr"] for e in resumed.history] == [e["lr"] for e in straight.history] == [0.003, 0.0015, 0.0015]
     a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    for part in ("model", "loss"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
 
     # a run started without a scheduler can go on with one
     Trainer(tiny_config(*FIVE_STEPS, "train.scheduler=none", "train.max_steps=1", f"train.out_dir={tmp_path}/none"),
@@ -460,6 +487,23 @@ def test_resumed_at_an_epoch_end_the_schedule_and_dropout_go_on_as_uninterrupted
     later = Trainer(tiny_config(*FIVE_STEPS, "train.scheduler=step", "train.max_steps=2", "train.resume=auto",
                                 f"train.out_dir={tmp_path}/none"), quiet=True).run()
     assert position(later.run_dir / "last.pt") == (0, 2, 2)
+
+
+@pytest.mark.slow
+def test_images_with_more_captions_than_a_batch_takes_show_other_captions_each_epoch(tiny_config):
+    """cache_features=false, captions_per_image=2: each epoch draws another 2 of an image's 5 captions."""
+    seen = []
+
+    class Watch(scripted([0.1, 0.1])):
+        def compute_loss(self, batch):
+            seen.append((self.epoch, [tuple(c.tolist()) for c in batch.captions]))
+            return super().compute_loss(batch)
+
+    result = Watch(tiny_config("train.cache_features=false", "train.captions_per_image=2", "train.batch_size=64",
+                               "train.val_images=2", "decode.max_len=4", "train.epochs=2"), quiet=True).run()
+    assert result.epochs == 2 and [epoch for epoch, _ in seen] == [0, 1]  # one batch of 32 images an epoch
+    first, second = (set(captions) for _, captions in seen)
+    assert len(seen[0][1]) == len(seen[1][1]) == 64 and first != second
 
 
 @pytest.mark.slow
