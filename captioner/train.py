@@ -601,11 +601,14 @@ class Trainer:
     def stop_mid_epoch(self, epoch: int, stopped_at: int) -> None:
         """Out of time (or steps) mid-epoch: last.pt resumes exactly here; the validation only
         reports and keeps best.pt, without stepping the scheduler or early stopping."""
-        self.save_checkpoint("last.pt", epoch, stopped_at)
+        self.save_checkpoint("last.pt", epoch, stopped_at)  # first: a kill while validating loses no training
         value = self.validate().scores[self.metric]
         if value > self.best:
             self.best = value
             self.save_checkpoint("best.pt", epoch, stopped_at)
+            # last.pt again, with the new best score (a resume would forget it and let a worse model
+            # replace best.pt); validation draws nothing from the global RNGs, so the rest is as saved
+            self.save_checkpoint("last.pt", epoch, stopped_at)
         self.log.say(f"stopping in epoch {epoch + 1} at step {self.step} (train.max_minutes={self.t.max_minutes}, "
                      f"train.max_steps={self.t.max_steps}); val {self.metric} {value:.4f}")
 

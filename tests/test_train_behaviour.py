@@ -31,7 +31,7 @@ def test_stopped_twice_in_one_epoch_and_resumed_equals_uninterrupted(tiny_config
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-def test_images_the_check_marks_bad_never_reach_training(shapes_root, tiny_config, tmp_path):
+def test_images_the_check_marks_bad_never_reach_training(shapes_root, tiny_config, tmp_path, capsys):
     """With data.bad_images=skip an unreadable training image is logged and left out; reading it in
     training would stop the run with a DataError."""
     root = tmp_path / "shapes"
@@ -39,8 +39,19 @@ def test_images_the_check_marks_bad_never_reach_training(shapes_root, tiny_confi
     bad = sorted((root / "train").glob("*.png"))[3]
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     cfg = tiny_config(*SMALL_BATCHES, f"data.root={root}", "data.bad_images=skip", "train.max_steps=3")
-    result = fit(cfg, quiet=True)
+    result = fit(cfg)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.endswith("skipped (data.bad_images=skip)")]
+    assert len(said) == 1 and said[0].startswith("train: 1 of ") and str(bad) in said[0]  # the user is told
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in records if r.get("split") == "train" and "skipped_images" in r]
     assert [p for p, _ in skipped[0]["skipped_images"]] == [str(bad)]
     assert load_checkpoint(result.run_dir / "last.pt")["trainer"]["step"] == 3
+
+
+def test_a_run_resumed_after_a_mid_epoch_stop_remembers_the_best_score_of_that_stop(tiny_config, tmp_path):
+    """The validation at a max_steps stop may write best.pt; last.pt must then carry that best
+    score, or the resumed run would count any later score as better and overwrite best.pt."""
+    stopped = fit(tiny_config(*SMALL_BATCHES, "train.max_steps=2"), quiet=True)
+    last, best = load_checkpoint(stopped.run_dir / "last.pt"), load_checkpoint(stopped.run_dir / "best.pt")
+    assert last["trainer"]["best_score"] == best["trainer"]["best_score"] == stopped.best_score >= 0
+    assert (last["trainer"]["epoch"], last["trainer"]["batch"], last["trainer"]["step"]) == (0, 2, 2)
