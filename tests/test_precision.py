@@ -143,3 +143,20 @@ def test_no_weight_or_feature_is_cast_inside_the_time_loop():
     weights = {tuple(p.shape) for p in make_decoder().parameters()}
     assert all(short[w] == long[w] for w in weights)
     assert short[(B, L, C)] == long[(B, L, C)] == 1  # the features: once per pass
+
+
+@pytest.mark.parametrize("amp, expected", [("bf16", BF16), ("none", None)])
+def test_training_with_amp_bf16_runs_the_decoder_cast_once_per_batch(tiny_config, monkeypatch, amp, expected):
+    import captioner.model
+    from captioner.train import fit
+
+    seen = []
+    real = captioner.model.cast_parameters
+
+    def recording(module, dtype):
+        seen.append((type(module).__name__, dtype))
+        return real(module, dtype)
+
+    monkeypatch.setattr(captioner.model, "cast_parameters", recording)
+    fit(tiny_config("train.epochs=1", "train.max_steps=2", f"train.amp={amp}"), quiet=True)
+    assert seen == ([("Decoder", BF16)] * 2 if expected is not None else [])  # one cast per training step

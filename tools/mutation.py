@@ -60,7 +60,8 @@ MODULES: dict[str, list[str]] = {
     "attention": ["tests/test_attention.py", "tests/test_attention_variants.py"],
     "decoder": ["tests/test_decoder.py", "tests/test_decoder_behaviour.py", "tests/test_autograd.py",
                 "tests/test_attention_variants.py"],
-    "train": ["tests/test_train_contract.py", "tests/test_train_behaviour.py", "tests/test_bad_inputs.py"],
+    "train": ["tests/test_train_contract.py", "tests/test_train_behaviour.py", "tests/test_bad_inputs.py",
+              "tests/test_precision.py"],
 }
 PYTEST_ARGS = ["-x", "-q", "--no-header", "-p", "no:cacheprovider", "-m", "not slow", "-o", "addopts="]
 # per module extra pytest args (train's behaviour tests train tiny models and are marked slow;
