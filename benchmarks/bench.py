@@ -390,6 +390,8 @@ def train_step_fn(decoder: Decoder, criterion: CaptionLoss, opt: torch.optim.Opt
     ``amp``: see :func:`in_precision`; ``image_index``: captions sharing images, as in image batches)."""
 
     lengths = mask[:, 1:].sum(1)  # as Captioner.forward: no step past a caption's <end>
+    if amp == "bf16":  # the features stored once in bf16 (a bf16 feature cache), not cast every step
+        features = features.to(torch.bfloat16)
 
     def step() -> None:
         precision, feats = in_precision(decoder, features, amp)
