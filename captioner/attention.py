@@ -341,7 +341,7 @@ def straight_through_gumbel(probs: Tensor, tau: float = 1.0) -> Tensor:
     softmax((log p + g) / tau), g ~ Gumbel(0, 1) (Jang et al., 2017; Bengio et al., 2013).
     Locations with p = 0 are never drawn."""
     logits = torch.where(probs > 0, torch.log(probs.clamp_min(1e-30)), float("-inf"))
-    noise = torch.rand(probs.shape, device=probs.device).clamp(1e-10, 1.0 - 1e-7)  # float32: 1 - 1e-7 is 1 in bf16
+    noise = torch.rand(probs.shape, device=probs.device).clamp_min(1e-10)  # float32 (in bf16 draws near 1 round to 1)
     gumbel = -torch.log(-torch.log(noise)).to(probs.dtype)
     soft = torch.softmax((logits + gumbel) / tau, dim=-1)  # (..., L)
     hard = F.one_hot(soft.argmax(-1), probs.shape[-1]).to(probs.dtype)

@@ -287,3 +287,38 @@ def test_every_normalizing_variant_takes_sparsemax(name):
     assert (out.probs == 0).any()  # sparse: softmax gives no exact zeros on these scores
     if name == "hard":  # the argmax location is in the support
         assert (out.probs.gather(-1, out.alpha.argmax(-1, keepdim=True)) > 0).all()
+
+
+def _leading_rows(projected) -> set[int]:
+    """The first dimension of every tensor in what ``precompute`` returned."""
+    import dataclasses
+
+    if isinstance(projected, torch.Tensor):
+        return {projected.shape[0]}
+    if dataclasses.is_dataclass(projected):
+        return set().union(*(_leading_rows(getattr(projected, f.name)) for f in dataclasses.fields(projected)))
+    return set()  # not a tensor: e.g. the fused kernel's gradient bank
+
+
+@pytest.mark.parametrize("name", ATTENTIONS.names())
+def test_precompute_gives_one_row_per_image_or_per_given_row(name):
+    """The decoder narrows precompute's rows as captions end and indexes them per caption:
+    every tensor it returns has one row per image, or one per entry of ``rows``."""
+    att = make(name)
+    feats = torch.randn(B, L, C)
+    assert _leading_rows(att.precompute(feats)) == {B}
+    rows = torch.tensor([2, 0, 0, 1, 2])
+    assert _leading_rows(att.precompute(feats, rows=rows)) == {5}
+    if name == "none":  # nothing depends on the image
+        assert att.precompute(feats).numel() == 0
+
+
+def test_sparsemax_masks_every_query_of_an_image():
+    att = build_attention(AttentionConfig(name="soft", dim=6, normalizer="sparsemax"), feature_dim=C, hidden_dim=H)
+    torch.manual_seed(2)
+    feats, hidden = torch.randn(B, L, C), torch.randn(B, 4, H) * 5  # K = 4 queries an image (beams)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[:, :2] = False
+    out = att(feats, att.precompute(feats), hidden, mask)
+    assert out.alpha.shape == (B, 4, L) and (out.alpha[..., :2] == 0).all()
+    torch.testing.assert_close(out.alpha.sum(-1), torch.ones(B, 4))

@@ -261,10 +261,15 @@ def test_captions_sharing_images_equal_the_images_copied_per_caption(overrides):
     index = torch.tensor([2, 0, 0, 2, 1, 2])
     captions = torch.randint(3, V, (6, 6))
     lengths = torch.tensor([5, 3, 5, 2, 4, 1])
+    mask = torch.ones(3, L, dtype=torch.bool)
+    mask[0, -2:] = mask[2, :1] = False  # per image, so indexed per caption with the features
 
     def run(**kw):
         torch.manual_seed(4)  # the same draws for the stochastic variants
-        out = dec(feats if kw else feats[index], captions, lengths=lengths, **kw)
+        if kw:
+            out = dec(feats, captions, mask, lengths=lengths, **kw)
+        else:
+            out = dec(feats[index], captions, mask[index], lengths=lengths)
         (out.logits.square().sum() + out.probs.square().sum()).backward()
         grads = [feats.grad.clone()] + [p.grad.clone() for p in dec.parameters() if p.grad is not None]
         feats.grad = None

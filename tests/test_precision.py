@@ -160,3 +160,14 @@ def test_training_with_amp_bf16_runs_the_decoder_cast_once_per_batch(tiny_config
     monkeypatch.setattr(captioner.model, "cast_parameters", recording)
     fit(tiny_config("train.epochs=1", "train.max_steps=2", f"train.amp={amp}"), quiet=True)
     assert seen == ([("Decoder", BF16)] * 2 if expected is not None else [])  # one cast per training step
+
+
+def test_the_mean_over_locations_in_bf16_is_the_mean():
+    from captioner.decoder import mean_over_locations
+
+    torch.manual_seed(0)
+    feats = torch.randn(3, 40, 16)
+    torch.testing.assert_close(mean_over_locations(feats), feats.mean(1))
+    low = mean_over_locations(feats.to(BF16))
+    assert low.dtype == BF16 and low.shape == (3, 16)
+    torch.testing.assert_close(low.float(), feats.to(BF16).float().mean(1), atol=0.01, rtol=0.01)

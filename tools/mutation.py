@@ -59,7 +59,7 @@ MODULES: dict[str, list[str]] = {
     "visualize": ["tests/test_visualize.py"],
     "attention": ["tests/test_attention.py", "tests/test_attention_variants.py"],
     "decoder": ["tests/test_decoder.py", "tests/test_decoder_behaviour.py", "tests/test_autograd.py",
-                "tests/test_attention_variants.py"],
+                "tests/test_attention_variants.py", "tests/test_precision.py"],
     "train": ["tests/test_train_contract.py", "tests/test_train_behaviour.py", "tests/test_bad_inputs.py",
               "tests/test_precision.py"],
 }
