@@ -196,14 +196,20 @@ def attend(alpha: Tensor, features: Tensor) -> Tensor:
     return torch.bmm(alpha.reshape(B, -1, L), features).view(*alpha.shape[:-1], C)
 
 
+def _masked(scores: Tensor, mask: Tensor | None, fill: float) -> Tensor:
+    """scores (B, L) or (B, K, L) with ``fill`` where mask (B, L) (per image, then for each of
+    the K queries) or mask (the shape of scores) is False."""
+    if mask is None:
+        return scores
+    if mask.dim() < scores.dim():
+        mask = mask.unsqueeze(1)
+    return scores.masked_fill(~mask, fill)
+
+
 def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
     """softmax over L, with masked-out locations at exactly zero. scores (B, L) or (B, K, L);
     mask (B, L) (per image) or the shape of scores."""
-    if mask is not None:
-        if mask.dim() < scores.dim():
-            mask = mask.unsqueeze(1)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return torch.softmax(_masked(scores, mask, float("-inf")), dim=-1)
 
 
 def sparsemax(scores: Tensor, dim: int = -1) -> Tensor:
@@ -222,11 +228,7 @@ def sparsemax(scores: Tensor, dim: int = -1) -> Tensor:
 
 def masked_sparsemax(scores: Tensor, mask: Tensor | None) -> Tensor:
     """:func:`sparsemax` over L with masked-out locations at exactly zero (as :func:`masked_softmax`)."""
-    if mask is not None:
-        if mask.dim() < scores.dim():
-            mask = mask.unsqueeze(1)
-        scores = scores.masked_fill(~mask, -1e9)  # finite: the sort's cumulative sum stays finite
-    return sparsemax(scores, dim=-1)
+    return sparsemax(_masked(scores, mask, -1e9), dim=-1)  # finite: the sort's cumulative sum stays finite
 
 
 NORMALIZERS = {"softmax": masked_softmax, "sparsemax": masked_sparsemax}

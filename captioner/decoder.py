@@ -378,7 +378,8 @@ class Decoder(nn.Module):
             state = self.init_state(features).index_select(rows)
             features = features.index_select(0, rows)  # (B, L, C)
             mask = mask.index_select(0, rows) if mask is not None else None
-        else:
+        else:  # one caption an image: sort the features, then precompute (rows=pack.order would
+            # precompute first and index after: the same values, not always the same last bits)
             if pack.order is not None:
                 features = features.index_select(0, pack.order)  # longest caption first
                 mask = mask.index_select(0, pack.order) if mask is not None else None

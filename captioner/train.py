@@ -61,6 +61,7 @@ from captioner.grounding import training_targets
 from captioner.losses import CaptionLoss, LossOutput
 from captioner.metrics import caption_metrics
 from captioner.model import Captioner, check_names
+from captioner.precision import DTYPES
 from captioner.progress import tqdm
 from captioner.registry import Registry
 from captioner.vocab import Vocabulary, tokenize
@@ -407,7 +408,7 @@ class Trainer:
         t = self.t
         if t.amp == "fp16" and self.device.type != "cuda":
             raise CaptionerError("train.amp=fp16 needs a CUDA GPU; on the CPU use train.amp=bf16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)  # autocast (the encoder's)
+        self.amp_dtype = DTYPES.get(t.amp)  # autocast (the encoder's)
         self.decoder_dtype = torch.bfloat16 if t.amp == "bf16" else None  # cast once a pass (captioner.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         # DDP averages the gradients over the ranks; the module is what compute_loss calls
