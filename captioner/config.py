@@ -356,6 +356,9 @@ class TrainConfig:
             mean reward of the image's other k - 1 samples, Luo 2020).
         scst_reward: ``cider`` (CIDEr-D, df from the training references), ``bleu4``, or a
             weighted sum such as ``cider+0.5*bleu4``.
+        scst_xent_weight: gamma of the mixed objective L_scst + gamma * L_xent (Paulus et al.
+            2018): the cross-entropy of the batch images' reference captions, teacher-forced,
+            keeps the policy near the references' language; 0: SCST alone.
     """
 
     epochs: int = 20
@@ -400,6 +403,7 @@ class TrainConfig:
     scst_samples: int = 5
     scst_baseline: str = "greedy"
     scst_reward: str = "cider"
+    scst_xent_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every"):
@@ -411,7 +415,7 @@ class TrainConfig:
         _check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1]; got {self.lr_decay}")
         _check(0 <= self.baseline_decay < 1, "baseline_decay", f"must be in [0, 1); got {self.baseline_decay}")
         _choice(self.baseline_on, "baseline_on", ("sampled", "all"))
-        for key in ("reinforce_weight", "entropy_weight"):
+        for key in ("reinforce_weight", "entropy_weight", "scst_xent_weight"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _choice(self.optimizer, "optimizer", ("adam", "adamw", "rmsprop", "sgd"))
         _choice(self.scheduler, "scheduler", ("plateau", "cosine", "step", "none"))

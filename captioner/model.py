@@ -206,6 +206,12 @@ class Captioner(nn.Module):
                 masters keep the gradients (:mod:`captioner.precision`); None: as they are.
         """
         feats = self.features(raw_features) if raw_features is not None else self.encode(images)  # (U, L, C)
+        return self.teacher_forced(feats, captions, image_index=image_index, dtype=dtype)
+
+    def teacher_forced(self, feats: Tensor, captions: Tensor, *, image_index: Tensor | None = None,
+                       dtype: torch.dtype | None = None) -> DecoderOutput:
+        """:meth:`forward` from the annotation vectors ``feats`` (U, L, C), as :meth:`features`
+        or :meth:`encode` return them."""
         steps = (captions[:, 1:] != self.vocab.pad_id).sum(1)  # words + <end>: the steps worth running
         # the decoder projects each image's keys once and indexes them per caption; the backward
         # sums each image's gradients over its captions

@@ -24,11 +24,18 @@ a batch is ``max(1, batch_size // k)`` images, sampled through :class:`SamplingP
 module DDP wraps, so the gradients are averaged over the ranks), and the reward and its
 baseline are logged (``reward``, ``baseline`` per step; ``train_reward`` per epoch).
 
+The mixed objective (``train.scst_xent_weight`` gamma > 0; Paulus et al. 2018, "A deep
+reinforced model for abstractive summarization") adds gamma times the cross-entropy of the
+batch images' reference captions, teacher-forced on the same annotation vectors: the reward
+alone drifts to whatever CIDEr-D pays for (longer lists of objects), the references' term
+holds the policy near the captions people wrote.
+
 Letters: B images, k samples per image, N = B * k captions, T steps, V vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -40,7 +47,7 @@ from torch import Tensor, nn
 
 from captioner.cider import CiderD
 from captioner.data.dataset import ImageCaptionsDataset, collate_image_captions
-from captioner.decoder import Decoder
+from captioner.decoder import Decoder, DecoderOutput
 from captioner.errors import ConfigError
 from captioner.losses import LossOutput
 from captioner.metrics import ptb_like_tokenize
@@ -147,6 +154,8 @@ class Rollout:
         log_probs: (N, T) log p of each sampled token (0 off the mask), differentiable.
         att_log_probs, entropies: (N, T) the attention's location log-probability and
             entropy from a stochastic attention (0 off the mask), else None.
+        forced: the teacher-forced pass over reference captions of the same images (the
+            mixed objective's), else None.
     """
 
     tokens: Tensor
@@ -154,6 +163,7 @@ class Rollout:
     log_probs: Tensor
     att_log_probs: Tensor | None = None
     entropies: Tensor | None = None
+    forced: DecoderOutput | None = None
 
 
 def sample_rollout(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end_id: int,
@@ -208,14 +218,19 @@ class SamplingPolicy(nn.Module):
         super().__init__()
         self.model, self.samples, self.max_len = model, samples, max_len
 
-    def forward(self, *, raw_features: Tensor | None = None, images: Tensor | None = None) -> Rollout:
-        """Cached raw features (B, L, C) or pixels (B, 3, S, S) -> a rollout of B * k captions."""
+    def forward(self, *, raw_features: Tensor | None = None, images: Tensor | None = None,
+                captions: Tensor | None = None) -> Rollout:
+        """Cached raw features (B, L, C) or pixels (B, 3, S, S) -> a rollout of B * k captions;
+        with ``captions`` (B, T), one reference caption per image, also their teacher-forced
+        pass on the same annotation vectors (``Rollout.forced``)."""
         m = self.model
         feats = m.features(raw_features) if raw_features is not None else m.encode(images)  # (B, L, C)
-        feats = feats.repeat_interleave(self.samples, dim=0)  # (B*k, L, C), image-major
+        forced = m.teacher_forced(feats, captions) if captions is not None else None
         v = m.vocab
-        return sample_rollout(m.decoder, feats, max_len=self.max_len, start_id=v.start_id, end_id=v.end_id,
-                              pad_id=v.pad_id)
+        rollout = sample_rollout(m.decoder, feats.repeat_interleave(self.samples, dim=0),  # (B*k, L, C), image-major
+                                 max_len=self.max_len, start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id)
+        rollout.forced = forced
+        return rollout
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -228,10 +243,13 @@ class ScstOutput(LossOutput):
 
     Attributes:
         reward: mean reward of the samples. baseline: mean of their baselines.
+        reference_xent: the mixed objective's cross-entropy of the reference captions
+            (nats per word; unweighted, detached), else None.
     """
 
     reward: Tensor
     baseline: Tensor
+    reference_xent: Tensor | None = None
 
 
 def self_critical_loss(rollout: Rollout, rewards: Tensor, baselines: Tensor, *, words: Tensor | None = None,
@@ -314,13 +332,19 @@ class SelfCriticalTrainer(Trainer):
         inputs = ({"raw_features": self.train_feats[batch.index.cpu()].to(self.device)} if self.cached
                   else {"images": batch.images})
         images = self.corpus_index[batch.index.cpu().numpy()]  # (B,)
+        mixed = t.scst_xent_weight > 0
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            rollout = self.train_model(**inputs)
+            rollout = self.train_model(**inputs, captions=batch.captions if mixed else None)
         rewards = self._rewards(rollout.tokens, np.repeat(images, k)).view(-1, k)  # (B, k)
         greedy = self._rewards(self.greedy_tokens(inputs), images) if t.scst_baseline == "greedy" else None
         baselines = baseline_of(rewards, kind=t.scst_baseline, greedy=greedy)  # (B, k)
         loss = self_critical_loss(rollout, rewards, baselines, words=self.ddp.words(rollout.mask),
                                   attention_weight=t.reinforce_weight, entropy_weight=t.entropy_weight)
+        if mixed:  # + gamma * the references' cross-entropy (its dsr, supervision, ... as in xent training)
+            mask = batch.mask[:, 1:]
+            ref = self.criterion(rollout.forced, batch.captions[:, 1:], mask, words=self.ddp.words(mask),
+                                 attention_targets=batch.attention_targets)
+            loss = dataclasses.replace(loss, total=loss.total + t.scst_xent_weight * ref.total, reference_xent=ref.xent)
         self.reward_sums.update(n=1, reward=loss.reward.item(), baseline=loss.baseline.item())
         return loss
 
@@ -339,7 +363,8 @@ class SelfCriticalTrainer(Trainer):
         self.log.record({"step": self.step, "epoch": self.epoch + 1, "loss": loss.total.item(),
                          "reward": loss.reward.item(), "baseline": loss.baseline.item(),
                          "sample_nll": loss.xent.item(), "reinforce": loss.reinforce.item(),
-                         "entropy": loss.entropy.item(), "lr": self.opt.param_groups[0]["lr"]})
+                         "entropy": loss.entropy.item(), "lr": self.opt.param_groups[0]["lr"],
+                         **({"reference_xent": loss.reference_xent.item()} if loss.reference_xent is not None else {})})
 
     def epoch_entry(self, epoch: int, sums: Counter, val) -> dict:
         """The Trainer's epoch line, with the epoch's mean reward and baseline."""

@@ -283,6 +283,44 @@ def test_compute_loss_is_scst_on_k_samples_of_each_image(tiny_config, xent_check
     assert 0 <= loss.reward.item() and loss.baseline.item() >= 0
 
 
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_mixed_objective_adds_the_references_cross_entropy(tiny_config, xent_checkpoint, weight):
+    """L = L_scst + gamma * L_xent: the same samples (dropout off, the same seed) with and
+    without the references' term differ by gamma times the teacher-forced cross-entropy of
+    the batch's reference captions, computed here through the model's own forward."""
+    def loss_with(gamma: float):
+        trainer = SelfCriticalTrainer(tiny_config("train.objective=scst", f"train.init_from={xent_checkpoint}",
+                                                  "train.scst_samples=3", "train.batch_size=12",
+                                                  f"train.scst_xent_weight={gamma}"), quiet=True)
+        trainer.setup()
+        batch = next(iter(trainer.loader(0, 0)))
+        torch.manual_seed(7)
+        return trainer, batch, trainer.compute_loss(batch)
+
+    def grads(trainer, total) -> torch.Tensor:
+        trainer.model.zero_grad()
+        total.backward()
+        return torch.cat([p.grad.flatten() for p in trainer.model.decoder.parameters()])
+
+    first, _, plain = loss_with(0.0)
+    trainer, batch, mixed = loss_with(weight)
+    assert plain.reference_xent is None
+    out = trainer.model(batch.captions, raw_features=trainer.train_feats[batch.index])
+    mask = batch.mask[:, 1:]
+    ref = trainer.criterion(out, batch.captions[:, 1:], mask, words=mask.sum())
+    assert mixed.reference_xent.item() == pytest.approx(ref.xent.item(), rel=1e-5)
+    assert mixed.reward.item() == pytest.approx(plain.reward.item())  # the same samples
+    assert mixed.total.item() == pytest.approx(plain.total.item() + weight * ref.total.item(), rel=1e-5, abs=1e-6)
+    expected = grads(first, plain.total) + weight * grads(trainer, ref.total)
+    torch.testing.assert_close(grads(trainer, mixed.total), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_objective_weight_is_checked():
+    assert load_config(None, ["train.scst_xent_weight=0.3"]).train.scst_xent_weight == 0.3
+    with pytest.raises(ConfigError, match="scst_xent_weight.*>= 0"):
+        load_config(None, ["train.scst_xent_weight=-1"])
+
+
 def test_fit_names_an_objective_without_a_trainer(tiny_config, monkeypatch):
     from captioner import train
 
