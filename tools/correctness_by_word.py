@@ -8,6 +8,11 @@ phrase, "a large blue circle". This splits it by the word's kind (size, colour, 
 splits the rest of the mass into the image's other objects and the background: a map that is
 off the named object because it sits on another object is a different fault from one spread
 over the background. Prints a markdown table, x100.
+
+A second table is the relation words ("above", "to the left of"): where the map of each word
+between "A" and "B" of a stated relation ("the red circle is above a blue square", both
+mentions naming one object of the image) puts its mass, on A, on B, elsewhere, split by
+whether the relation holds. To state a direction the decoder must know where B is.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from captioner.chair import GroundObject, find_mentions, relation_holds, stated_relations
 from captioner.correctness import Region, ground_words, load_regions, upsample_maps
 from captioner.data.shapes import COLOURS, SHAPES, SIZES
 
@@ -52,6 +58,41 @@ def mass_by_kind(words: Sequence[str], alphas: torch.Tensor, regions: Sequence[R
     return out
 
 
+def mass_at_relations(words: Sequence[str], alphas: torch.Tensor, regions: Sequence[Region],
+                      grid: tuple[int, int], origin: tuple[float, float]) -> list[tuple[bool, float, float, float]]:
+    """For each word of each stated relation "A <relation> B" between two uniquely named objects:
+    (the relation holds, mass on A, mass on B, mass on the image's other objects)."""
+    if not regions:
+        return []
+    objects = [region_object(r) for r in regions]
+    by_id = {r.object_id: r for r in regions}
+    out = []
+    for relation, a, b in stated_relations(words, find_mentions(words, objects, sorted({o.category for o in objects}))):
+        if len(a.matches) != 1 or len(b.matches) != 1 or a.matches[0] is b.matches[0]:
+            continue
+        A, B = by_id[a.matches[0].object_id], by_id[b.matches[0].object_id]
+        holds = relation_holds(relation, a.matches[0], b.matches[0])
+        steps = list(range(a.end, b.start))
+        maps = upsample_maps(alphas[steps], grid, A.mask.shape, origin=origin)
+        maps = maps / maps.sum(dim=(1, 2), keepdim=True)
+        others = np.zeros_like(A.mask)
+        for r in regions:
+            if r.object_id not in (A.object_id, B.object_id):
+                others |= r.mask
+        others &= ~(A.mask | B.mask)
+        for up in maps:
+            out.append((holds, float(up[torch.from_numpy(A.mask)].sum()),
+                        float(up[torch.from_numpy(B.mask & ~A.mask)].sum()), float(up[torch.from_numpy(others)].sum())))
+    return out
+
+
+def region_object(region: Region) -> GroundObject:
+    """The region as CHAIR's :class:`~captioner.chair.GroundObject` (its box from the mask)."""
+    rows, cols = np.nonzero(region.mask)
+    box = (float(cols.min()), float(rows.min()), float(cols.max() - cols.min() + 1), float(rows.max() - rows.min() + 1))
+    return GroundObject(region.object_id, region.category, region.attributes, box)
+
+
 def main(argv: list[str] | None = None) -> int:
     from captioner.model import Captioner  # noqa: PLC0415  (not needed by the functions above)
 
@@ -67,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     images = json.loads((ann / f"captions_{args.split}.json").read_text())["images"][: args.images]
     regions = load_regions(ann / f"instances_{args.split}.json")
     totals: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    relations: list[tuple[bool, float, float, float]] = []
     for k in range(0, len(images), 50):
         chunk = images[k:k + 50]
         results = model.caption([str(root / args.split / im["file_name"]) for im in chunk], beam_size=args.beam)
@@ -74,12 +116,21 @@ def main(argv: list[str] | None = None) -> int:
             for kind, pairs in mass_by_kind(r.words, r.alphas, regions.get(im["id"], []), r.grid,
                                             model.encoder.cell_origin).items():
                 totals[kind] += pairs
+            relations += mass_at_relations(r.words, r.alphas, regions.get(im["id"], []), r.grid,
+                                           model.encoder.cell_origin)
     print("| word kind | words | on the named object | on other objects | background |")
     print("| --- | ---: | ---: | ---: | ---: |")
     every = [pair for kind in ("size", "colour", "shape", "other") for pair in totals.get(kind, [])]
     for kind, pairs in [*((k, totals[k]) for k in ("size", "colour", "shape", "other") if k in totals), ("all", every)]:
         on, off = (100 * float(np.mean([x[i] for x in pairs])) for i in (0, 1))
         print(f"| {kind} | {len(pairs)} | {on:.1f} | {off:.1f} | {100 - on - off:.1f} |")
+    print("\n| relation words | words | on A | on B | on other objects | background |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, rows in (("relation holds", [r for r in relations if r[0]]),
+                       ("relation wrong", [r for r in relations if not r[0]]), ("all", relations)):
+        if rows:
+            a, b, o = (100 * float(np.mean([x[i] for x in rows])) for i in (1, 2, 3))
+            print(f"| {name} | {len(rows)} | {a:.1f} | {b:.1f} | {o:.1f} | {100 - a - b - o:.1f} |")
     return 0
 
 
