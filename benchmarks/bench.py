@@ -51,6 +51,7 @@ from captioner.config import (
 )
 from captioner.decoder import Decoder
 from captioner.decoding import beam_search
+from captioner.device import cpu_bf16_support
 from captioner.encoder import Encoder
 from captioner.losses import CaptionLoss
 from captioner.precision import cast_parameters
@@ -298,25 +299,6 @@ class Row:
         self.share_of_peak_cpu = self.gflop_needed / max(self.median_cpu_s, 1e-9) / peak["gflops_cpu"]
         self.share_of_peak_best = self.gflop_needed / min(self.times_s) / peak["gflops"]
         return self
-
-
-def cpu_bf16_support(flags: set[str] | None = None) -> str:
-    """The CPU's native bf16 matmul: "AMX" (amx_bf16 tiles, Intel Sapphire Rapids and later),
-    "AVX512-BF16" (dot products, AMD Zen 4, Intel Cooper Lake), or "none" (bf16 is emulated)."""
-    if flags is None:
-        flags = set()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-        except OSError:
-            pass
-    if "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    return "none"
 
 
 def machine_info(device: torch.device) -> dict:

@@ -321,8 +321,9 @@ class TrainConfig:
         val_images: validate on at most this many images (0: all).
         max_minutes: stop after this much wall time, checkpointing first (0: no limit).
         max_steps: stop after this many optimizer steps in all, checkpointing first (0: no limit).
-        amp: mixed precision for the forward pass: none, bf16 (CPU or GPU) or fp16 (GPU, with
-            a gradient scaler). bf16: the decoder runs in bf16 with its weights and the features
+        amp: mixed precision for the forward pass: none, bf16 (CPU or GPU), fp16 (GPU, with
+            a gradient scaler) or auto (bf16 where the device multiplies bf16 natively: a GPU
+            with bf16, a CPU with AMX or AVX512-BF16; else none). bf16: the decoder runs in bf16 with its weights and the features
             cast once per batch and float32 master weights (``captioner.precision``), a
             fine-tuned encoder under bf16 autocast; fp16: autocast. Losses are computed in float32.
         compile: ``torch.compile`` the training step's model (worth it on a GPU; slow to start on a CPU).
@@ -423,7 +424,7 @@ class TrainConfig:
         _choice(self.attention_supervision, "attention_supervision", ("none", "strong", "weak"))
         _check(self.attention_supervision_weight >= 0, "attention_supervision_weight",
                f"must be >= 0; got {self.attention_supervision_weight}")
-        _choice(self.amp, "amp", ("none", "bf16", "fp16"))
+        _choice(self.amp, "amp", ("none", "bf16", "fp16", "auto"))
         _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
         _check(self.max_skipped >= 0, "max_skipped", f"must be >= 0; got {self.max_skipped}")
         _check(self.captions_per_image >= 0, "captions_per_image",

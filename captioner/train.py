@@ -53,7 +53,7 @@ from captioner.data.cache import default_cache_dir, open_cache
 from captioner.data.dataset import CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
 from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
-from captioner.device import resolve_device
+from captioner.device import resolve_amp, resolve_device
 from captioner.distributed import finish, init_distributed, max_parameter_difference, shard, wrap
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.evaluate import decode_records, encode_records, references
@@ -408,9 +408,12 @@ class Trainer:
         t = self.t
         if t.amp == "fp16" and self.device.type != "cuda":
             raise CaptionerError("train.amp=fp16 needs a CUDA GPU; on the CPU use train.amp=bf16")
-        self.amp_dtype = DTYPES.get(t.amp)  # autocast (the encoder's)
-        self.decoder_dtype = torch.bfloat16 if t.amp == "bf16" else None  # cast once a pass (captioner.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
+        self.amp, why = resolve_amp(t.amp, self.device)  # auto: bf16 where the device has it natively
+        if t.amp == "auto":
+            self.log.say(why)
+        self.amp_dtype = DTYPES.get(self.amp)  # autocast (the encoder's)
+        self.decoder_dtype = torch.bfloat16 if self.amp == "bf16" else None  # cast once a pass (captioner.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         # DDP averages the gradients over the ranks; the module is what compute_loss calls
         self.train_model = wrap(self.training_module(), self.ddp, self.device)
         if t.compile:  # compile the training call only: checkpoints keep the plain module's keys

@@ -162,6 +162,34 @@ def test_training_with_amp_bf16_runs_the_decoder_cast_once_per_batch(tiny_config
     assert seen == ([("Decoder", BF16)] * 2 if expected is not None else [])  # one cast per training step
 
 
+@pytest.mark.parametrize("support, expected", [("AMX", BF16), ("AVX512-BF16", BF16), ("none", None)])
+def test_amp_auto_is_bf16_only_where_the_cpu_has_native_bf16(tiny_config, monkeypatch, support, expected):
+    import captioner.device
+    import captioner.model
+    from captioner.train import fit
+
+    seen = []
+    real = captioner.model.cast_parameters
+    monkeypatch.setattr(captioner.model, "cast_parameters", lambda m, dtype: seen.append(dtype) or real(m, dtype))
+    monkeypatch.setattr(captioner.device, "cpu_bf16_support", lambda: support)
+    result = fit(tiny_config("train.epochs=1", "train.max_steps=2", "train.amp=auto", "train.device=cpu"), quiet=True)
+    assert seen == ([BF16] * 2 if expected is not None else [])
+    assert "amp: auto" in (result.run_dir / "config.yaml").read_text()  # the config keeps what was asked
+
+
+def test_resolve_amp_names_why():
+    from captioner.device import resolve_amp
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu, cpu_bf16="AMX") == ("bf16", "train.amp=auto: bf16 (this CPU multiplies bf16 "
+                                                                "natively: AMX)")
+    amp, why = resolve_amp("auto", cpu, cpu_bf16="none")
+    assert amp == "none" and "no native bf16" in why
+    for explicit in ("none", "bf16"):  # an explicit choice is kept, whatever the CPU
+        assert resolve_amp(explicit, cpu, cpu_bf16="none")[0] == explicit
+    assert resolve_amp("auto", torch.device("meta"))[0] == "none"
+
+
 def test_the_mean_over_locations_in_bf16_is_the_mean():
     from captioner.decoder import mean_over_locations
 
