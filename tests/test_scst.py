@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -313,6 +314,16 @@ def test_mixed_objective_adds_the_references_cross_entropy(tiny_config, xent_che
     assert mixed.total.item() == pytest.approx(plain.total.item() + weight * ref.total.item(), rel=1e-5, abs=1e-6)
     expected = grads(first, plain.total) + weight * grads(trainer, ref.total)
     torch.testing.assert_close(grads(trainer, mixed.total), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_a_mixed_run_logs_the_references_cross_entropy(tiny_config, xent_checkpoint, attention):
+    cfg = tiny_config("train.objective=scst", f"train.init_from={xent_checkpoint}", "train.scst_samples=4",
+                      "train.epochs=1", "train.log_every=1", "train.scst_xent_weight=1.0",
+                      f"model.attention.name={attention}")
+    log = [json.loads(line) for line in (fit(cfg, quiet=True).run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "reward" in e]
+    assert len(steps) == 8 and all(math.isfinite(e["reference_xent"]) and e["reference_xent"] > 0 for e in steps)
 
 
 def test_mixed_objective_weight_is_checked():
