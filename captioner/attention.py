@@ -244,29 +244,57 @@ class SoftAttention(nn.Module):
     """Deterministic soft attention (Section 4.2): alpha = softmax(f_att(a, h_{t-1})),
     z = sum_i alpha_i a_i.
 
+    With ``hops`` > 1 it reads the grid several times per step, each hop's query holding what
+    the hops before it read (the "glimpse" of Vinyals et al., 2016 and Bello et al., 2016; the
+    hops of memory networks, Sukhbaatar et al., 2015): hop k scores the locations with its
+    own f_att on [h; z_{k-1}], so where it looks can depend on what (and where: the features'
+    coordinates) the hop before it found: "the object below the one just named". The context
+    is [z_1; ..; z_hops] (``context_dim`` = hops * C); ``alpha`` is the last hop's map (the
+    heatmaps and attention correctness read it).
+
     Args:
         feature_dim: C. hidden_dim: H. dim: A. score: a name in :data:`SCORES`.
         normalizer: ``softmax`` (the paper's) or ``sparsemax`` (exact zeros off the best locations).
+        hops: reads of the grid per step (1: the paper's).
     """
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
-                 activation: str = "tanh", normalizer: str = "softmax") -> None:
+                 activation: str = "tanh", normalizer: str = "softmax", hops: int = 1) -> None:
         super().__init__()
+        if hops < 1:
+            raise ValueError(f"hops must be >= 1; got {hops}")
         self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
+        self.hop_scores = nn.ModuleList(
+            build_score(score, key_dim=feature_dim, query_dim=hidden_dim + feature_dim, dim=dim, activation=activation)
+            for _ in range(hops - 1))
         self.normalize = NORMALIZERS[normalizer]
+        self.context_dim = hops * feature_dim
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
                     grid: tuple[int, int]) -> SoftAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
-                   activation=cfg.activation, normalizer=cfg.normalizer)
+                   activation=cfg.activation, normalizer=cfg.normalizer, hops=cfg.hops)
 
-    def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
-        return self.score.precompute(features, rows)
+    def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor | tuple:
+        """The first hop's projected keys; with more hops, a tuple of every hop's."""
+        first = self.score.precompute(features, rows)
+        if not self.hop_scores:
+            return first
+        return (first, *(s.precompute(features, rows) for s in self.hop_scores))
 
-    def forward(self, features: Tensor, projected: Tensor, hidden: Tensor, mask: Tensor | None = None) -> AttentionOutput:
-        alpha = self.normalize(self.score(projected, hidden), mask)  # (B, L)
-        return AttentionOutput(context=attend(alpha, features), alpha=alpha)
+    def forward(self, features: Tensor, projected: Tensor | tuple, hidden: Tensor,
+                mask: Tensor | None = None) -> AttentionOutput:
+        if not self.hop_scores:
+            alpha = self.normalize(self.score(projected, hidden), mask)  # (B, L)
+            return AttentionOutput(context=attend(alpha, features), alpha=alpha)
+        alpha = self.normalize(self.score(projected[0], hidden), mask)
+        reads = [attend(alpha, features)]  # z_1 (B, C) or (B, K, C)
+        for score, keys in zip(self.hop_scores, projected[1:]):
+            query = torch.cat([hidden, reads[-1].to(hidden.dtype)], dim=-1)  # [h; z_{k-1}]
+            alpha = self.normalize(score(keys, query), mask)
+            reads.append(attend(alpha, features))
+        return AttentionOutput(context=torch.cat(reads, dim=-1), alpha=alpha)
 
 
 def _uniform(features: Tensor, mask: Tensor | None, lead: tuple[int, ...]) -> Tensor:

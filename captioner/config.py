@@ -230,7 +230,9 @@ class AttentionConfig:
     same function as the plain expression, faster (false: the plain expression);
     ``normalizer``: how soft, hard and local attention turn scores into weights, ``softmax``
     (the paper's) or ``sparsemax`` (Martins and Astudillo, 2016: the Euclidean projection
-    onto the simplex; locations far below the best get exactly zero)."""
+    onto the simplex; locations far below the best get exactly zero); ``hops``: soft
+    attention's reads of the grid per step, each hop's query holding the read before it
+    (1: the paper's; 2: the second hop can look for "the object below the one just named")."""
 
     name: str = "soft"
     score: str = "additive"
@@ -238,6 +240,7 @@ class AttentionConfig:
     activation: str = "tanh"
     fused: bool = True
     normalizer: str = "softmax"
+    hops: int = 1
     hard: HardAttentionConfig = HardAttentionConfig()
     local: LocalAttentionConfig = LocalAttentionConfig()
 
@@ -245,6 +248,9 @@ class AttentionConfig:
         _check(self.dim >= 1, "dim", f"must be >= 1; got {self.dim}")
         _choice(self.activation, "activation", ("tanh", "relu"))
         _choice(self.normalizer, "normalizer", ("softmax", "sparsemax"))
+        _check(self.hops >= 1, "hops", f"must be >= 1; got {self.hops}")
+        _check(self.hops == 1 or self.name == "soft", "hops",
+               f"only soft attention reads the grid in hops; got {self.hops} with name {self.name!r}")
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.vocab_size, self.hidden_dim = vocab_size, hidden_dim
         self.attention, self.luong = attention, arrangement == "luong"
+        context_dim = getattr(attention, "context_dim", feature_dim)  # z_t's size: C, or more with hops
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.init_h = nn.Linear(feature_dim, hidden_dim)  # f_init,h
         self.init_c = nn.Linear(feature_dim, hidden_dim)  # f_init,c
@@ -219,13 +220,13 @@ class Decoder(nn.Module):
         # LSTM gates (i, f, g, o) = W_e E y + W_z z + W_h h + b, split so W_e E y runs outside the loop
         # (Luong: W_z h~_{t-1}, input feeding, in place of W_z z).
         self.gate_embed = nn.Linear(embed_dim, 4 * hidden_dim)
-        self.gate_context = nn.Linear(hidden_dim if self.luong else feature_dim, 4 * hidden_dim, bias=False)
+        self.gate_context = nn.Linear(hidden_dim if self.luong else context_dim, 4 * hidden_dim, bias=False)
         self.gate_hidden = nn.Linear(hidden_dim, 4 * hidden_dim, bias=False)
-        self.combine = nn.Linear(feature_dim + hidden_dim, hidden_dim, bias=False) if self.luong else None  # W_c
+        self.combine = nn.Linear(context_dim + hidden_dim, hidden_dim, bias=False) if self.luong else None  # W_c
         self.deep_output = deep_output and not self.luong
         if self.deep_output:
             self.out_hidden = nn.Linear(hidden_dim, embed_dim)  # L_h
-            self.out_context = nn.Linear(feature_dim, embed_dim, bias=False)  # L_z
+            self.out_context = nn.Linear(context_dim, embed_dim, bias=False)  # L_z
             self.out = nn.Linear(embed_dim, vocab_size)  # L_o
         else:
             self.out = nn.Linear(hidden_dim, vocab_size)  # L_o, or Luong's W_s

@@ -4,7 +4,7 @@ a new variant is tested for free."""
 import pytest
 import torch
 
-from captioner.attention import ATTENTIONS, SCORES, AttentionOutput, build_attention
+from captioner.attention import ATTENTIONS, NORMALIZERS, SCORES, AttentionOutput, build_attention
 from captioner.config import AttentionConfig
 from captioner.errors import ConfigError
 
@@ -322,3 +322,70 @@ def test_sparsemax_masks_every_query_of_an_image():
     out = att(feats, att.precompute(feats), hidden, mask)
     assert out.alpha.shape == (B, 4, L) and (out.alpha[..., :2] == 0).all()
     torch.testing.assert_close(out.alpha.sum(-1), torch.ones(B, 4))
+
+
+# ----------------------------------------------------------------------------- hops
+
+def make_hops(hops, normalizer="softmax"):
+    torch.manual_seed(0)
+    return build_attention(AttentionConfig(name="soft", dim=6, hops=hops, normalizer=normalizer),
+                           feature_dim=C, hidden_dim=H)
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sparsemax"])
+def test_each_hop_queries_with_the_read_before_it(normalizer):
+    """Hop 2 scores the grid with its own f_att on [h; z_1]; the context is [z_1; z_2] and
+    alpha is the last hop's map. Checked against the expression written out."""
+    att = make_hops(2, normalizer)
+    assert att.context_dim == 2 * C
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, :4] = False
+    out = att(feats, att.precompute(feats), h, mask)
+    normalize = NORMALIZERS[normalizer]
+    first = normalize(att.score(att.score.precompute(feats), h), mask)
+    z1 = (first.unsqueeze(-1) * feats).sum(1)
+    hop = att.hop_scores[0]
+    second = normalize(hop(hop.precompute(feats), torch.cat([h, z1], -1)), mask)
+    torch.testing.assert_close(out.alpha, second)
+    torch.testing.assert_close(out.context, torch.cat([z1, (second.unsqueeze(-1) * feats).sum(1)], -1))
+    assert (out.alpha[0, :4] == 0).all()
+    assert not torch.allclose(first, second)  # two different reads
+
+
+def test_the_second_hop_follows_what_the_first_read():
+    """Change the features but keep every projected key: hop 1's map stays, z_1 changes, and
+    hop 2's map moves, because its query holds z_1. Hop 2's query weights on z_1 learn."""
+    att = make_hops(2)
+    with torch.no_grad():
+        att.hop_scores[0].query.weight[:, H:] *= 20  # hop 2 listens hard to z_1
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    projected = att.precompute(feats)
+    out = att(feats, projected, h)
+    first = torch.softmax(att.score(projected[0], h), -1)
+    again = att(feats + 2.0 * first.unsqueeze(-1), projected, h)  # more where hop 1 looked
+    torch.testing.assert_close(again.context[:, :C], out.context[:, :C] + 2.0 * first.pow(2).sum(-1, keepdim=True))
+    assert (again.alpha - out.alpha).abs().max() > 1e-2
+    feats.requires_grad_(True)
+    out = att(feats, att.precompute(feats), h)
+    out.context[:, C:].pow(2).sum().backward()  # z_2 only
+    assert att.hop_scores[0].query.weight.grad[:, H:].abs().sum() > 0  # the z_1 part of hop 2's query
+
+
+def test_hops_are_soft_attention_only_and_at_least_one():
+    with pytest.raises(ConfigError, match="hops.*soft"):
+        AttentionConfig(name="hard", hops=2)
+    with pytest.raises(ConfigError, match="hops"):
+        AttentionConfig(hops=0)
+
+
+def test_k_queries_per_image_with_hops_equal_copied_images():
+    K = 3
+    att = make_hops(3).eval()
+    feats, h = torch.randn(B, L, C), torch.randn(B, K, H)
+    grouped = att(feats, att.precompute(feats), h)
+    copies = feats.repeat_interleave(K, 0)
+    flat = att(copies, att.precompute(copies), h.flatten(0, 1))
+    assert grouped.context.shape == (B, K, 3 * C)
+    torch.testing.assert_close(grouped.context.flatten(0, 1), flat.context)
+    torch.testing.assert_close(grouped.alpha.flatten(0, 1), flat.alpha)

@@ -46,6 +46,7 @@ def test_null_and_bool_overrides():
     ("data.format=imagenet", ["data.format", "coco"]),
     ("train.epochs=true", ["train.epochs", "int"]),
     ("model=3", ["model", "mapping"]),
+    ("model.attention.hops=0", ["model.attention.hops", ">= 1"]),
     ("no_equals_sign", ["section.key=value"]),
 ])
 def test_bad_values_name_the_key(override, fragments):

@@ -38,8 +38,9 @@ def test_padding_does_not_change_results():
     torch.testing.assert_close(per_caption[0], per_caption_alone[0])
 
 
-def test_step_matches_teacher_forcing():
-    dec = make_decoder()
+@pytest.mark.parametrize("hops", [1, 2])
+def test_step_matches_teacher_forcing(hops):
+    dec = make_decoder(f"model.attention.hops={hops}")
     feats, caps = torch.randn(B, L, C), torch.randint(4, V, (B, 5))
     full = dec(feats, caps)
     state, projected = dec.init_state(feats), dec.precompute(feats)
@@ -50,11 +51,12 @@ def test_step_matches_teacher_forcing():
         state = out.state
 
 
-@pytest.mark.parametrize("attention", ["soft", "local", "hard"])
-def test_luong_step_matches_teacher_forcing_and_attends_on_h_t(attention):
+@pytest.mark.parametrize("attention, hops", [("soft", 1), ("soft", 2), ("local", 1), ("hard", 1)])
+def test_luong_step_matches_teacher_forcing_and_attends_on_h_t(attention, hops):
     """Luong's arrangement: the step runs first and attention reads the new h_t (the paper's
     reads h_{t-1}); the attentional state h~_t is fed back and read by the output layer."""
-    dec = make_decoder("model.decoder.arrangement=luong", f"model.attention.name={attention}")
+    dec = make_decoder("model.decoder.arrangement=luong", f"model.attention.name={attention}",
+                       f"model.attention.hops={hops}")
     feats, caps = torch.randn(B, L, C), torch.randint(4, V, (B, 5))
     full = dec(feats, caps)
     queries = []

@@ -70,9 +70,9 @@ def test_greedy_scores_and_stopping_with_captions_of_different_lengths():
 from captioner.decoding import beam_search, sample  # noqa: E402
 
 
-def random_decoder(seed=0, vocab=V):
+def random_decoder(seed=0, vocab=V, *overrides):
     cfg = load_config(None, ["model.attention.dim=4", "model.decoder.embed_dim=6", "model.decoder.hidden_dim=8",
-                             "model.decoder.dropout=0.0"]).model
+                             "model.decoder.dropout=0.0", *overrides]).model
     torch.manual_seed(seed)
     dec = Decoder.from_config(cfg, vocab_size=vocab, feature_dim=C).eval()
     with torch.no_grad():
@@ -80,8 +80,9 @@ def random_decoder(seed=0, vocab=V):
     return dec
 
 
-def test_beam_of_one_is_greedy():
-    dec = random_decoder()
+@pytest.mark.parametrize("hops", [1, 2])
+def test_beam_of_one_is_greedy(hops):
+    dec = random_decoder(0, V, f"model.attention.hops={hops}")
     feats = torch.randn(5, L, C)
     g = greedy(dec, feats, max_len=7, start_id=1, end_id=2)
     b = beam_search(dec, feats, beam_size=1, max_len=7, start_id=1, end_id=2).best()
@@ -90,8 +91,9 @@ def test_beam_of_one_is_greedy():
     torch.testing.assert_close(g.alphas, b.alphas)
 
 
-def test_batched_beam_equals_one_image_at_a_time():
-    dec = random_decoder(1)
+@pytest.mark.parametrize("hops", [1, 2])
+def test_batched_beam_equals_one_image_at_a_time(hops):
+    dec = random_decoder(1, V, f"model.attention.hops={hops}")
     feats = torch.randn(4, L, C)
     batched = beam_search(dec, feats, beam_size=3, max_len=6, start_id=1, end_id=2, n_best=3, length_penalty=0.7)
     for i in range(4):
