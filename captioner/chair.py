@@ -39,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from captioner.correctness import _category_phrases, shape_phrases
+import numpy as np
+
+from captioner.correctness import Region, _category_phrases, shape_phrases
 from captioner.data._io import check_new, coco_annotations, describe_json, get, optional, read_json
 from captioner.errors import DataError
 from captioner.vocab import tokenize
@@ -186,6 +188,14 @@ def find_mentions(words: Sequence[str], objects: Sequence[GroundObject],
     if any("shape" in o.attributes for o in objects):
         return _shape_mentions(words, objects)
     return _category_mentions(words, objects, list(dict.fromkeys([*categories, *(o.category for o in objects)])))
+
+
+def ground_object(region: Region) -> GroundObject:
+    """An attention-correctness :class:`~captioner.correctness.Region` as a
+    :class:`GroundObject`, boxed from its mask (the box in mask pixels)."""
+    rows, cols = np.nonzero(region.mask)
+    box = (float(cols.min()), float(rows.min()), float(cols.max() - cols.min() + 1), float(rows.max() - rows.min() + 1))
+    return GroundObject(region.object_id, region.category, region.attributes, box)
 
 
 # ----------------------------------------------------------------------------- relations

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from captioner.chair import ground_object
 from captioner.correctness import Region
 
 spec = importlib.util.spec_from_file_location("cbw", Path(__file__).parent.parent / "tools" / "correctness_by_word.py")
@@ -68,4 +69,4 @@ def test_mass_at_relation_words_is_split_into_a_b_and_the_others():
 
 def test_region_object_boxes_the_mask():
     region = Region(4, "square", {}, quadrant(slice(2, 5), slice(1, 7)))
-    assert cbw.region_object(region).box == (1.0, 2.0, 6.0, 3.0)
+    assert ground_object(region).box == (1.0, 2.0, 6.0, 3.0)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.chair import GroundObject, find_mentions, relation_holds, stated_relations
+from captioner.chair import find_mentions, ground_object, relation_holds, stated_relations
 from captioner.correctness import Region, ground_words, load_regions, upsample_maps
 from captioner.data.shapes import COLOURS, SHAPES, SIZES
 
@@ -64,7 +64,7 @@ def mass_at_relations(words: Sequence[str], alphas: torch.Tensor, regions: Seque
     (the relation holds, mass on A, mass on B, mass on the image's other objects)."""
     if not regions:
         return []
-    objects = [region_object(r) for r in regions]
+    objects = [ground_object(r) for r in regions]
     by_id = {r.object_id: r for r in regions}
     out = []
     for relation, a, b in stated_relations(words, find_mentions(words, objects, sorted({o.category for o in objects}))):
@@ -84,13 +84,6 @@ def mass_at_relations(words: Sequence[str], alphas: torch.Tensor, regions: Seque
             out.append((holds, float(up[torch.from_numpy(A.mask)].sum()),
                         float(up[torch.from_numpy(B.mask & ~A.mask)].sum()), float(up[torch.from_numpy(others)].sum())))
     return out
-
-
-def region_object(region: Region) -> GroundObject:
-    """The region as CHAIR's :class:`~captioner.chair.GroundObject` (its box from the mask)."""
-    rows, cols = np.nonzero(region.mask)
-    box = (float(cols.min()), float(rows.min()), float(cols.max() - cols.min() + 1), float(rows.max() - rows.min() + 1))
-    return GroundObject(region.object_id, region.category, region.attributes, box)
 
 
 def main(argv: list[str] | None = None) -> int:
