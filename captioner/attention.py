@@ -185,6 +185,31 @@ class ScaledDotScore(nn.Module):
         return _dot(projected, self.query(query))
 
 
+@SCORES.register("additive_dot")
+class AdditiveDotScore(nn.Module):
+    """The paper's additive f_att plus a scaled dot product of two more projections:
+    w^T tanh(W_a a_i + W_h h + b) + (U_a a_i) . (U_h h) / sqrt(A).
+
+    The tanh term matches content. Inside it the query only adds to each unit, so the
+    direction in which a unit's score grows over the keys is fixed; flipping it with the
+    query takes saturating one unit and waking another. The dot term's direction is the
+    query itself: U_h h turned around turns "the lowest object" into "the highest" (on the
+    shapes set, the word after "above" or "below" finds the object the relation names;
+    README "Getting the words and the maps right")."""
+
+    def __init__(self, *, key_dim: int, query_dim: int, dim: int, activation: str = "tanh",
+                 fused: bool = True) -> None:
+        super().__init__()
+        self.additive = AdditiveScore(key_dim=key_dim, query_dim=query_dim, dim=dim, activation=activation, fused=fused)
+        self.dot = ScaledDotScore(key_dim=key_dim, query_dim=query_dim, dim=dim)
+
+    def precompute(self, keys: Tensor, rows: Tensor | None = None) -> tuple:
+        return self.additive.precompute(keys, rows), self.dot.precompute(keys, rows)
+
+    def forward(self, projected: tuple, query: Tensor) -> Tensor:
+        return self.additive(projected[0], query) + self.dot(projected[1], query)
+
+
 def build_score(name: str, *, key_dim: int, query_dim: int, dim: int, activation: str = "tanh") -> nn.Module:
     return SCORES.build(name, key_dim=key_dim, query_dim=query_dim, dim=dim, activation=activation)
 

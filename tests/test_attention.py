@@ -61,7 +61,7 @@ def test_soft_context_is_alpha_weighted_sum_and_gradients_flow(score):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("score", [n for n in SCORES.names() if n != "additive"])
+@pytest.mark.parametrize("score", [n for n in SCORES.names() if not n.startswith("additive")])
 def test_scores_prefer_the_matching_key(score):
     """With the query equal to one key, similarity scores rank that key first (additive
     scores have no built-in notion of similarity, so they are not in this test)."""
@@ -389,3 +389,31 @@ def test_k_queries_per_image_with_hops_equal_copied_images():
     assert grouped.context.shape == (B, K, 3 * C)
     torch.testing.assert_close(grouped.context.flatten(0, 1), flat.context)
     torch.testing.assert_close(grouped.alpha.flatten(0, 1), flat.alpha)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_additive_dot_score_is_the_sum_of_its_two_terms(K):
+    s = SCORES.build("additive_dot", key_dim=C, query_dim=H, dim=6)
+    keys, query = torch.randn(B, L, C), torch.randn(B, K, H)
+    add, dot = s.additive, s.dot
+    expected = (add.out(torch.tanh(add.key(keys).unsqueeze(1) + add.query(query).unsqueeze(2))).squeeze(-1)
+                + torch.einsum("bla,bka->bkl", dot.key(keys), dot.query(query)) / 6 ** 0.5)
+    torch.testing.assert_close(s(s.precompute(keys), query), expected)
+
+
+def test_the_dot_term_turns_with_the_query_where_the_tanh_term_cannot_without_saturating():
+    """Keys along a line (a coordinate): negating the dot term's query turns its ranking
+    around; the tanh term's ranking only turns if units saturate, so with small weights its
+    best key stays at the same end."""
+    s = SCORES.build("additive_dot", key_dim=1, query_dim=1, dim=1)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.fill_(0.1)
+        s.dot.key.weight.fill_(1.0)
+        s.dot.query.weight.fill_(1.0)
+    keys = torch.linspace(-1, 1, 5).view(1, 5, 1)
+    up, down = s(s.precompute(keys), torch.ones(1, 1)), s(s.precompute(keys), -torch.ones(1, 1))
+    assert up.argmax() == 4 and down.argmax() == 0
+    tanh_up = s.additive(s.additive.precompute(keys), torch.ones(1, 1))
+    tanh_down = s.additive(s.additive.precompute(keys), -torch.ones(1, 1))
+    assert tanh_up.argmax() == tanh_down.argmax() == 4
