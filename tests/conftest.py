@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,19 @@ import pytest
 from PIL import Image
 
 from captioner.errors import DataError
+
+
+@pytest.fixture(scope="session")
+def tool() -> Callable[[str], object]:
+    """``tool("relation_probe")``: the script ``tools/relation_probe.py`` loaded as a module."""
+
+    def load(name: str) -> object:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

@@ -1,8 +1,5 @@
 """tools/relation_probe.py: does the map at B's first word follow the relation word?"""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,9 +9,10 @@ from captioner.correctness import Region
 from captioner.decoder import Decoder
 from captioner.vocab import Vocabulary
 
-spec = importlib.util.spec_from_file_location("probe", Path(__file__).parent.parent / "tools" / "relation_probe.py")
-probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(probe)
+
+@pytest.fixture(scope="module")
+def probe(tool):
+    return tool("relation_probe")
 
 
 def quadrant(rows: slice, cols: slice) -> np.ndarray:
@@ -29,7 +27,7 @@ GREEN = Region(3, "square", {"shape": "square", "colour": "green", "size": "smal
 CAPTION = "the red circle is above a blue square".split()
 
 
-def test_opposite_turns_the_direction_words_only():
+def test_opposite_turns_the_direction_words_only(probe):
     assert probe.opposite(CAPTION, 3, 6) == "the red circle is below a blue square".split()
     words = "a red circle to the left of a blue square".split()
     assert probe.opposite(words, 3, 7) == "a red circle to the right of a blue square".split()
@@ -37,7 +35,7 @@ def test_opposite_turns_the_direction_words_only():
     assert probe.opposite(CAPTION, 0, 3) is None  # no direction word in the span
 
 
-def test_directional_relations_need_a_direction_and_one_object_each():
+def test_directional_relations_need_a_direction_and_one_object_each(probe):
     (a, b, a_end, b_start), = probe.directional_relations(CAPTION, [RED, BLUE, GREEN])
     assert (a.object_id, b.object_id, a_end, b_start) == (1, 2, 3, 6)
     assert probe.directional_relations("the red circle is beside a green square".split(), [RED, BLUE, GREEN]) == []
@@ -53,7 +51,7 @@ def decoder(attention: str) -> tuple[Decoder, Vocabulary]:
     return Decoder.from_config(cfg, vocab_size=len(vocab), feature_dim=5, grid=(2, 2)).eval(), vocab
 
 
-def test_a_map_that_ignores_the_query_does_not_move():
+def test_a_map_that_ignores_the_query_does_not_move(probe):
     dec, vocab = decoder("mean")
     (row,) = probe.probe(dec, vocab, torch.randn(1, 4, 5), CAPTION, [RED, BLUE, GREEN], (2, 2), (0.5, 0.5))
     assert row["moved"] == 0.0
@@ -62,7 +60,7 @@ def test_a_map_that_ignores_the_query_does_not_move():
     assert row["given"]["p_word"] != row["opposite"]["p_word"]  # the words still read the relation
 
 
-def test_a_map_that_reads_the_query_moves_and_the_probabilities_are_the_decoders():
+def test_a_map_that_reads_the_query_moves_and_the_probabilities_are_the_decoders(probe):
     dec, vocab = decoder("soft")
     with torch.no_grad():
         dec.attention.score.query.weight.mul_(50)  # maps that follow h_t closely
