@@ -225,7 +225,8 @@ class LocalAttentionConfig:
 class AttentionConfig:
     """The attention module: ``name`` from the attention registry (soft, hard, local,
     none), ``score`` from the score registry (additive is the paper's MLP; dot, general,
-    scaled_dot), ``dim`` the attention space, ``activation`` of the additive score;
+    scaled_dot, additive_dot: the MLP plus a scaled dot product), ``dim`` the attention space,
+    ``activation`` of the additive score;
     ``fused``: the additive tanh score runs as a fused kernel (captioner/kernels.py), the
     same function as the plain expression, faster (false: the plain expression);
     ``normalizer``: how soft, hard and local attention turn scores into weights, ``softmax``
