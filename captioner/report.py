@@ -20,6 +20,7 @@ import base64
 import html
 import io
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,8 @@ def _caption_data(result: CaptionResult) -> dict:
 
 
 def _metrics_html(metrics: dict) -> str:
-    """The metrics of ``captioner evaluate`` as a table (x100), with attention correctness."""
+    """The metrics of ``captioner evaluate`` as a table (x100), with attention correctness,
+    CHAIR and relation accuracy when the evaluation had them."""
     scores, unavailable = metrics.get("scores", {}), metrics.get("unavailable", {})
     head, cells = [], []
     for key in METRICS:
@@ -139,6 +141,14 @@ def _metrics_html(metrics: dict) -> str:
         head.append("<th>attention correctness</th>")
         cells.append(f'<td>{100 * correctness["score"]:.1f} <small>(uniform {100 * correctness["uniform"]:.1f}, '
                      f'{correctness["words"]} words)</small></td>')
+    chair = metrics.get("chair") or {}  # the errors BLEU does not see: absent objects, wrong relations
+    for name, key, count in (("CHAIR_s", "chair_s", ("hallucinated_captions", "captions")),
+                             ("CHAIR_i", "chair_i", ("hallucinated", "mentions")),
+                             ("relations that hold", "relation_accuracy", ("relations_correct", "relations"))):
+        value = chair.get(key)
+        if value is not None and math.isfinite(value):
+            head.append(f"<th>{name}</th>")
+            cells.append(f"<td>{100 * value:.1f} <small>({chair[count[0]]} of {chair[count[1]]})</small></td>")
     what = " \u00b7 ".join(str(part) for part in (
         f"{metrics['split']} split" if "split" in metrics else None,
         f"{metrics['images']} images" if "images" in metrics else None,

@@ -36,7 +36,10 @@ def synthetic_page(path: Path, origin: tuple[float, float] = (0.5, 0.5)) -> Path
                           score=-3.5)
     metrics = {"split": "test", "images": 2, "beam_size": 2, "scores": {"bleu4": 0.25, "cider": 1.5},
                "unavailable": {"meteor": "no Java"}, "attention_correctness": {"score": 0.5, "uniform": 0.1,
-                                                                               "words": 7, "images": 2}}
+                                                                               "words": 7, "images": 2},
+               "chair": {"chair_s": 0.25, "chair_i": 0.2, "relation_accuracy": float("nan"), "captions": 4,
+                         "hallucinated_captions": 1, "mentions": 5, "hallucinated": 1, "relations": 0,
+                         "relations_correct": 0}}
     item = ReportImage("grey.png", Image.new("RGB", SIZE, (128, 128, 128)), [best, other])
     path.write_text(render_report([item], metrics=metrics, info="synthetic", origin=origin), encoding="utf-8")
     return path
@@ -48,6 +51,8 @@ def test_page_is_self_contained_and_lists_the_n_best(tmp_path):
     assert all(src.startswith("data:image/") for src in re.findall(r'src="([^"]*)"', page))
     assert page.count('class="caption"') == 2 and page.count('class="word') == 3 + 2  # words and <end>
     assert "CIDEr-D" in page and "150.0" in page and "attention correctness" in page
+    assert "<th>CHAIR_s</th>" in page and "25.0 <small>(1 of 4)</small>" in page and "20.0 <small>(1 of 5)" in page
+    assert "relations that hold" not in page  # none stated: no cell rather than nan
     payload = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.DOTALL).group(1)
     data = json.loads(payload)
     item = data["images"][0]
