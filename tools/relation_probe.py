@@ -100,16 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     keep = {im["id"] for im in images}
     regions = load_regions(root / "annotations" / f"instances_{args.split}.json", image_ids=sorted(keep))
     transform = model.encoder.transform()
+    refs: dict[int, list[str]] = {}
+    for a in data["annotations"]:  # grouped once, not scanned per image
+        refs.setdefault(a["image_id"], []).append(a["caption"])
     rows: dict[str, list[dict]] = {"2 objects": [], "3 or more": []}
     for im in images:
-        refs = [a["caption"] for a in data["annotations"] if a["image_id"] == im["id"]]
-        found = [(words, r) for words in map(tokenize, refs) if (r := directional_relations(words, regions[im["id"]]))]
+        found = [words for words in map(tokenize, refs.get(im["id"], []))
+                 if directional_relations(words, regions[im["id"]])]
         if not found:
             continue
         pixels = transform(Image.open(root / args.split / im["file_name"]).convert("RGB")).unsqueeze(0)
         with torch.no_grad():
             feats = model.encode(pixels)
-        for words, _ in found:
+        for words in found:
             key = "2 objects" if len(regions[im["id"]]) == 2 else "3 or more"
             rows[key] += probe(model.decoder, model.vocab, feats, words, regions[im["id"]], model.encoder.grid,
                                model.encoder.cell_origin)
