@@ -308,6 +308,10 @@ class TrainConfig:
         encoder_lr: a fine-tuned encoder's learning rate.
         weight_decay: L2 (adam, rmsprop, sgd) or decoupled decay (adamw).
         grad_clip: clip the gradients' global norm to this (0: no clipping).
+        ema: decay of an exponential moving average of the trainable weights, updated after
+            every step with a warm-up (captioner/ema.py); validation, best.pt (and so
+            ``evaluate`` and ``caption``) use the average, last.pt keeps the raw weights and the
+            average for a resume. About ``1 / (1 - ema)`` steps are averaged; 0: off.
         seed: seeds torch, Python and the data order: a run is repeatable, and resumes exactly.
         device: auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each process takes
             its local rank's GPU.
@@ -377,6 +381,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     grad_clip: float = 5.0
+    ema: float = 0.0
     scheduler: str = "plateau"
     lr_decay: float = 0.8
     lr_patience: int = 2
@@ -420,6 +425,7 @@ class TrainConfig:
             _check(getattr(self, key) > 0, key, f"must be > 0; got {getattr(self, key)}")
         for key in ("max_steps", "momentum", "weight_decay", "grad_clip", "alpha_c", "max_minutes", "patience", "val_images"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
+        _check(0 <= self.ema < 1, "ema", f"must be in [0, 1) (0: no weight average); got {self.ema}")
         _check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1]; got {self.lr_decay}")
         _check(0 <= self.baseline_decay < 1, "baseline_decay", f"must be in [0, 1); got {self.baseline_decay}")
         _choice(self.baseline_on, "baseline_on", ("sampled", "all"))

@@ -55,6 +55,7 @@ from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
 from captioner.device import resolve_amp, resolve_device
 from captioner.distributed import finish, init_distributed, max_parameter_difference, shard, wrap
+from captioner.ema import WeightAverage, averaged
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.evaluate import decode_records, encode_records, references
 from captioner.grounding import training_targets
@@ -241,6 +242,7 @@ class Trainer:
         self.setup_model()
         if ckpt is not None:
             self.restore(ckpt)
+        self.setup_average(ckpt)
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.log.say(f"run {self.run_dir}: {len(self.train_records)} train / {len(self.val_records)} val images, "
                      f"{len(self.vocab)} words, grid {self.model.encoder.grid}, {n_params / 1e6:.2f}M trainable "
@@ -342,6 +344,17 @@ class Trainer:
         _set_rng_state(tr["rng"])  # after building the model, whose initialisation draws from the RNG
         self.log.say(f"resumed from {self.resume} at epoch {self.start_epoch + 1}, batch {self.start_batch}, "
                      f"step {self.step}")
+
+    def setup_average(self, ckpt: dict | None) -> None:
+        """train.ema: the moving average of the weights (None: off), from the resumed
+        checkpoint's average, else from the weights the run starts with."""
+        self.average = WeightAverage(self.model, decay=self.t.ema) if self.t.ema else None
+        if self.average is None or ckpt is None:
+            return
+        if ckpt.get("ema") is not None:
+            self.average.load_state_dict(ckpt["ema"], source=self.resume)
+        else:
+            self.log.say(f"{self.resume} holds no weight average: train.ema starts from its weights")
 
     def setup_features(self) -> None:
         """With a frozen encoder, every image encoded once: from the on-disk cache, else now, in memory."""
@@ -503,6 +516,8 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.step += 1
+        if self.average is not None:
+            self.average.update()
         return loss
 
     def on_nonfinite(self, loss: LossOutput) -> None:
@@ -536,10 +551,12 @@ class Trainer:
     # ------------------------------------------------------------------ validate, stop
 
     def validate(self) -> Validation:
-        """Greedy decoding of the val images (no teacher forcing), scored."""
-        decoded = decode_records(self.model, self.val_records, max_len=self.cfg.decode.max_len,
-                                 features=self.val_feats, num_workers=self.cfg.data.num_workers,
-                                 progress=self.progress)
+        """Greedy decoding of the val images (no teacher forcing), scored; with train.ema, by
+        the averaged weights."""
+        with averaged(self.average):
+            decoded = decode_records(self.model, self.val_records, max_len=self.cfg.decode.max_len,
+                                     features=self.val_feats, num_workers=self.cfg.data.num_workers,
+                                     progress=self.progress)
         captions = {r.image_id: " ".join(d.words) for r, d in zip(self.val_records, decoded)}
         return Validation(self.score_captions(captions), captions)
 
@@ -590,7 +607,8 @@ class Trainer:
         from captioner.visualize import result_figure
 
         for record in self.val_records[:images]:
-            result = self.model.caption(record.path, beam_size=1)
+            with averaged(self.average):
+                result = self.model.caption(record.path, beam_size=1)
             self.log.board.figure(f"attention/{record.path.name}", result_figure(record.path, result), self.step)
 
     def epoch_entry(self, epoch: int, sums: Counter, val: Validation) -> dict:
@@ -624,6 +642,7 @@ class Trainer:
             "config": portable_config(self.cfg), "vocab": self.vocab.to_dict(), "model": self.model.state_dict(),
             "loss": self.criterion.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched is not None else None,
+            "ema": self.average.state_dict() if self.average is not None else None,
             "trainer": {"epoch": epoch, "batch": batch, "step": self.step, "best_score": self.best,
                         "bad_epochs": self.bad_epochs, "history": self.history, "rng": _rng_state()},
         }
@@ -631,14 +650,19 @@ class Trainer:
     def save_checkpoint(self, name: str, epoch: int, batch: int) -> None:
         """Write :meth:`state` to the run folder as ``name`` (rank 0 only; atomically). ``best.pt``
         is for inference: config, vocabulary, weights and where it was taken (no optimizer
-        state, a third of the size at the paper's dims); ``last.pt`` carries everything."""
+        state, a third of the size at the paper's dims); with train.ema its weights are the
+        average that was validated. ``last.pt`` carries everything: the raw weights, and the
+        average for a resume."""
         if not self.ddp.is_main:
             return
-        state = self.state(epoch, batch)
-        if name == "best.pt":
+        if name != "best.pt":
+            save_checkpoint(self.run_dir / name, self.state(epoch, batch))
+            return
+        with averaged(self.average):  # written inside: state_dict's tensors share the parameters' storage
+            state = self.state(epoch, batch)
             trainer = state["trainer"]
             state = {**slim(state), "trainer": {k: trainer[k] for k in ("epoch", "batch", "step", "best_score")}}
-        save_checkpoint(self.run_dir / name, state)
+            save_checkpoint(self.run_dir / name, state)
 
     def cleanup(self) -> None:
         """Every rank must hold the same weights: say how far apart they are; end the process group."""
