@@ -308,6 +308,11 @@ class TrainConfig:
         encoder_lr: a fine-tuned encoder's learning rate.
         weight_decay: L2 (adam, rmsprop, sgd) or decoupled decay (adamw).
         grad_clip: clip the gradients' global norm to this (0: no clipping).
+        flip: mirrored training samples (captioner/augment.py): ``horizontal`` flips a
+            caption's image left-right and swaps its "left" and "right"; ``vertical`` flips it
+            top-bottom and swaps top/bottom, above/below, over/under; ``both`` draws the two
+            independently. Each caption draws its view at every step (half of them as they
+            are with ``horizontal``). Vertical suits synthetic scenes, not photos. ``none``: off.
         ema: decay of an exponential moving average of the trainable weights, updated after
             every step with a warm-up (captioner/ema.py); validation, best.pt (and so
             ``evaluate`` and ``caption``) use the average, last.pt keeps the raw weights and the
@@ -382,6 +387,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     ema: float = 0.0
+    flip: str = "none"
     scheduler: str = "plateau"
     lr_decay: float = 0.8
     lr_patience: int = 2
@@ -425,6 +431,10 @@ class TrainConfig:
             _check(getattr(self, key) > 0, key, f"must be > 0; got {getattr(self, key)}")
         for key in ("max_steps", "momentum", "weight_decay", "grad_clip", "alpha_c", "max_minutes", "patience", "val_images"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
+        _choice(self.flip, "flip", ("none", "horizontal", "vertical", "both"))
+        _check(self.flip == "none" or self.objective == "xent", "flip",
+               f"mirrors the image and its reference caption for cross-entropy training; train.objective="
+               f"{self.objective} scores sampled captions against unmirrored references: set train.flip=none")
         _check(0 <= self.ema < 1, "ema", f"must be in [0, 1) (0: no weight average); got {self.ema}")
         _check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1]; got {self.lr_decay}")
         _check(0 <= self.baseline_decay < 1, "baseline_decay", f"must be in [0, 1); got {self.baseline_decay}")

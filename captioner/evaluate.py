@@ -71,13 +71,16 @@ def _image_loader(model: Captioner, records: Sequence[ImageRecord], *, batch_siz
 
 @torch.no_grad()
 def encode_records(model: Captioner, records: Sequence[ImageRecord], *, batch_size: int = 64,
-                   num_workers: int = 0, progress: bool = False, desc: str = "encode") -> Tensor:
-    """Run the (frozen) encoder once over ``records``: -> raw features (N, L, C) on the CPU."""
+                   num_workers: int = 0, progress: bool = False, desc: str = "encode",
+                   flip: tuple[int, ...] = ()) -> Tensor:
+    """Run the (frozen) encoder once over ``records``: -> raw features (N, L, C) on the CPU;
+    ``flip``: the dims of the (B, 3, S, S) pixels to flip first (train.flip's mirrored views)."""
     loader = _image_loader(model, records, batch_size=batch_size, num_workers=num_workers)
     was = model.encoder.training
     model.encoder.eval()
     out = torch.empty(len(records), model.encoder.num_locations, model.encoder.feature_dim)
     for index, images in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images = images.flip(flip) if flip else images
         out[index] = model.encoder(images.to(model.device)).float().cpu()
     model.encoder.train(was)
     return out

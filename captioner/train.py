@@ -39,18 +39,20 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as with_fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from captioner.augment import Mirror, pixel_dims
 from captioner.board import Board
 from captioner.chair import ChairScorer
 from captioner.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, slim
 from captioner.config import Config, TrainConfig, config_to_dict, replace, save_config
 from captioner.data import load_split
 from captioner.data.cache import default_cache_dir, open_cache
-from captioner.data.dataset import CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
+from captioner.data.dataset import CaptionBatch, CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
 from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
 from captioner.device import resolve_amp, resolve_device
@@ -248,6 +250,7 @@ class Trainer:
                      f"{len(self.vocab)} words, grid {self.model.encoder.grid}, {n_params / 1e6:.2f}M trainable "
                      f"parameters, {self.device}")
         self.setup_features()
+        self.setup_mirror()
         self.setup_batches()
         self.setup_validation()
         self.setup_step()
@@ -376,6 +379,20 @@ class Trainer:
         self.val_feats = encode_records(self.model, self.val_records, num_workers=workers, progress=self.progress,
                                         desc="encode val")
 
+    def setup_mirror(self) -> None:
+        """train.flip: the word swaps of the mirrored views and, with cached features, every
+        training image encoded once per mirrored view (in memory)."""
+        self.mirror = None if self.t.flip == "none" else Mirror(self.t.flip, self.vocab, grid=self.model.encoder.grid)
+        self.mirrored_feats: dict[int, torch.Tensor] = {}
+        if self.mirror is None or not self.cached:
+            return
+        for view in self.mirror.views[1:]:
+            self.mirrored_feats[view] = encode_records(self.model, self.train_records, flip=pixel_dims(view),
+                                                       num_workers=self.cfg.data.num_workers,
+                                                       progress=self.progress, desc=f"encode train, view {view}")
+        self.log.say(f"train.flip={self.t.flip}: the training images also encoded mirrored "
+                     f"({len(self.mirrored_feats)} more views, in memory)")
+
     def setup_batches(self) -> None:
         """What a loader sample is: a caption (cached features are looked up by its image's index,
         or train.captions_per_image=0 encodes its image anew) or an image with up to k captions
@@ -491,9 +508,12 @@ class Trainer:
 
     def compute_loss(self, batch) -> LossOutput:
         """The training objective on one batch: teacher-forced forward, then the caption loss."""
+        views = None
+        if self.mirror is not None:
+            batch, views = self.mirrored(batch)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             if self.cached:
-                feats = self.train_feats[batch.index.cpu()].to(self.device)
+                feats = self.train_features(batch.index.cpu(), views).to(self.device)
                 out = self.train_model(batch.captions, raw_features=feats, dtype=self.decoder_dtype)
             else:  # image_index is None for one sample per caption
                 out = self.train_model(batch.captions, images=batch.images, image_index=batch.image_index,
@@ -501,6 +521,29 @@ class Trainer:
         mask = batch.mask[:, 1:]
         return self.criterion(out, batch.captions[:, 1:], mask, words=self.ddp.words(mask),
                               attention_targets=batch.attention_targets)
+
+    def mirrored(self, batch: CaptionBatch) -> tuple[CaptionBatch, torch.Tensor]:
+        """train.flip: a view drawn for every image of the batch (for this step: a resume draws
+        the same); -> the batch with its pixels, captions and attention targets mirrored, and
+        each caption's view (B,)."""
+        m = self.mirror
+        per_image = batch.images is not None and batch.image_index is not None
+        n = batch.images.shape[0] if per_image else batch.captions.shape[0]
+        views = m.draw(n, seed=self.t.seed + 7919 * self.ddp.rank, step=self.step)
+        images = None if batch.images is None else m.pixels(batch.images, views)
+        views = views[batch.image_index.cpu()] if per_image else views  # (B,): each caption's image's view
+        targets = None if batch.attention_targets is None else m.targets(batch.attention_targets, views)
+        return with_fields(batch, captions=m.captions(batch.captions, views), images=images,
+                       attention_targets=targets), views
+
+    def train_features(self, index: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+        """The cached raw features (B, L, C) of the images ``index`` (B,), in each one's view."""
+        feats = self.train_feats[index]
+        for view in ([] if views is None else views.unique().tolist()):
+            if view:
+                rows = views == view
+                feats[rows] = self.mirrored_feats[view][index[rows]]
+        return feats
 
     def train_step(self, batch) -> LossOutput | None:
         """One optimizer step on ``batch``; None when its loss was not finite and it was skipped."""

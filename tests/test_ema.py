@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from captioner.checkpoint import load_checkpoint
-from captioner.config import load_config
 from captioner.ema import WeightAverage, averaged
-from captioner.errors import CheckpointError, ConfigError
+from captioner.errors import CheckpointError
 from captioner.train import fit
 
 
@@ -75,12 +74,6 @@ def test_state_round_trip_and_a_mismatched_average_is_refused():
     fewer = WeightAverage(nn.Sequential(nn.Linear(3, 2)), decay=0.5)
     with pytest.raises(CheckpointError, match=r"run/last.pt.*other parameters"):
         fewer.load_state_dict(average.state_dict(), source="run/last.pt")
-
-
-@pytest.mark.parametrize("decay", [-0.1, 1.0])
-def test_the_config_refuses_a_decay_outside_0_1(decay):
-    with pytest.raises(ConfigError, match="train.ema"):
-        load_config(None, [f"train.ema={decay}"])
 
 
 SMALL = ["train.batch_size=4", "train.epochs=1", "train.val_images=4", "decode.max_len=4", "train.ema=0.9"]
