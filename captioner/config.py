@@ -144,6 +144,11 @@ class EncoderConfig:
         positional: add a learned 2-D position embedding to the annotation vectors.
         coordinates: append each cell's (row, column), scaled to [-1, 1], as two more
             channels: where a location is, kept apart from what is there.
+        coordinate_degree: 1: the two coordinates; 2: also their squares and product (row^2,
+            col^2, row * col; five channels). A score's dot term is then a quadratic form of
+            the position whose coefficients the query sets: a region around a line through
+            a remembered point ("right of A": further right than A and not much above or
+            below it), which a linear term (a half-plane) cannot draw.
         head_layers: trained residual blocks (3x3 convolution, ReLU, 1x1 convolution) over
             the backbone's grid, after any feature cache: they let a frozen backbone's cells
             learn what the captions need, at a fraction of fine-tuning's cost (0: none, the
@@ -158,11 +163,14 @@ class EncoderConfig:
     fine_tune: int = 0
     positional: bool = False
     coordinates: bool = False
+    coordinate_degree: int = 1
     head_layers: int = 0
     head_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "image_size", f"must be >= 16; got {self.image_size}")
+        _check(self.coordinate_degree in (1, 2), "coordinate_degree",
+               f"must be 1 (row, column) or 2 (also their squares and product); got {self.coordinate_degree}")
         _check(self.head_layers >= 0, "head_layers", f"must be >= 0; got {self.head_layers}")
         _check(self.head_dim is None or self.head_dim >= 1, "head_dim", f"must be >= 1 or null; got {self.head_dim}")
         _check(self.fine_tune >= -1, "fine_tune", f"must be -1 (all), 0 (frozen) or a number of stages; got {self.fine_tune}")

@@ -324,15 +324,22 @@ class PositionEmbedding2D(nn.Module):
 class GridCoordinates(nn.Module):
     """Appends each location's (row, column), scaled to [-1, 1], to its annotation vector
     (``model.encoder.coordinates``): C -> C + 2. Unlike :class:`PositionEmbedding2D`, the
-    position does not share channels with the content."""
+    position does not share channels with the content. ``degree`` 2 also appends row^2,
+    col^2 and row * col (C -> C + 5; ``model.encoder.coordinate_degree``)."""
 
-    def __init__(self, *, grid: tuple[int, int]) -> None:
+    def __init__(self, *, grid: tuple[int, int], degree: int = 1) -> None:
         super().__init__()
         rows, cols = torch.meshgrid(torch.linspace(-1, 1, grid[0]), torch.linspace(-1, 1, grid[1]), indexing="ij")
-        self.register_buffer("coords", torch.stack([rows, cols], -1).flatten(0, 1), persistent=False)  # (L, 2)
+        terms = [rows, cols] + ([rows * rows, cols * cols, rows * cols] if degree == 2 else [])
+        self.register_buffer("coords", torch.stack(terms, -1).flatten(0, 1), persistent=False)  # (L, 2 or 5)
+
+    @property
+    def channels(self) -> int:
+        """How many channels it appends."""
+        return self.coords.shape[1]
 
     def forward(self, features: Tensor) -> Tensor:
-        """features (B, L, C) -> (B, L, C + 2)"""
+        """features (B, L, C) -> (B, L, C + channels)"""
         coords = self.coords.to(features.dtype).expand(features.shape[0], -1, -1)
         return torch.cat([features, coords], dim=-1)
 

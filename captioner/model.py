@@ -144,8 +144,9 @@ class Captioner(nn.Module):
         head = (FeatureHead(grid=encoder.grid, dim_in=encoder.feature_dim, dim=dim, layers=e.head_layers)
                 if e.head_layers else None)
         position = PositionEmbedding2D(grid=encoder.grid, dim=dim) if e.positional else None
-        coords = GridCoordinates(grid=encoder.grid) if e.coordinates else None
-        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=dim + 2 * e.coordinates,
+        coords = GridCoordinates(grid=encoder.grid, degree=e.coordinate_degree) if e.coordinates else None
+        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab),
+                                      feature_dim=dim + (coords.channels if coords is not None else 0),
                                       grid=encoder.grid)
         return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, head=head, coords=coords,
                    config=cfg)

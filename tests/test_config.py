@@ -47,6 +47,9 @@ def test_null_and_bool_overrides():
     ("train.epochs=true", ["train.epochs", "int"]),
     ("model=3", ["model", "mapping"]),
     ("model.attention.hops=0", ["model.attention.hops", ">= 1"]),
+    ("model.encoder.coordinate_degree=3", ["model.encoder.coordinate_degree", "must be 1", "got 3"]),
+    ("train.ema=1", ["train.ema", "[0, 1)"]),
+    ("train.flip=diagonal", ["train.flip", "horizontal", "'diagonal'"]),
     ("no_equals_sign", ["section.key=value"]),
 ])
 def test_bad_values_name_the_key(override, fragments):

@@ -228,3 +228,17 @@ def test_grid_coordinates_append_row_and_column_in_minus_one_to_one():
     torch.testing.assert_close(cols[0], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))  # left to right
     assert (rows == rows[:, :1]).all() and (cols == cols[:1]).all()
     torch.testing.assert_close(out[1, :, 5:], out[0, :, 5:])  # the same for every image
+
+
+def test_grid_coordinates_of_degree_two_append_the_squares_and_the_product():
+    from captioner.encoder import GridCoordinates
+
+    feats = torch.randn(2, 3 * 4, 5)
+    coords = GridCoordinates(grid=(3, 4), degree=2)
+    out = coords(feats)
+    assert coords.channels == 5 and out.shape == (2, 12, 10)
+    first = GridCoordinates(grid=(3, 4))(feats)
+    torch.testing.assert_close(out[..., :7], first)  # the degree-1 channels come first, unchanged
+    row, col = out[0, :, 5], out[0, :, 6]
+    torch.testing.assert_close(out[0, :, 7:], torch.stack([row * row, col * col, row * col], -1))
+    assert out[0, 5, 7:].tolist() == pytest.approx([0.0, 1 / 9, 0.0])  # row 1 (0.0), column 1 (-1/3)

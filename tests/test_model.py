@@ -105,3 +105,15 @@ def test_coordinates_reach_the_decoder_as_two_more_channels():
     assert feats[..., c:].min() == -1 and feats[..., c:].max() == 1
     out = model(torch.randint(4, len(model.vocab), (2, 5)), raw_features=raw)
     assert torch.isfinite(out.logits).all()
+
+
+def test_coordinates_of_degree_two_reach_the_decoder_as_five_more_channels():
+    model = tiny_model("model.encoder.fine_tune=0", "model.encoder.coordinates=true",
+                       "model.encoder.coordinate_degree=2")
+    c = model.encoder.feature_dim
+    assert model.decoder.init_h.in_features == c + 5
+    raw = torch.randn(2, model.encoder.num_locations, c)
+    feats = model.features(raw)
+    torch.testing.assert_close(feats[..., c + 2:c + 4], feats[..., c:c + 2] ** 2)
+    out = model(torch.randint(4, len(model.vocab), (2, 5)), raw_features=raw)
+    assert torch.isfinite(out.logits).all()
