@@ -114,6 +114,10 @@ class ChairReport:
         relation_accuracy: stated relations that hold / stated relations between two
             objects named correctly and unambiguously (NaN when there were none).
         captions, mentions, hallucinated, hallucinated_captions, relations, relations_correct: the counts.
+        relations_wrong_axis: of the stated relations that do not hold, those whose object is
+            on the stated side but further along the other axis ("left of" an object mostly
+            below it; "beside" one mostly above or below): the sign right, the comparison of
+            the two distances wrong.
     """
 
     chair_i: float
@@ -125,6 +129,7 @@ class ChairReport:
     hallucinated_captions: int
     relations: int
     relations_correct: int
+    relations_wrong_axis: int = 0
 
     def as_dict(self) -> dict:
         """JSON-ready: NaN (nothing to count) becomes None."""
@@ -138,7 +143,8 @@ class ChairReport:
         return (f"CHAIR_i {pct(self.chair_i)}  CHAIR_s {pct(self.chair_s)}  ({self.hallucinated} of "
                 f"{self.mentions} named objects not in the image, {self.hallucinated_captions} of {self.captions} "
                 f"captions); relation accuracy {pct(self.relation_accuracy)} ({self.relations_correct} of "
-                f"{self.relations} stated relations hold)")
+                f"{self.relations} stated relations hold; {self.relations_wrong_axis} of the others on the "
+                f"stated side, the other axis dominant)")
 
 
 # ----------------------------------------------------------------------------- mentions
@@ -210,6 +216,14 @@ def relation_holds(relation: str, a: GroundObject, b: GroundObject) -> bool:
             "below": vertical and dy > 0, "beside": horizontal}[relation]
 
 
+def relation_side_holds(relation: str, a: GroundObject, b: GroundObject) -> bool:
+    """Whether ``a`` is on ``relation``'s side of ``b`` whatever axis dominates ("beside":
+    always): :func:`relation_holds` without the comparison of the two distances."""
+    (ax, ay), (bx, by) = a.centre, b.centre
+    dx, dy = ax - bx, ay - by
+    return {"left": dx < 0, "right": dx > 0, "above": dy < 0, "below": dy > 0, "beside": True}[relation]
+
+
 def stated_relations(words: Sequence[str], mentions: Sequence[Mention]) -> list[tuple[str, Mention, Mention]]:
     """``(relation, A, B)`` for every "A [is] <relation> [article] B" of consecutive mentions."""
     found = []
@@ -225,14 +239,17 @@ def stated_relations(words: Sequence[str], mentions: Sequence[Mention]) -> list[
     return found
 
 
-def relation_accuracy(words: Sequence[str], mentions: Sequence[Mention]) -> tuple[int, int]:
-    """(stated relations between two uniquely matched mentions, how many of them hold)."""
-    stated = correct = 0
+def relation_accuracy(words: Sequence[str], mentions: Sequence[Mention]) -> tuple[int, int, int]:
+    """(stated relations between two uniquely matched mentions, how many of them hold, how
+    many of the others are on the stated side with the other axis dominant)."""
+    stated = correct = wrong_axis = 0
     for relation, a, b in stated_relations(words, mentions):
         if len(a.matches) == 1 and len(b.matches) == 1 and a.matches[0] is not b.matches[0]:
             stated += 1
-            correct += relation_holds(relation, a.matches[0], b.matches[0])
-    return stated, correct
+            holds = relation_holds(relation, a.matches[0], b.matches[0])
+            correct += holds
+            wrong_axis += not holds and relation_side_holds(relation, a.matches[0], b.matches[0])
+    return stated, correct, wrong_axis
 
 
 # ----------------------------------------------------------------------------- public
@@ -248,7 +265,7 @@ def chair(captions: Mapping[int, str | Sequence[str]], truth: GroundTruth) -> Ch
     Returns:
         The report, with its counts.
     """
-    n_captions = n_mentions = n_bad = bad_captions = n_relations = n_correct = 0
+    n_captions = n_mentions = n_bad = bad_captions = n_relations = n_correct = n_axis = 0
     for image_id, caption in captions.items():
         objects = truth.objects.get(image_id)
         if objects is None:
@@ -256,15 +273,15 @@ def chair(captions: Mapping[int, str | Sequence[str]], truth: GroundTruth) -> Ch
         words = tokenize(caption) if isinstance(caption, str) else list(caption)
         mentions = find_mentions(words, objects, truth.categories)
         bad = sum(m.hallucinated for m in mentions)
-        stated, correct = relation_accuracy(words, mentions)
+        stated, correct, wrong_axis = relation_accuracy(words, mentions)
         n_captions, n_mentions, n_bad = n_captions + 1, n_mentions + len(mentions), n_bad + bad
         bad_captions += bad > 0
-        n_relations, n_correct = n_relations + stated, n_correct + correct
+        n_relations, n_correct, n_axis = n_relations + stated, n_correct + correct, n_axis + wrong_axis
     ratio = lambda a, b: a / b if b else math.nan  # noqa: E731
     return ChairReport(chair_i=ratio(n_bad, n_mentions), chair_s=ratio(bad_captions, n_captions),
                        relation_accuracy=ratio(n_correct, n_relations), captions=n_captions,
                        mentions=n_mentions, hallucinated=n_bad, hallucinated_captions=bad_captions,
-                       relations=n_relations, relations_correct=n_correct)
+                       relations=n_relations, relations_correct=n_correct, relations_wrong_axis=n_axis)
 
 
 _EXPECTED = 'a COCO instances file ({"images": [...], "annotations": [{"bbox", "category_id", ...}], "categories": [...]})'

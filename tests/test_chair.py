@@ -68,19 +68,21 @@ def test_relation_holds_on_the_dominant_axis():
     assert not relation_holds("left", right, left) and not relation_holds("below", left, below)
 
 
-@pytest.mark.parametrize("caption, holds", [
-    ("the yellow circle is to the left of a blue square", True),
-    ("a yellow circle to the right of the blue square", False),
-    ("there is a blue square next to a yellow circle", True),
-    ("a large red triangle below a yellow circle", True),
-    ("a large red triangle is over the blue square", False),
-    ("a blue square beside the large red triangle", False),  # the triangle is mostly below
+@pytest.mark.parametrize("caption, holds, wrong_axis", [
+    ("the yellow circle is to the left of a blue square", True, False),
+    ("a yellow circle to the right of the blue square", False, False),  # the wrong side
+    ("there is a blue square next to a yellow circle", True, False),
+    ("a large red triangle below a yellow circle", True, False),
+    ("a large red triangle is over the blue square", False, False),
+    ("a blue square beside the large red triangle", False, True),  # the triangle is mostly below
+    ("the large red triangle is to the right of a yellow circle", False, True),  # right (45) but below (60) more
 ])
-def test_stated_relations_are_judged_between_the_named_objects(caption, holds):
+def test_stated_relations_are_judged_between_the_named_objects(caption, holds, wrong_axis):
     truth = GroundTruth(objects={1: SCENE}, categories=())
     report = chair({1: caption}, truth)
     assert report.relations == 1 and report.relations_correct == int(holds)
     assert report.relation_accuracy == float(holds)
+    assert report.relations_wrong_axis == int(wrong_axis)
 
 
 def test_relations_need_two_unambiguous_existing_objects_and_adjacent_phrases():
