@@ -91,6 +91,9 @@ def test_a_mirrored_caption_trains_on_the_flipped_images_features(tiny_config):
     batch = CaptionBatch(index, captions, (captions != 0).sum(1), captions != 0)
     mirrored, views = trainer.mirrored(batch)
     assert 0 < int(views.sum()) < 8  # some of each view at this seed and step
+    trainer.step = 1
+    assert not torch.equal(trainer.mirrored(batch)[1], views)  # each step draws anew
+    trainer.step = 0
     assert torch.equal(mirrored.captions, trainer.mirror.captions(captions, views))
     left, right = trainer.vocab.stoi["left"], trainer.vocab.stoi["right"]
     sided_rows = ((captions == left) | (captions == right)).any(1)
