@@ -123,3 +123,24 @@ def test_a_resumed_run_with_flips_equals_an_uninterrupted_one(tiny_config, tmp_p
     plain = load_checkpoint(fit(tiny_config(*small[:-1], "train.max_steps=6", f"train.out_dir={tmp_path}/plain"),
                                 quiet=True).run_dir / "last.pt")["model"]
     assert any(not torch.equal(a[key], plain[key]) for key in a)  # the flips changed what was learned
+
+
+def test_image_batches_flip_each_image_once_and_its_captions_with_it(tiny_config):
+    """Pixels through the encoder, k captions an image: a view per image, its captions follow it."""
+    trainer = Trainer(tiny_config("train.flip=horizontal"), quiet=True)
+    trainer.setup()
+    left, right = trainer.vocab.stoi["left"], trainer.vocab.stoi["right"]
+    images = torch.randn(6, 3, 8, 8)
+    image_index = torch.tensor([0, 0, 1, 2, 3, 4, 5, 5])
+    captions = torch.full((8, 3), left)
+    batch = CaptionBatch(torch.arange(8), captions, torch.full((8,), 3), torch.ones(8, 3, dtype=torch.bool),
+                         images, image_index)
+    trainer.step = 3
+    mirrored, views = trainer.mirrored(batch)
+    per_image = trainer.mirror.draw(6, seed=trainer.t.seed, step=3)
+    assert 0 < int(per_image.sum()) < 6
+    assert torch.equal(views, per_image[image_index])
+    for u in range(6):
+        expected = images[u].flip(-1) if per_image[u] else images[u]
+        assert torch.equal(mirrored.images[u], expected)
+    assert torch.equal(mirrored.captions[:, 0] == right, views == 1)
