@@ -206,22 +206,28 @@ def ground_object(region: Region) -> GroundObject:
 
 # ----------------------------------------------------------------------------- relations
 
-def relation_holds(relation: str, a: GroundObject, b: GroundObject) -> bool:
-    """Whether ``a`` is ``relation`` (left, right, above, below, beside) of ``b``: the
-    direction is the dominant axis of the centre difference, with the right sign."""
+_HORIZONTAL = frozenset({"left", "right", "beside"})
+
+
+def _offset(a: GroundObject, b: GroundObject) -> tuple[float, float]:
+    """(dx, dy): ``a``'s centre minus ``b``'s."""
     (ax, ay), (bx, by) = a.centre, b.centre
-    dx, dy = ax - bx, ay - by
-    horizontal, vertical = abs(dx) >= abs(dy) and dx != 0, abs(dy) >= abs(dx) and dy != 0
-    return {"left": horizontal and dx < 0, "right": horizontal and dx > 0, "above": vertical and dy < 0,
-            "below": vertical and dy > 0, "beside": horizontal}[relation]
+    return ax - bx, ay - by
 
 
 def relation_side_holds(relation: str, a: GroundObject, b: GroundObject) -> bool:
     """Whether ``a`` is on ``relation``'s side of ``b`` whatever axis dominates ("beside":
     always): :func:`relation_holds` without the comparison of the two distances."""
-    (ax, ay), (bx, by) = a.centre, b.centre
-    dx, dy = ax - bx, ay - by
+    dx, dy = _offset(a, b)
     return {"left": dx < 0, "right": dx > 0, "above": dy < 0, "below": dy > 0, "beside": True}[relation]
+
+
+def relation_holds(relation: str, a: GroundObject, b: GroundObject) -> bool:
+    """Whether ``a`` is ``relation`` (left, right, above, below, beside) of ``b``: the
+    direction is the dominant axis of the centre difference, with the right sign."""
+    dx, dy = _offset(a, b)
+    along, across = (dx, dy) if relation in _HORIZONTAL else (dy, dx)
+    return relation_side_holds(relation, a, b) and along != 0 and abs(along) >= abs(across)
 
 
 def stated_relations(words: Sequence[str], mentions: Sequence[Mention]) -> list[tuple[str, Mention, Mention]]:
