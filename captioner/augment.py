@@ -34,6 +34,16 @@ def pixel_dims(view: int) -> tuple[int, ...]:
     return ((-1,) if view & 1 else ()) + ((-2,) if view & 2 else ())
 
 
+def flip_rows(x: Tensor, views: Tensor) -> Tensor:
+    """x (N, ..., H, W), views (N,) -> a copy with row n's last two dims flipped as view n says."""
+    out = x.clone()
+    for view in views.unique().tolist():
+        if view:
+            rows = views.to(x.device) == view
+            out[rows] = x[rows].flip(pixel_dims(view))
+    return out
+
+
 def swap_table(vocab: Vocabulary, pairs: tuple[tuple[str, str], ...]) -> Tensor:
     """(V,) word id -> the id of its mirror word (itself unless it is in a pair whose words
     are both in the vocabulary)."""
@@ -74,20 +84,9 @@ class Mirror:
 
     def pixels(self, images: Tensor, views: Tensor) -> Tensor:
         """images (U, 3, S, S), views (U,) -> each image flipped as its view says."""
-        out = images.clone()
-        for view in views.unique().tolist():
-            rows = views.to(images.device) == view
-            if view:
-                out[rows] = images[rows].flip(pixel_dims(view))
-        return out
+        return flip_rows(images, views)
 
     def targets(self, targets: Tensor, views: Tensor) -> Tensor:
         """attention targets (B, T, L), views (B,) -> the maps flipped on the (h, w) grid."""
         b, t, _ = targets.shape
-        grid = targets.reshape(b, t, *self.grid)
-        out = grid.clone()
-        for view in views.unique().tolist():
-            rows = views.to(targets.device) == view
-            if view:
-                out[rows] = grid[rows].flip(pixel_dims(view))
-        return out.reshape(b, t, -1)
+        return flip_rows(targets.reshape(b, t, *self.grid), views).reshape(b, t, -1)
