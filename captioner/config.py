@@ -154,6 +154,11 @@ class EncoderConfig:
             learn what the captions need, at a fraction of fine-tuning's cost (0: none, the
             paper's). A fresh head is the identity.
         head_dim: their channels (null: the backbone's C; else a 1x1 projection first).
+        context_layers: trained self-attention layers over the grid, with a learned bias per
+            (row, column) offset, after the head and the positions (``GridContext``): each
+            cell's vector learns what lies where around it ("a red square to my right"), the
+            pairwise geometry a relation between two objects needs (0: none, the paper's).
+        context_heads: their heads; each can learn a direction to look in. Must divide C.
     """
 
     backbone: str = "resnet101"
@@ -166,12 +171,16 @@ class EncoderConfig:
     coordinate_degree: int = 1
     head_layers: int = 0
     head_dim: int | None = None
+    context_layers: int = 0
+    context_heads: int = 4
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "image_size", f"must be >= 16; got {self.image_size}")
         _check(self.coordinate_degree in (1, 2), "coordinate_degree",
                f"must be 1 (row, column) or 2 (also their squares and product); got {self.coordinate_degree}")
         _check(self.head_layers >= 0, "head_layers", f"must be >= 0; got {self.head_layers}")
+        _check(self.context_layers >= 0, "context_layers", f"must be >= 0; got {self.context_layers}")
+        _check(self.context_heads >= 1, "context_heads", f"must be >= 1; got {self.context_heads}")
         _check(self.head_dim is None or self.head_dim >= 1, "head_dim", f"must be >= 1 or null; got {self.head_dim}")
         _check(self.fine_tune >= -1, "fine_tune", f"must be -1 (all), 0 (frozen) or a number of stages; got {self.fine_tune}")
 

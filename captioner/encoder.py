@@ -381,3 +381,68 @@ class FeatureHead(nn.Module):
         for block in self.blocks:
             x = x + block(x)
         return x.flatten(2).transpose(1, 2)
+
+
+
+class _ContextLayer(nn.Module):
+    """One pre-norm self-attention layer over L cells with a relative-position bias per head
+    (:class:`GridContext`). W_o and W_2 start at zero: a fresh layer is the identity."""
+
+    def __init__(self, *, dim: int, heads: int, offsets: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.qkv, self.out = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2, self.ff1, self.ff2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.bias_table = nn.Parameter(torch.zeros(heads, offsets))
+        for layer in (self.out, self.ff2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, offset: Tensor) -> Tensor:
+        """x (B, L, C), offset (L, L) indices into the bias table -> (B, L, C)"""
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
+        mixed = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, L, C / heads)
+        x = x + self.out(mixed.transpose(1, 2).reshape(b, n, c))
+        return x + self.ff2(nn.functional.gelu(self.ff1(self.norm2(x))))
+
+
+class GridContext(nn.Module):
+    """Self-attention over the annotation grid with a learned relative-position bias
+    (``model.encoder.context_layers``): each cell's vector gathers what lies where around it,
+    so an object's vector can say "a red square to my right" before the decoder reads it.
+    Stating "A to the left of B" asks the decoder where B is relative to A along both axes; a
+    3x3 convolution sees only its neighbours, and a soft map over A and B mixes their two
+    positions into one mean.
+
+    A layer is pre-norm: ``x + W_o MHA(LN x)``, then ``x + W_2 gelu(W_1 LN x)``. Each head adds
+    to its scores a bias looked up by the (row, column) offset between the two cells ((2h - 1)
+    * (2w - 1) entries, as in Swin), so a head can learn to look one way ("the cells mostly to
+    my right") while the content picks the cells that hold objects. A fresh layer is the
+    identity, so a fresh model equals the one without it.
+
+    Args:
+        grid: (h, w). dim: C (in and out). layers: how many. heads: per layer (must divide C).
+    """
+
+    def __init__(self, *, grid: tuple[int, int], dim: int, layers: int, heads: int) -> None:
+        super().__init__()
+        if heads < 1 or dim % heads:
+            raise ConfigError(f"model.encoder.context_heads: must divide the {dim} feature channels; got {heads} "
+                              "(model.encoder.head_dim can change the channels)")
+        self.grid = grid
+        h, w = grid
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        rows, cols = rows.flatten(), cols.flatten()
+        # pair (i, j) reads entry (row_i - row_j + h - 1) * (2w - 1) + (col_i - col_j + w - 1)
+        offset = (rows[:, None] - rows[None, :] + h - 1) * (2 * w - 1) + (cols[:, None] - cols[None, :] + w - 1)
+        self.register_buffer("offset", offset, persistent=False)  # (L, L): the table entry of each pair
+        self.layers = nn.ModuleList(_ContextLayer(dim=dim, heads=heads, offsets=(2 * h - 1) * (2 * w - 1))
+                                    for _ in range(layers))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, L, C) -> (B, L, C)"""
+        for layer in self.layers:
+            features = layer(features, self.offset)
+        return features

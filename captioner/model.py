@@ -22,7 +22,7 @@ from captioner.config import Config, DecodeConfig, config_from_dict
 from captioner.data.images import load_image, to_rgb
 from captioner.decoder import Decoder, DecoderOutput
 from captioner.decoding import Decoded, beam_search, greedy
-from captioner.encoder import Encoder, FeatureHead, GridCoordinates, PositionEmbedding2D
+from captioner.encoder import Encoder, FeatureHead, GridContext, GridCoordinates, PositionEmbedding2D
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.precision import cast_parameters
 from captioner.vocab import Vocabulary
@@ -124,16 +124,19 @@ class Captioner(nn.Module):
         position: an optional module added to the features (learned 2-D positions).
         head: an optional module over the raw features, before ``position`` (trained
             convolutions, :class:`FeatureHead`).
-        coords: an optional module after ``position`` (:class:`GridCoordinates`).
+        context: an optional module after ``position`` (self-attention over the grid,
+            :class:`GridContext`).
+        coords: an optional module last (:class:`GridCoordinates`).
         config: the config that built it (saved in checkpoints).
     """
 
     def __init__(self, *, encoder: Encoder, decoder: Decoder, vocab: Vocabulary,
                  position: nn.Module | None = None, head: nn.Module | None = None,
-                 coords: nn.Module | None = None, config: Config | None = None) -> None:
+                 context: nn.Module | None = None, coords: nn.Module | None = None,
+                 config: Config | None = None) -> None:
         super().__init__()
         self.encoder, self.decoder, self.position, self.head = encoder, decoder, position, head
-        self.coords = coords
+        self.context, self.coords = context, coords
         self.vocab, self.config = vocab, config
 
     @classmethod
@@ -144,12 +147,14 @@ class Captioner(nn.Module):
         head = (FeatureHead(grid=encoder.grid, dim_in=encoder.feature_dim, dim=dim, layers=e.head_layers)
                 if e.head_layers else None)
         position = PositionEmbedding2D(grid=encoder.grid, dim=dim) if e.positional else None
+        context = (GridContext(grid=encoder.grid, dim=dim, layers=e.context_layers, heads=e.context_heads)
+                   if e.context_layers else None)
         coords = GridCoordinates(grid=encoder.grid, degree=e.coordinate_degree) if e.coordinates else None
         decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab),
                                       feature_dim=dim + (coords.channels if coords is not None else 0),
                                       grid=encoder.grid)
-        return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, head=head, coords=coords,
-                   config=cfg)
+        return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, head=head, context=context,
+                   coords=coords, config=cfg)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Captioner:
@@ -182,9 +187,11 @@ class Captioner(nn.Module):
 
     def features(self, raw: Tensor) -> Tensor:
         """Raw encoder output (B, L, C) -> annotation vectors the decoder attends over
-        (through the head, plus the positions, then with the coordinates, each where configured)."""
+        (through the head, plus the positions, through the grid's self-attention, then with the
+        coordinates, each where configured)."""
         feats = self.head(raw) if self.head is not None else raw
         feats = self.position(feats) if self.position is not None else feats
+        feats = self.context(feats) if self.context is not None else feats
         return self.coords(feats) if self.coords is not None else feats
 
     def encode(self, images: Tensor) -> Tensor:

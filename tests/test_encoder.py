@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 
-from captioner.encoder import Encoder, FeatureHead, PositionEmbedding2D, image_transform
+from captioner.encoder import Encoder, FeatureHead, GridContext, PositionEmbedding2D, image_transform
 from captioner.errors import CaptionerError, ConfigError
 
 
@@ -169,6 +169,56 @@ def test_feature_head_blocks_stack():
     head(feats)[0, 0].sum().backward()  # two 3x3 layers: cell (0, 0) sees cells up to two away
     touched = feats.grad[0].abs().sum(1).reshape(6, 6) > 0
     assert touched[:3, :3].all() and not touched[3:].any() and not touched[:, 3:].any()
+
+
+def test_grid_context_starts_as_the_identity():
+    context = GridContext(grid=(4, 5), dim=8, layers=2, heads=4)
+    feats = torch.randn(2, 20, 8)
+    assert torch.equal(context(feats), feats)  # a fresh model equals the one without it
+    assert [tuple(layer.bias_table.shape) for layer in context.layers] == [(4, 7 * 9)] * 2
+
+
+def _look_one_way(context: GridContext, ways: list[tuple[int, int]]) -> None:
+    """Head k of the (only) layer attends only to the cell (dr, dc) = ways[k] away; its values
+    are LN(x) and W_o is the identity, so the layer adds LN(x) of that cell, head by head."""
+    (h, w), layer = context.grid, context.layers[0]
+    c = layer.out.in_features
+    with torch.no_grad():
+        layer.qkv.weight.zero_()
+        layer.qkv.bias.zero_()
+        layer.qkv.weight[2 * c:].copy_(torch.eye(c))  # v = LN(x); q = k = 0: the bias alone decides
+        layer.out.weight.copy_(torch.eye(c))
+        layer.bias_table.fill_(-1e4)
+        for head, (dr, dc) in enumerate(ways):  # the entry of "the other cell is dr rows down, dc columns right"
+            layer.bias_table[head, (-dr + h - 1) * (2 * w - 1) + (-dc + w - 1)] = 0.0
+
+
+def test_grid_context_heads_read_the_cell_at_their_offset():
+    context = GridContext(grid=(4, 5), dim=6, layers=1, heads=2)
+    _look_one_way(context, [(0, 1), (1, 0)])  # head 0: the cell to the right; head 1: the cell below
+    feats = torch.randn(3, 20, 6)
+    added = (context(feats) - feats).view(3, 4, 5, 6)
+    normed = torch.nn.functional.layer_norm(feats, (6,)).view(3, 4, 5, 6)
+    torch.testing.assert_close(added[:, :, :4, :3], normed[:, :, 1:, :3])  # head 0's channels: right
+    torch.testing.assert_close(added[:, :3, :, 3:], normed[:, 1:, :, 3:])  # head 1's channels: below
+    assert not torch.allclose(added[:, :, :4, 3:], normed[:, :, 1:, 3:])
+
+
+def test_grid_context_sees_the_whole_grid_and_trains():
+    context = GridContext(grid=(6, 6), dim=4, layers=1, heads=2)
+    torch.manual_seed(0)
+    for p in context.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    feats = torch.randn(2, 36, 4, requires_grad=True)
+    out = context(feats)
+    out[0, 0].sum().backward()  # cell (0, 0) of image 0 reads every cell of its image, none of the other
+    assert (feats.grad[0].abs().sum(1) > 0).all() and feats.grad[1].abs().sum() == 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in context.parameters())
+
+
+def test_grid_context_heads_must_divide_the_channels():
+    with pytest.raises(ConfigError, match="context_heads.*6 feature channels"):
+        GridContext(grid=(4, 4), dim=6, layers=1, heads=4)
 
 
 def test_offline_weights_come_from_a_package_that_carries_them(tmp_path, monkeypatch):

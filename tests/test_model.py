@@ -95,6 +95,37 @@ def test_feature_head_config_is_checked():
         tiny_model("model.encoder.head_layers=1", "model.encoder.head_dim=0")
 
 
+def test_grid_context_sits_after_the_positions_and_before_the_coordinates():
+    args = ("model.encoder.fine_tune=0", "model.encoder.coordinates=true", "model.encoder.context_layers=1",
+            "model.encoder.context_heads=8")
+    model = tiny_model(*args)
+    c = model.encoder.feature_dim
+    assert len(model.context.layers) == 1 and model.decoder.init_h.in_features == c + 2
+    torch.manual_seed(1)
+    for p in model.context.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    raw = torch.randn(2, model.encoder.num_locations, c)
+    torch.testing.assert_close(model.features(raw), model.coords(model.context(model.position(raw))))
+    captions = torch.randint(4, len(model.vocab), (3, 5))
+    _, grads = loss_and_grads(model, captions, raw_features=raw, image_index=torch.tensor([1, 0, 1]))
+    context = {n for n, _ in model.named_parameters() if n.startswith("context.")}
+    assert context and context <= set(grads) and all(grads[n].abs().sum() > 0 for n in context)
+
+    again = tiny_model(*args)  # its context is fresh (the identity); loading restores the trained one
+    again.load_model_state(model.state_dict(), source="test")
+    torch.testing.assert_close(again.eval().features(raw), model.eval().features(raw))
+
+
+def test_grid_context_config_is_checked():
+    from captioner.errors import ConfigError
+    with pytest.raises(ConfigError, match="context_layers"):
+        tiny_model("model.encoder.context_layers=-1")
+    with pytest.raises(ConfigError, match="context_heads"):
+        tiny_model("model.encoder.context_layers=1", "model.encoder.context_heads=0")
+    with pytest.raises(ConfigError, match="context_heads: must divide the 64"):
+        tiny_model("model.encoder.context_layers=1", "model.encoder.context_heads=5")
+
+
 def test_coordinates_reach_the_decoder_as_two_more_channels():
     model = tiny_model("model.encoder.fine_tune=0", "model.encoder.coordinates=true")
     c = model.encoder.feature_dim
