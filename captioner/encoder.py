@@ -384,43 +384,60 @@ class FeatureHead(nn.Module):
 
 
 
+
 class _ContextLayer(nn.Module):
-    """One pre-norm self-attention layer over L cells with a relative-position bias per head
-    (:class:`GridContext`). W_o and W_2 start at zero: a fresh layer is the identity."""
+    """One pre-norm self-attention layer over L cells (:class:`GridContext`): per head, a bias
+    looked up by the offset between the two cells, and besides the mixed values, where the head
+    looked relative to the cell (its map's mean position minus the cell's). W_o and W_2 start
+    at zero: a fresh layer is the identity."""
 
     def __init__(self, *, dim: int, heads: int, offsets: int) -> None:
         super().__init__()
         self.heads = heads
-        self.norm1, self.qkv, self.out = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm1, self.qkv = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim + 2 * heads, dim)  # per head: its dim / heads mixed values and (d_row, d_col)
         self.norm2, self.ff1, self.ff2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
         self.bias_table = nn.Parameter(torch.zeros(heads, offsets))
         for layer in (self.out, self.ff2):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, offset: Tensor) -> Tensor:
-        """x (B, L, C), offset (L, L) indices into the bias table -> (B, L, C)"""
+    def attend(self, x: Tensor, offset: Tensor, coords: Tensor) -> Tensor:
+        """x (B, L, C), offset (L, L) indices into the bias table, coords (L, 2) each cell's
+        (row, column) -> (B, L, heads, C / heads + 2): each head's mixed values, then where it
+        looked from the cell (the mean (row, column) under its map minus the cell's)."""
         b, n, c = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        coords = coords.to(x.dtype)
+        v = torch.cat([v, coords.expand(b, self.heads, n, 2)], -1)  # the map's mean position comes out too
         bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
-        mixed = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, L, C / heads)
-        x = x + self.out(mixed.transpose(1, 2).reshape(b, n, c))
+        mixed = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, L, C / heads + 2)
+        d = c // self.heads
+        mixed = torch.cat([mixed[..., :d], mixed[..., d:] - coords], -1)
+        return mixed.transpose(1, 2)
+
+    def forward(self, x: Tensor, offset: Tensor, coords: Tensor) -> Tensor:
+        """x (B, L, C) -> (B, L, C)"""
+        x = x + self.out(self.attend(x, offset, coords).flatten(2))
         return x + self.ff2(nn.functional.gelu(self.ff1(self.norm2(x))))
 
 
 class GridContext(nn.Module):
-    """Self-attention over the annotation grid with a learned relative-position bias
+    """Self-attention over the annotation grid that knows the geometry
     (``model.encoder.context_layers``): each cell's vector gathers what lies where around it,
-    so an object's vector can say "a red square to my right" before the decoder reads it.
-    Stating "A to the left of B" asks the decoder where B is relative to A along both axes; a
-    3x3 convolution sees only its neighbours, and a soft map over A and B mixes their two
-    positions into one mean.
+    so an object's vector can say "a red square to my right, further right than down" before
+    the decoder reads it. Stating "A to the left of B" asks the decoder where B is relative to A
+    along both axes; a 3x3 convolution sees only its neighbours, and the decoder's soft map over
+    A and B mixes their two positions into one mean.
 
-    A layer is pre-norm: ``x + W_o MHA(LN x)``, then ``x + W_2 gelu(W_1 LN x)``. Each head adds
-    to its scores a bias looked up by the (row, column) offset between the two cells ((2h - 1)
-    * (2w - 1) entries, as in Swin), so a head can learn to look one way ("the cells mostly to
-    my right") while the content picks the cells that hold objects. A fresh layer is the
-    identity, so a fresh model equals the one without it.
+    A layer is pre-norm: ``x + W_o [MHA(LN x); where]``, then ``x + W_2 gelu(W_1 LN x)``.
+    - Each head adds to its scores a bias looked up by the (row, column) offset between the two
+      cells ((2h - 1) * (2w - 1) entries, as in Swin), so it can learn to look one way.
+    - Each head also reports where it looked, relative to the cell: the mean (row, column)
+      under its map minus the cell's own, in [-2, 2] (relative positions in the values, after
+      Shaw et al., 2018). A head that looks at the other objects hands the cell their offset.
+    - W_o and W_2 start at zero: a fresh layer is the identity, and a fresh model equals the
+      one without it.
 
     Args:
         grid: (h, w). dim: C (in and out). layers: how many. heads: per layer (must divide C).
@@ -438,11 +455,13 @@ class GridContext(nn.Module):
         # pair (i, j) reads entry (row_i - row_j + h - 1) * (2w - 1) + (col_i - col_j + w - 1)
         offset = (rows[:, None] - rows[None, :] + h - 1) * (2 * w - 1) + (cols[:, None] - cols[None, :] + w - 1)
         self.register_buffer("offset", offset, persistent=False)  # (L, L): the table entry of each pair
+        scaled = torch.stack([rows / max(h - 1, 1), cols / max(w - 1, 1)], -1) * 2 - 1  # in [-1, 1]
+        self.register_buffer("coords", scaled, persistent=False)  # (L, 2)
         self.layers = nn.ModuleList(_ContextLayer(dim=dim, heads=heads, offsets=(2 * h - 1) * (2 * w - 1))
                                     for _ in range(layers))
 
     def forward(self, features: Tensor) -> Tensor:
         """features (B, L, C) -> (B, L, C)"""
         for layer in self.layers:
-            features = layer(features, self.offset)
+            features = layer(features, self.offset, self.coords)
         return features

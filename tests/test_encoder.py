@@ -180,14 +180,17 @@ def test_grid_context_starts_as_the_identity():
 
 def _look_one_way(context: GridContext, ways: list[tuple[int, int]]) -> None:
     """Head k of the (only) layer attends only to the cell (dr, dc) = ways[k] away; its values
-    are LN(x) and W_o is the identity, so the layer adds LN(x) of that cell, head by head."""
+    are LN(x), and W_o passes each head's values on (not where it looked)."""
     (h, w), layer = context.grid, context.layers[0]
-    c = layer.out.in_features
+    c, heads = layer.out.out_features, len(ways)
+    d = c // heads
     with torch.no_grad():
         layer.qkv.weight.zero_()
         layer.qkv.bias.zero_()
         layer.qkv.weight[2 * c:].copy_(torch.eye(c))  # v = LN(x); q = k = 0: the bias alone decides
-        layer.out.weight.copy_(torch.eye(c))
+        layer.out.weight.zero_()
+        for head in range(heads):  # its inputs per head: d values, then (d_row, d_col)
+            layer.out.weight[head * d:(head + 1) * d, head * (d + 2):head * (d + 2) + d] = torch.eye(d)
         layer.bias_table.fill_(-1e4)
         for head, (dr, dc) in enumerate(ways):  # the entry of "the other cell is dr rows down, dc columns right"
             layer.bias_table[head, (-dr + h - 1) * (2 * w - 1) + (-dc + w - 1)] = 0.0
@@ -202,6 +205,21 @@ def test_grid_context_heads_read_the_cell_at_their_offset():
     torch.testing.assert_close(added[:, :, :4, :3], normed[:, :, 1:, :3])  # head 0's channels: right
     torch.testing.assert_close(added[:, :3, :, 3:], normed[:, 1:, :, 3:])  # head 1's channels: below
     assert not torch.allclose(added[:, :, :4, 3:], normed[:, :, 1:, 3:])
+
+
+def test_grid_context_heads_say_where_they_looked():
+    context = GridContext(grid=(4, 5), dim=6, layers=1, heads=2)
+    _look_one_way(context, [(0, 1), (1, 0)])
+    read = context.layers[0].attend(torch.randn(2, 20, 6), context.offset, context.coords)  # (B, L, heads, 3 + 2)
+    where = read[..., 3:].reshape(2, 4, 5, 2, 2)  # (B, row, col, head, (d_row, d_col)), rows and columns in [-1, 1]
+    torch.testing.assert_close(where[:, :, :4, 0], torch.tensor([0.0, 2 / 4]).expand(2, 4, 4, 2))  # one column right
+    torch.testing.assert_close(where[:, :3, :, 1], torch.tensor([2 / 3, 0.0]).expand(2, 3, 5, 2))  # one row down
+    centre = GridContext(grid=(4, 5), dim=6, layers=1, heads=2)
+    with torch.no_grad():  # q = k = 0 and the fresh bias table: every head's map is uniform
+        centre.layers[0].qkv.weight[:12].zero_()
+        centre.layers[0].qkv.bias[:12].zero_()
+    read = centre.layers[0].attend(torch.randn(1, 20, 6), centre.offset, centre.coords)
+    torch.testing.assert_close(read[0, :, :, 3:], -centre.coords[:, None, :].expand(20, 2, 2))  # the centre, from each cell
 
 
 def test_grid_context_sees_the_whole_grid_and_trains():
