@@ -73,3 +73,22 @@ def test_a_map_that_reads_the_query_moves_and_the_probabilities_are_the_decoders
         assert row[name]["p_word"] == pytest.approx(torch.softmax(out.logits[0, 6], -1)[ids[0, 7]].item())
         masses = [row[name][k] for k in ("on_b", "on_a", "on_others")]
         assert all(0 <= m <= 1 for m in masses) and 0 < sum(masses) <= 1 + 1e-6  # the 4th quadrant: background
+
+
+def test_axis_choice_is_the_decoders_share_of_the_reference_axis(probe):
+    vocab = Vocabulary.build([" ".join(CAPTION), "below to the left of next over"])  # no "beside", no "under"
+    dec = Decoder.from_config(load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=8",
+                                                 "model.decoder.hidden_dim=8", "model.decoder.dropout=0.0",
+                                                 "model.decoder.arrangement=luong"]).model,
+                              vocab_size=len(vocab), feature_dim=5, grid=(2, 2)).eval()
+    feats = torch.randn(1, 4, 5)
+    ids = {w: vocab.encode([w])[1] for w in ("to", "next", "above", "below", "over")}
+    for words, t, axis in ((CAPTION, 4, ("above", "below", "over")),  # "is" is skipped: "above" at 4
+                           ("a red circle to the left of a blue square".split(), 3, ("to", "next"))):
+        (got,) = probe.axis_choice(dec, vocab, feats, words, [RED, BLUE, GREEN])
+        with torch.no_grad():
+            p = torch.softmax(dec(feats, torch.tensor([vocab.encode(words)])).logits[0, t], -1)
+        both = sum(p[i] for i in ids.values())
+        assert got == pytest.approx(float(sum(p[ids[w]] for w in axis) / both))
+        assert 0 < got < 1
+    assert probe.axis_choice(dec, vocab, feats, "the red circle is beside a green square".split(), [RED, BLUE, GREEN]) == []

@@ -12,6 +12,12 @@ that word. A decoder that finds B from A and the relation moves its map and lose
 probability on B when the relation flips; one that ignores the relation does not. The total
 variation between the two maps says how far the map moved (0: not at all, 1: entirely).
 Prints a markdown table, x100.
+
+A second table reads the step before: the first relation word after A ("to", "next",
+"beside" name the horizontal axis; "above", "over", "below", "under" the vertical one), teacher-
+forced on the caption, and the probability the decoder gives the reference's axis among those
+words. With two objects B is the only other one, so the axis follows from the picture; with
+more, another B may ask for the other axis.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from captioner.chair import find_mentions, ground_object, stated_relations
 from captioner.correctness import Region, load_regions, upsample_maps
 
+HORIZONTAL, VERTICAL = ("to", "next", "beside"), ("above", "over", "below", "under")
 OPPOSITE = {"above": "below", "below": "above", "over": "under", "under": "over", "left": "right", "right": "left"}
 
 
@@ -82,6 +89,25 @@ def probe(decoder, vocab, features: torch.Tensor, words: Sequence[str], regions:
     return out
 
 
+@torch.no_grad()
+def axis_choice(decoder, vocab, features: torch.Tensor, words: Sequence[str], regions: Sequence[Region]) -> list[float]:
+    """For each directional relation of ``words`` (teacher-forced on the image whose annotation
+    vectors are ``features`` (1, L, C)): at its first word after A (after an "is"), the
+    probability of the reference's axis, p(its axis's words) / p(both axes' words)."""
+    out = []
+    rels = directional_relations(words, regions)
+    if not rels:
+        return out
+    logits = decoder(features, torch.tensor([vocab.encode(words)])).logits[0]
+    ids = {axis: [vocab.encode([w])[1] for w in axis if w in vocab] for axis in (HORIZONTAL, VERTICAL)}
+    for _, _, a_end, _ in rels:
+        t = a_end + (words[a_end] == "is")  # logits[t] writes words[t]
+        p = torch.softmax(logits[t].float(), -1)
+        mass = {axis: float(p[i].sum()) for axis, i in ids.items()}
+        out.append(mass[HORIZONTAL if words[t] in HORIZONTAL else VERTICAL] / sum(mass.values()))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from PIL import Image  # noqa: PLC0415
 
@@ -104,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for a in data["annotations"]:  # grouped once, not scanned per image
         refs.setdefault(a["image_id"], []).append(a["caption"])
     rows: dict[str, list[dict]] = {"2 objects": [], "3 or more": []}
+    axes: dict[str, list[float]] = {"2 objects": [], "3 or more": []}
     for im in images:
         found = [words for words in map(tokenize, refs.get(im["id"], []))
                  if directional_relations(words, regions[im["id"]])]
@@ -116,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             key = "2 objects" if len(regions[im["id"]]) == 2 else "3 or more"
             rows[key] += probe(model.decoder, model.vocab, feats, words, regions[im["id"]], model.encoder.grid,
                                model.encoder.cell_origin)
+            axes[key] += axis_choice(model.decoder, model.vocab, feats, words, regions[im["id"]])
     print("| images | relation | captions | map on B | on A | on other objects | p(B's first word) | map moved |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key, found in rows.items():
@@ -124,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
                 cells = [100 * float(np.mean([r[name][k] for r in found])) for k in ("on_b", "on_a", "on_others", "p_word")]
                 moved = f"{100 * float(np.mean([r['moved'] for r in found])):.1f}" if name == "opposite" else ""
                 print(f"| {key} | {name} | {len(found)} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {moved} |")
+    print("\n| images | relations | p(the reference's axis) at the first relation word | the axis most probable |")
+    print("| --- | ---: | ---: | ---: |")
+    for key, found in axes.items():
+        if found:
+            print(f"| {key} | {len(found)} | {100 * float(np.mean(found)):.1f} | "
+                  f"{100 * float(np.mean(np.array(found) > 0.5)):.1f} |")
     return 0
 
 
