@@ -159,6 +159,9 @@ class EncoderConfig:
             cell's vector learns what lies where around it ("a red square to my right"), the
             pairwise geometry a relation between two objects needs (0: none, the paper's).
         context_heads: their heads; each can learn a direction to look in. Must divide C.
+        context_content: the heads hand each cell what they read elsewhere as well as where
+            they looked; false: only where (each cell keeps its own content, so the maps keep
+            to the objects they name).
     """
 
     backbone: str = "resnet101"
@@ -173,6 +176,7 @@ class EncoderConfig:
     head_dim: int | None = None
     context_layers: int = 0
     context_heads: int = 4
+    context_content: bool = True
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "image_size", f"must be >= 16; got {self.image_size}")

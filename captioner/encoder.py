@@ -387,15 +387,15 @@ class FeatureHead(nn.Module):
 
 class _ContextLayer(nn.Module):
     """One pre-norm self-attention layer over L cells (:class:`GridContext`): per head, a bias
-    looked up by the offset between the two cells, and besides the mixed values, where the head
-    looked relative to the cell (its map's mean position minus the cell's). W_o and W_2 start
-    at zero: a fresh layer is the identity."""
+    looked up by the offset between the two cells, and where the head looked relative to the
+    cell (its map's mean position minus the cell's), with (``content``) or without the mixed
+    values. W_o and W_2 start at zero: a fresh layer is the identity."""
 
-    def __init__(self, *, dim: int, heads: int, offsets: int) -> None:
+    def __init__(self, *, dim: int, heads: int, offsets: int, content: bool = True) -> None:
         super().__init__()
-        self.heads = heads
-        self.norm1, self.qkv = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim + 2 * heads, dim)  # per head: its dim / heads mixed values and (d_row, d_col)
+        self.heads, self.content = heads, content
+        self.norm1, self.qkv = nn.LayerNorm(dim), nn.Linear(dim, (3 if content else 2) * dim)
+        self.out = nn.Linear((dim if content else 0) + 2 * heads, dim)  # per head: [dim / heads values;] (d_row, d_col)
         self.norm2, self.ff1, self.ff2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
         self.bias_table = nn.Parameter(torch.zeros(heads, offsets))
         for layer in (self.out, self.ff2):
@@ -404,16 +404,17 @@ class _ContextLayer(nn.Module):
 
     def attend(self, x: Tensor, offset: Tensor, coords: Tensor) -> Tensor:
         """x (B, L, C), offset (L, L) indices into the bias table, coords (L, 2) each cell's
-        (row, column) -> (B, L, heads, C / heads + 2): each head's mixed values, then where it
-        looked from the cell (the mean (row, column) under its map minus the cell's)."""
+        (row, column) -> (B, L, heads, C / heads + 2), or (B, L, heads, 2) without ``content``:
+        each head's mixed values, then where it looked from the cell (the mean (row, column)
+        under its map minus the cell's)."""
         b, n, c = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        coords = coords.to(x.dtype)
-        v = torch.cat([v, coords.expand(b, self.heads, n, 2)], -1)  # the map's mean position comes out too
-        bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
-        mixed = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, L, C / heads + 2)
         d = c // self.heads
-        mixed = torch.cat([mixed[..., :d], mixed[..., d:] - coords], -1)
+        parts = self.qkv(self.norm1(x)).view(b, n, -1, self.heads, d).permute(2, 0, 3, 1, 4)
+        coords = coords.to(x.dtype).expand(b, self.heads, n, 2)
+        v = torch.cat([parts[2], coords], -1) if self.content else coords  # the map's mean position comes out too
+        bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
+        mixed = nn.functional.scaled_dot_product_attention(parts[0], parts[1], v, attn_mask=bias)  # (B, heads, L, -)
+        mixed = torch.cat([mixed[..., :-2], mixed[..., -2:] - coords], -1)
         return mixed.transpose(1, 2)
 
     def forward(self, x: Tensor, offset: Tensor, coords: Tensor) -> Tensor:
@@ -436,14 +437,18 @@ class GridContext(nn.Module):
     - Each head also reports where it looked, relative to the cell: the mean (row, column)
       under its map minus the cell's own, in [-2, 2] (relative positions in the values, after
       Shaw et al., 2018). A head that looks at the other objects hands the cell their offset.
+    - ``content`` False: the heads hand over only where they looked, not what they read there,
+      so no cell takes on another's content (a map on a background cell cannot read an object
+      through it) and the maps keep to the objects they name.
     - W_o and W_2 start at zero: a fresh layer is the identity, and a fresh model equals the
       one without it.
 
     Args:
         grid: (h, w). dim: C (in and out). layers: how many. heads: per layer (must divide C).
+        content: whether the heads also mix the cells' values.
     """
 
-    def __init__(self, *, grid: tuple[int, int], dim: int, layers: int, heads: int) -> None:
+    def __init__(self, *, grid: tuple[int, int], dim: int, layers: int, heads: int, content: bool = True) -> None:
         super().__init__()
         if heads < 1 or dim % heads:
             raise ConfigError(f"model.encoder.context_heads: must divide the {dim} feature channels; got {heads} "
@@ -457,8 +462,8 @@ class GridContext(nn.Module):
         self.register_buffer("offset", offset, persistent=False)  # (L, L): the table entry of each pair
         scaled = torch.stack([rows / max(h - 1, 1), cols / max(w - 1, 1)], -1) * 2 - 1  # in [-1, 1]
         self.register_buffer("coords", scaled, persistent=False)  # (L, 2)
-        self.layers = nn.ModuleList(_ContextLayer(dim=dim, heads=heads, offsets=(2 * h - 1) * (2 * w - 1))
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(_ContextLayer(dim=dim, heads=heads, offsets=(2 * h - 1) * (2 * w - 1),
+                                                  content=content) for _ in range(layers))
 
     def forward(self, features: Tensor) -> Tensor:
         """features (B, L, C) -> (B, L, C)"""

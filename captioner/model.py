@@ -147,8 +147,8 @@ class Captioner(nn.Module):
         head = (FeatureHead(grid=encoder.grid, dim_in=encoder.feature_dim, dim=dim, layers=e.head_layers)
                 if e.head_layers else None)
         position = PositionEmbedding2D(grid=encoder.grid, dim=dim) if e.positional else None
-        context = (GridContext(grid=encoder.grid, dim=dim, layers=e.context_layers, heads=e.context_heads)
-                   if e.context_layers else None)
+        context = (GridContext(grid=encoder.grid, dim=dim, layers=e.context_layers, heads=e.context_heads,
+                               content=e.context_content) if e.context_layers else None)
         coords = GridCoordinates(grid=encoder.grid, degree=e.coordinate_degree) if e.coordinates else None
         decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab),
                                       feature_dim=dim + (coords.channels if coords is not None else 0),

@@ -222,6 +222,26 @@ def test_grid_context_heads_say_where_they_looked():
     torch.testing.assert_close(read[0, :, :, 3:], -centre.coords[:, None, :].expand(20, 2, 2))  # the centre, from each cell
 
 
+@pytest.mark.parametrize("content", [True, False])
+def test_grid_context_without_content_hands_over_only_where_it_looked(content):
+    context = GridContext(grid=(4, 5), dim=6, layers=1, heads=2, content=content)
+    layer = context.layers[0]
+    assert layer.qkv.out_features == (18 if content else 12) and layer.out.in_features == (6 if content else 0) + 4
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            torch.nn.init.normal_(p)
+        layer.qkv.weight[:12].zero_()  # q = k = 0: the maps come from the bias table alone
+        layer.qkv.bias[:12].zero_()
+    feats = torch.randn(2, 20, 6)
+    other = feats.clone()
+    other[:, 7] = torch.randn(2, 6)  # what cell 7 holds changes
+    before, after = context(feats), context(other)
+    assert not torch.allclose(before[:, 7], after[:, 7])
+    assert torch.allclose(before[:, :7], after[:, :7]) != content  # other cells read it only with content
+    assert layer.attend(feats, context.offset, context.coords).shape == (2, 20, 2, 5 if content else 2)
+
+
 def test_grid_context_sees_the_whole_grid_and_trains():
     context = GridContext(grid=(6, 6), dim=4, layers=1, heads=2)
     torch.manual_seed(0)

@@ -122,6 +122,7 @@ def test_grid_context_config_is_checked():
         tiny_model("model.encoder.context_layers=-1")
     with pytest.raises(ConfigError, match="context_heads"):
         tiny_model("model.encoder.context_layers=1", "model.encoder.context_heads=0")
+    assert tiny_model("model.encoder.context_layers=2", "model.encoder.context_content=false").context.layers[1].content is False
     with pytest.raises(ConfigError, match="context_heads: must divide the 64"):
         tiny_model("model.encoder.context_layers=1", "model.encoder.context_heads=5")
 
