@@ -158,10 +158,12 @@ class EncoderConfig:
             (row, column) offset, after the head and the positions (``GridContext``): each
             cell's vector learns what lies where around it ("a red square to my right"), the
             pairwise geometry a relation between two objects needs (0: none, the paper's).
+            Every cell attends to every other: on the shapes set's 16 x 16 grid an epoch takes
+            about 2.5 times as long.
         context_heads: their heads; each can learn a direction to look in. Must divide C.
         context_content: the heads hand each cell what they read elsewhere as well as where
-            they looked; false: only where (each cell keeps its own content, so the maps keep
-            to the objects they name).
+            they looked; false: only where (each cell keeps its own content, so a map on a
+            background cell cannot read an object through it).
     """
 
     backbone: str = "resnet101"

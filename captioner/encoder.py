@@ -383,8 +383,6 @@ class FeatureHead(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-
-
 class _ContextLayer(nn.Module):
     """One pre-norm self-attention layer over L cells (:class:`GridContext`): per head, a bias
     looked up by the offset between the two cells, and where the head looked relative to the
@@ -460,8 +458,7 @@ class GridContext(nn.Module):
         # pair (i, j) reads entry (row_i - row_j + h - 1) * (2w - 1) + (col_i - col_j + w - 1)
         offset = (rows[:, None] - rows[None, :] + h - 1) * (2 * w - 1) + (cols[:, None] - cols[None, :] + w - 1)
         self.register_buffer("offset", offset, persistent=False)  # (L, L): the table entry of each pair
-        scaled = torch.stack([rows / max(h - 1, 1), cols / max(w - 1, 1)], -1) * 2 - 1  # in [-1, 1]
-        self.register_buffer("coords", scaled, persistent=False)  # (L, 2)
+        self.register_buffer("coords", GridCoordinates(grid=grid).coords, persistent=False)  # (L, 2) in [-1, 1]
         self.layers = nn.ModuleList(_ContextLayer(dim=dim, heads=heads, offsets=(2 * h - 1) * (2 * w - 1),
                                                   content=content) for _ in range(layers))
 
