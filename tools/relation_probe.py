@@ -99,7 +99,7 @@ def axis_choice(decoder, vocab, features: torch.Tensor, words: Sequence[str], re
     if not rels:
         return out
     logits = decoder(features, torch.tensor([vocab.encode(words)])).logits[0]
-    ids = {axis: [vocab.encode([w])[1] for w in axis if w in vocab] for axis in (HORIZONTAL, VERTICAL)}
+    ids = {axis: [vocab.stoi[w] for w in axis if w in vocab] for axis in (HORIZONTAL, VERTICAL)}
     for _, _, a_end, _ in rels:
         t = a_end + (words[a_end] == "is")  # logits[t] writes words[t]
         p = torch.softmax(logits[t].float(), -1)
