@@ -159,11 +159,17 @@ class EncoderConfig:
             cell's vector learns what lies where around it ("a red square to my right"), the
             pairwise geometry a relation between two objects needs (0: none, the paper's).
             Every cell attends to every other: on the shapes set's 16 x 16 grid an epoch takes
-            about 2.5 times as long.
+            about 2.5 times as long (``context_pool`` 2: about 1.2 times).
         context_heads: their heads; each can learn a direction to look in. Must divide C.
         context_content: the heads hand each cell what they read elsewhere as well as where
             they looked; false: only where (each cell keeps its own content, so a map on a
             background cell cannot read an object through it).
+        context_output: ``residual``: each layer adds its result back into the cells;
+            ``append``: the cells stay as they are and each layer's heads' output comes as
+            more channels (4 heads without content: 8 channels, each head's (d_row, d_col)).
+        context_pool: the layers run on the grid average-pooled in blocks of this side, every
+            cell taking its block's output (1: cell by cell; 2: about 10x cheaper). Must
+            divide the grid.
     """
 
     backbone: str = "resnet101"
@@ -179,6 +185,8 @@ class EncoderConfig:
     context_layers: int = 0
     context_heads: int = 4
     context_content: bool = True
+    context_output: str = "residual"
+    context_pool: int = 1
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "image_size", f"must be >= 16; got {self.image_size}")
@@ -187,6 +195,8 @@ class EncoderConfig:
         _check(self.head_layers >= 0, "head_layers", f"must be >= 0; got {self.head_layers}")
         _check(self.context_layers >= 0, "context_layers", f"must be >= 0; got {self.context_layers}")
         _check(self.context_heads >= 1, "context_heads", f"must be >= 1; got {self.context_heads}")
+        _choice(self.context_output, "context_output", ("residual", "append"))
+        _check(self.context_pool >= 1, "context_pool", f"must be >= 1; got {self.context_pool}")
         _check(self.head_dim is None or self.head_dim >= 1, "head_dim", f"must be >= 1 or null; got {self.head_dim}")
         _check(self.fine_tune >= -1, "fine_tune", f"must be -1 (all), 0 (frozen) or a number of stages; got {self.fine_tune}")
 
@@ -387,6 +397,11 @@ class TrainConfig:
             data set's per-word grounding (the shapes set), ``weak`` from the instances of the
             categories a caption names (COCO layout), ``none`` (default) off.
         attention_supervision_weight: its weight in the loss.
+        layout_weight: layout supervision (``captioner/layout.py``; 0: off): from the instances
+            file, a linear read-out of each object's pooled annotation vectors learns on which
+            sides of it other objects lie, and this weight times its binary cross-entropy joins
+            the loss. It teaches the encoder's trained part (``context_layers``) the geometry a
+            stated relation needs. Needs the train split's instances file and ``flip`` none.
         objective: ``xent`` (cross-entropy, the paper's) or ``scst``: self-critical sequence
             training (Rennie et al. 2017, captioner/scst.py), after cross-entropy (see ``init_from``).
         init_from: a checkpoint whose model weights start a new run (fresh optimizer, step 0);
@@ -440,6 +455,7 @@ class TrainConfig:
     tensorboard: bool = False
     attention_supervision: str = "none"
     attention_supervision_weight: float = 1.0
+    layout_weight: float = 0.0
     objective: str = "xent"
     init_from: str = ""
     scst_samples: int = 5
@@ -470,6 +486,11 @@ class TrainConfig:
         _choice(self.attention_supervision, "attention_supervision", ("none", "strong", "weak"))
         _check(self.attention_supervision_weight >= 0, "attention_supervision_weight",
                f"must be >= 0; got {self.attention_supervision_weight}")
+        _check(self.layout_weight >= 0, "layout_weight", f"must be >= 0; got {self.layout_weight}")
+        _check(self.layout_weight == 0 or self.objective == "xent", "layout_weight",
+               f"is a cross-entropy training term; set it to 0 with objective={self.objective}")
+        _check(self.layout_weight == 0 or self.flip == "none", "layout_weight",
+               f"needs train.flip=none (a mirrored image's layout targets are not mirrored); got flip={self.flip}")
         _choice(self.amp, "amp", ("none", "bf16", "fp16", "auto"))
         _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
         _check(self.max_skipped >= 0, "max_skipped", f"must be >= 0; got {self.max_skipped}")

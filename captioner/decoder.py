@@ -78,6 +78,8 @@ class DecoderOutput:
         sampled: (B,) True for the captions whose locations were sampled (stochastic attention).
         samples: k, the paths per caption: B here is k times the batch given (rows i * k ..
             i * k + k - 1 are caption i), when the attention asks for k > 1 in training.
+        features: (U, L, C) the annotation vectors the pass attended over (set by
+            ``Captioner.forward``, for losses on the encoder's output; else None).
     """
 
     logits: Tensor
@@ -89,6 +91,7 @@ class DecoderOutput:
     probs: Tensor | None = None
     sampled: Tensor | None = None
     samples: int = 1
+    features: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.probs is None:

@@ -387,18 +387,25 @@ class _ContextLayer(nn.Module):
     """One pre-norm self-attention layer over L cells (:class:`GridContext`): per head, a bias
     looked up by the offset between the two cells, and where the head looked relative to the
     cell (its map's mean position minus the cell's), with (``content``) or without the mixed
-    values. W_o and W_2 start at zero: a fresh layer is the identity."""
+    values. ``residual``: W_o and W_2 (both starting at zero: a fresh layer is the identity)
+    add them back into the cell; else the layer only has :meth:`attend` (the grid appends its
+    output as channels)."""
 
-    def __init__(self, *, dim: int, heads: int, offsets: int, content: bool = True) -> None:
+    def __init__(self, *, dim: int, heads: int, offsets: int, content: bool = True, residual: bool = True) -> None:
         super().__init__()
         self.heads, self.content = heads, content
         self.norm1, self.qkv = nn.LayerNorm(dim), nn.Linear(dim, (3 if content else 2) * dim)
-        self.out = nn.Linear((dim if content else 0) + 2 * heads, dim)  # per head: [dim / heads values;] (d_row, d_col)
-        self.norm2, self.ff1, self.ff2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
         self.bias_table = nn.Parameter(torch.zeros(heads, offsets))
-        for layer in (self.out, self.ff2):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        if residual:  # per head: [dim / heads values;] (d_row, d_col)
+            self.out = nn.Linear((dim if content else 0) + 2 * heads, dim)
+            self.norm2, self.ff1, self.ff2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+            for layer in (self.out, self.ff2):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def channels(self, dim: int) -> int:
+        """C of :meth:`attend`'s output, flattened over the heads, for input C ``dim``."""
+        return (dim if self.content else 0) + 2 * self.heads
 
     def attend(self, x: Tensor, offset: Tensor, coords: Tensor) -> Tensor:
         """x (B, L, C), offset (L, L) indices into the bias table, coords (L, 2) each cell's
@@ -438,32 +445,74 @@ class GridContext(nn.Module):
     - ``content`` False: the heads hand over only where they looked, not what they read there,
       so no cell takes on another's content (a map on a background cell cannot read an object
       through it) and the maps keep to the objects they name.
-    - W_o and W_2 start at zero: a fresh layer is the identity, and a fresh model equals the
-      one without it.
+    - ``output``: ``residual`` adds each layer's result back into the cells (W_o and W_2 start
+      at zero: a fresh layer is the identity, and a fresh model equals the one without it);
+      ``append`` keeps the cells as they are and appends every layer's heads' output (where they
+      looked, and with ``content`` what they read) as more channels, each layer reading the
+      same grid: what the decoder reads of the cell itself cannot be overwritten.
+    - ``pool`` > 1: the layers run on the grid average-pooled in ``pool`` x ``pool`` blocks,
+      ``pool``^4 times fewer pairs of cells, and every cell of a block takes its block's output
+      (the objects of the shapes set span several cells; 2 makes the layer about 10x cheaper).
 
     Args:
-        grid: (h, w). dim: C (in and out). layers: how many. heads: per layer (must divide C).
-        content: whether the heads also mix the cells' values.
+        grid: (h, w). dim: C (in). layers: how many. heads: per layer (must divide C).
+        content: whether the heads also mix the cells' values. output: residual or append.
+        pool: the block side (must divide h and w).
     """
 
-    def __init__(self, *, grid: tuple[int, int], dim: int, layers: int, heads: int, content: bool = True) -> None:
+    OUTPUTS = ("residual", "append")
+
+    def __init__(self, *, grid: tuple[int, int], dim: int, layers: int, heads: int, content: bool = True,
+                 output: str = "residual", pool: int = 1) -> None:
         super().__init__()
         if heads < 1 or dim % heads:
             raise ConfigError(f"model.encoder.context_heads: must divide the {dim} feature channels; got {heads} "
                               "(model.encoder.head_dim can change the channels)")
-        self.grid = grid
-        h, w = grid
+        if output not in self.OUTPUTS:
+            raise ConfigError(f"model.encoder.context_output: must be one of {', '.join(self.OUTPUTS)}; got {output!r}")
+        if pool < 1 or grid[0] % pool or grid[1] % pool:
+            raise ConfigError(f"model.encoder.context_pool: must divide the {grid[0]} x {grid[1]} grid; got {pool}")
+        self.grid, self.pool, self.output, self.dim = grid, pool, output, dim
+        h, w = grid[0] // pool, grid[1] // pool
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         rows, cols = rows.flatten(), cols.flatten()
         # pair (i, j) reads entry (row_i - row_j + h - 1) * (2w - 1) + (col_i - col_j + w - 1)
         offset = (rows[:, None] - rows[None, :] + h - 1) * (2 * w - 1) + (cols[:, None] - cols[None, :] + w - 1)
-        self.register_buffer("offset", offset, persistent=False)  # (L, L): the table entry of each pair
-        self.register_buffer("coords", GridCoordinates(grid=grid).coords, persistent=False)  # (L, 2) in [-1, 1]
+        self.register_buffer("offset", offset, persistent=False)  # (L', L'): the table entry of each pair
+        self.register_buffer("coords", GridCoordinates(grid=(h, w)).coords, persistent=False)  # (L', 2) in [-1, 1]
         self.layers = nn.ModuleList(_ContextLayer(dim=dim, heads=heads, offsets=(2 * h - 1) * (2 * w - 1),
-                                                  content=content) for _ in range(layers))
+                                                  content=content, residual=output == "residual")
+                                    for _ in range(layers))
+
+    @property
+    def channels(self) -> int:
+        """How many channels :meth:`forward` adds to the C it is given (0: ``residual``)."""
+        return 0 if self.output == "residual" else sum(layer.channels(self.dim) for layer in self.layers)
+
+    def _down(self, features: Tensor) -> Tensor:
+        """(B, L, C) -> (B, L', C): the mean of each pool x pool block."""
+        if self.pool == 1:
+            return features
+        b, _, c = features.shape
+        x = features.transpose(1, 2).reshape(b, c, *self.grid)
+        return nn.functional.avg_pool2d(x, self.pool).flatten(2).transpose(1, 2)
+
+    def _up(self, blocks: Tensor) -> Tensor:
+        """(B, L', C) -> (B, L, C): each cell takes its block's row."""
+        if self.pool == 1:
+            return blocks
+        b, _, c = blocks.shape
+        x = blocks.transpose(1, 2).reshape(b, c, self.grid[0] // self.pool, self.grid[1] // self.pool)
+        x = x.repeat_interleave(self.pool, 2).repeat_interleave(self.pool, 3)
+        return x.flatten(2).transpose(1, 2)
 
     def forward(self, features: Tensor) -> Tensor:
-        """features (B, L, C) -> (B, L, C)"""
+        """features (B, L, C) -> (B, L, C), or (B, L, C + :attr:`channels`) with ``append``"""
+        x = self._down(features)
+        if self.output == "append":
+            outs = [layer.attend(x, self.offset, self.coords).flatten(2) for layer in self.layers]
+            return torch.cat([features, self._up(torch.cat(outs, -1))], -1)
+        y = x
         for layer in self.layers:
-            features = layer(features, self.offset, self.coords)
-        return features
+            y = layer(y, self.offset, self.coords)
+        return features + self._up(y - x) if self.pool > 1 else y

@@ -57,6 +57,8 @@ class LossOutput:
     # supervised attention term, weighted, per word (None: not supervised); keyword-only, so
     # subclasses (captioner.scst.ScstOutput) may add fields without defaults
     attention: Tensor | None = field(default=None, kw_only=True)
+    # layout supervision term, weighted (None: off; the trainer adds it, captioner.layout)
+    layout: Tensor | None = field(default=None, kw_only=True)
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor,

@@ -24,6 +24,7 @@ from captioner.decoder import Decoder, DecoderOutput
 from captioner.decoding import Decoded, beam_search, greedy
 from captioner.encoder import Encoder, FeatureHead, GridContext, GridCoordinates, PositionEmbedding2D
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
+from captioner.layout import LayoutHead
 from captioner.precision import cast_parameters
 from captioner.vocab import Vocabulary
 
@@ -128,15 +129,17 @@ class Captioner(nn.Module):
             :class:`GridContext`).
         coords: an optional module last (:class:`GridCoordinates`).
         config: the config that built it (saved in checkpoints).
+        layout: the read-out of layout supervision (:class:`~captioner.layout.LayoutHead`,
+            ``train.layout_weight`` > 0; only training uses it).
     """
 
     def __init__(self, *, encoder: Encoder, decoder: Decoder, vocab: Vocabulary,
                  position: nn.Module | None = None, head: nn.Module | None = None,
                  context: nn.Module | None = None, coords: nn.Module | None = None,
-                 config: Config | None = None) -> None:
+                 config: Config | None = None, layout: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder, self.decoder, self.position, self.head = encoder, decoder, position, head
-        self.context, self.coords = context, coords
+        self.context, self.coords, self.layout = context, coords, layout
         self.vocab, self.config = vocab, config
 
     @classmethod
@@ -148,13 +151,15 @@ class Captioner(nn.Module):
                 if e.head_layers else None)
         position = PositionEmbedding2D(grid=encoder.grid, dim=dim) if e.positional else None
         context = (GridContext(grid=encoder.grid, dim=dim, layers=e.context_layers, heads=e.context_heads,
-                               content=e.context_content) if e.context_layers else None)
+                               content=e.context_content, output=e.context_output, pool=e.context_pool)
+                   if e.context_layers else None)
         coords = GridCoordinates(grid=encoder.grid, degree=e.coordinate_degree) if e.coordinates else None
-        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab),
-                                      feature_dim=dim + (coords.channels if coords is not None else 0),
-                                      grid=encoder.grid)
+        feature_dim = (dim + (context.channels if context is not None else 0)
+                       + (coords.channels if coords is not None else 0))  # C of the annotation vectors
+        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=feature_dim, grid=encoder.grid)
+        layout = LayoutHead(feature_dim) if cfg.train.layout_weight > 0 else None
         return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, head=head, context=context,
-                   coords=coords, config=cfg)
+                   coords=coords, config=cfg, layout=layout)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Captioner:
@@ -214,7 +219,9 @@ class Captioner(nn.Module):
                 masters keep the gradients (:mod:`captioner.precision`); None: as they are.
         """
         feats = self.features(raw_features) if raw_features is not None else self.encode(images)  # (U, L, C)
-        return self.teacher_forced(feats, captions, image_index=image_index, dtype=dtype)
+        out = self.teacher_forced(feats, captions, image_index=image_index, dtype=dtype)
+        out.features = feats
+        return out
 
     def teacher_forced(self, feats: Tensor, captions: Tensor, *, image_index: Tensor | None = None,
                        dtype: torch.dtype | None = None) -> DecoderOutput:

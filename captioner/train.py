@@ -50,7 +50,7 @@ from captioner.board import Board
 from captioner.chair import ChairScorer
 from captioner.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, slim
 from captioner.config import Config, TrainConfig, config_to_dict, replace, save_config
-from captioner.data import load_split
+from captioner.data import instances_file, load_split
 from captioner.data.cache import default_cache_dir, open_cache
 from captioner.data.dataset import CaptionBatch, CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
 from captioner.data.images import check_images
@@ -61,6 +61,7 @@ from captioner.ema import WeightAverage, averaged
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.evaluate import decode_records, encode_records, references
 from captioner.grounding import training_targets
+from captioner.layout import layout_targets
 from captioner.losses import CaptionLoss, LossOutput
 from captioner.metrics import caption_metrics
 from captioner.model import Captioner, check_names
@@ -252,6 +253,7 @@ class Trainer:
         self.setup_features()
         self.setup_mirror()
         self.setup_batches()
+        self.setup_layout()
         self.setup_validation()
         self.setup_step()
 
@@ -331,7 +333,12 @@ class Trainer:
         if Vocabulary.from_dict(ckpt["vocab"]) != self.vocab:
             raise CheckpointError(f"{path}: train.init_from: the checkpoint's vocabulary differs from the one "
                                   f"built from this training data; start from a checkpoint trained on it")
-        self.model.load_model_state(ckpt["model"], source=path)
+        state = ckpt["model"]  # the layout read-out is training's only: dropped, or kept fresh
+        if self.model.layout is None:
+            state = {k: v for k, v in state.items() if not k.startswith("layout.")}
+        else:
+            state = {**{f"layout.{k}": v for k, v in self.model.layout.state_dict().items()}, **state}
+        self.model.load_model_state(state, source=path)
         self.log.say(f"model weights from {path} (train.init_from)")
 
     def restore(self, ckpt: dict) -> None:
@@ -423,6 +430,22 @@ class Trainer:
                             "each image encoded once per caption (train.captions_per_image=0)"))
         self.n_batches = math.ceil(len(self.dataset) / self.batch_size)
 
+    def setup_layout(self) -> None:
+        """train.layout_weight: every training image's objects, with their footprints on the grid
+        and their layout targets (``captioner.layout``)."""
+        self.layouts = None
+        w = self.t.layout_weight
+        if not w:
+            return
+        path = instances_file(self.cfg.data, "train")
+        if path is None:
+            raise ConfigError(f"train.layout_weight={w:g} needs a COCO instances file for the train split "
+                              "(data.train.instances, or instances_*.json beside captions_*.json); 0 turns it off")
+        encoder = self.model.encoder
+        self.layouts = layout_targets(self.train_records, path, grid=encoder.grid, origin=encoder.cell_origin)
+        self.log.say(f"layout supervision (train.layout_weight={w:g}): {sum(len(t) for _, t in self.layouts)} "
+                     f"objects in {len(self.layouts)} training images")
+
     def setup_validation(self) -> None:
         """The val references and the baseline: the most common training caption for every image."""
         self.refs = references(self.val_records)
@@ -495,7 +518,8 @@ class Trainer:
             loss = self.train_step(batch.to(self.device))
             if loss is None:  # skipped: a non-finite loss under train.nonfinite=skip
                 continue
-            sums.update(n=1, loss=loss.total.item(), xent=loss.xent.item())
+            sums.update(n=1, loss=loss.total.item(), xent=loss.xent.item(),
+                        **({} if loss.layout is None else {"layout": loss.layout.item()}))
             if self.step % self.t.log_every == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}")
                 self.log_step(loss)
@@ -519,8 +543,19 @@ class Trainer:
                 out = self.train_model(batch.captions, images=batch.images, image_index=batch.image_index,
                                        dtype=self.decoder_dtype)
         mask = batch.mask[:, 1:]
-        return self.criterion(out, batch.captions[:, 1:], mask, words=self.ddp.words(mask),
+        loss = self.criterion(out, batch.captions[:, 1:], mask, words=self.ddp.words(mask),
                               attention_targets=batch.attention_targets)
+        return loss if self.layouts is None else self.with_layout(loss, out, batch)
+
+    def with_layout(self, loss: LossOutput, out, batch: CaptionBatch) -> LossOutput:
+        """``loss`` plus train.layout_weight times the layout loss of the pass's annotation
+        vectors (one row per caption, or per image with ``image_index``)."""
+        images = batch.index.cpu()
+        if batch.image_index is not None and batch.images is not None:  # rows are images: each one's index
+            images = torch.empty(batch.images.shape[0], dtype=torch.long)
+            images[batch.image_index.cpu()] = batch.index.cpu()
+        term = self.t.layout_weight * self.model.layout.loss(out.features, [self.layouts[i] for i in images.tolist()])
+        return with_fields(loss, total=loss.total + term, layout=term.detach())
 
     def mirrored(self, batch: CaptionBatch) -> tuple[CaptionBatch, torch.Tensor]:
         """train.flip: a view drawn for every image of the batch (for this step: a resume draws
@@ -658,6 +693,7 @@ class Trainer:
         """The epoch's line of metrics.jsonl."""
         n = max(sums["n"], 1)
         return {"epoch": epoch + 1, "step": self.step, "train_loss": sums["loss"] / n, "train_xent": sums["xent"] / n,
+                **({"train_layout": sums["layout"] / n} if "layout" in sums else {}),
                 **{f"val_{k}": v for k, v in val.scores.items()},
                 **{f"baseline_{k}": v for k, v in self.baseline.items()},
                 "lr": self.opt.param_groups[0]["lr"], "minutes": (time.monotonic() - self.started) / 60,

@@ -1,0 +1,96 @@
+"""Layout supervision: each object's annotation vectors learn where the other objects are
+(``train.layout_weight``).
+
+"The red circle is to the left of a blue square" needs, when the decoder has named the
+circle and looks at it, to know on which sides of it other objects lie: the relation word
+comes before the decoder looks at the square (README "Getting the words and the maps
+right": at the direction word the map still holds 33% on A and 17% on B). A grid context
+(``model.encoder.context_layers``) can carry that, but captions alone teach it slowly: after
+13 epochs the decoder's choice of axis is near chance.
+
+From the instances file, per object A of an image, four targets: whether some other object B
+has A to its left, right, above, below, in the sense the relation words have
+(:func:`captioner.chair.relation_holds`: the direction is the dominant axis of the box centres'
+difference). A linear read-out of A's annotation vectors, pooled over A's footprint on the
+grid (the weights supervised attention and attention correctness use,
+:func:`captioner.grounding.region_target`), predicts them; its binary cross-entropy, times
+``train.layout_weight``, joins the caption loss. Only the encoder's trained part (head,
+positions, context) and the read-out learn from it; the decoder reads what they write.
+
+Letters: L grid cells, K objects of an image, C channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from captioner.chair import ground_object, relation_holds
+from captioner.correctness import Region, load_regions
+from captioner.data.records import ImageRecord
+from captioner.grounding import region_target
+
+DIRECTIONS = ("left", "right", "above", "below")  # target k: A is DIRECTIONS[k] of some other object
+
+# image index -> (weights (K, L), each object's footprint on the grid; targets (K, 4))
+LayoutTargets = list[tuple[Tensor, Tensor]]
+
+
+def object_layout(regions: Sequence[Region]) -> Tensor:
+    """(K, 4) float: for each region A, whether A is left of, right of, above, below some other."""
+    objects = [ground_object(r) for r in regions]
+    return torch.tensor([[float(any(relation_holds(d, a, b) for b in objects if b is not a)) for d in DIRECTIONS]
+                         for a in objects]).reshape(len(objects), len(DIRECTIONS))
+
+
+def layout_targets(records: Sequence[ImageRecord], instances_json: str | Path, *, grid: tuple[int, int],
+                   origin: tuple[float, float] = (0.5, 0.5)) -> LayoutTargets:
+    """Every image's objects: their footprints on the grid and their four layout targets.
+
+    Args:
+        records: the split's images, in the order the data set indexes them.
+        instances_json: the split's COCO instances file.
+        grid: (h, w) of the annotation grid. origin: ``Encoder.cell_origin``.
+
+    Returns:
+        For image k: ``(weights (K, L), targets (K, 4))``; K = 0 for an image without objects.
+    """
+    regions = load_regions(instances_json, image_ids=[r.image_id for r in records])
+    out: LayoutTargets = []
+    cells = grid[0] * grid[1]
+    for record in records:
+        own = [r for r in regions.get(record.image_id, []) if r.mask.any()]
+        weights = torch.stack([region_target(r.mask, grid, origin) for r in own]) if own else torch.zeros(0, cells)
+        out.append((weights, object_layout(own)))
+    return out
+
+
+class LayoutHead(nn.Module):
+    """The linear read-out of an object's pooled annotation vectors: four logits, one per
+    direction of :data:`DIRECTIONS`."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, len(DIRECTIONS))
+
+    def loss(self, feats: Tensor, layouts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """Mean binary cross-entropy over the objects of the rows of ``feats``.
+
+        Args:
+            feats: (B, L, C) annotation vectors.
+            layouts: B ``(weights (K_b, L), targets (K_b, 4))``, row b's objects.
+
+        Returns:
+            A scalar (0, with a gradient, when no row has an object).
+        """
+        rows = torch.cat([torch.full((w.shape[0],), b, dtype=torch.long) for b, (w, _) in enumerate(layouts)])
+        if rows.numel() == 0:
+            return feats.sum() * 0.0
+        weights = torch.cat([w for w, _ in layouts]).to(feats.device, feats.dtype)  # (N, L)
+        targets = torch.cat([t for _, t in layouts]).to(feats.device)  # (N, 4)
+        pooled = torch.einsum("nl,nlc->nc", weights, feats[rows.to(feats.device)])  # (N, C)
+        logits = self.linear(pooled.float())
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
