@@ -259,6 +259,69 @@ def test_grid_context_heads_must_divide_the_channels():
         GridContext(grid=(4, 4), dim=6, layers=1, heads=4)
 
 
+def test_grid_context_append_keeps_the_cells_and_adds_where_each_head_looked():
+    context = GridContext(grid=(4, 5), dim=6, layers=2, heads=2, content=False, output="append")
+    assert context.channels == 2 * 2 * 2  # 2 layers x 2 heads x (d_row, d_col)
+    assert not hasattr(context.layers[0], "out")  # nothing mixes back into the cells: no W_o, no feed-forward
+    _look_one_way_where(context, [(0, 1), (1, 0)])
+    feats = torch.randn(3, 20, 6)
+    out = context(feats)
+    assert out.shape == (3, 20, 6 + 8) and torch.equal(out[..., :6], feats)
+    where = out[..., 6:10].reshape(3, 4, 5, 2, 2)  # layer 0: (row, col, head, (d_row, d_col))
+    torch.testing.assert_close(where[:, :, :4, 0], torch.tensor([0.0, 2 / 4]).expand(3, 4, 4, 2))
+    torch.testing.assert_close(where[:, :3, :, 1], torch.tensor([2 / 3, 0.0]).expand(3, 3, 5, 2))
+    with_content = GridContext(grid=(4, 5), dim=6, layers=1, heads=2, content=True, output="append")
+    assert with_content.channels == 6 + 4 and with_content(feats).shape == (3, 20, 16)
+
+
+def _look_one_way_where(context: GridContext, ways: list[tuple[int, int]]) -> None:
+    """Head k of every layer attends only to the block (dr, dc) = ways[k] away (q = k = 0; v = LN(x))."""
+    h, w, c = context.grid[0] // context.pool, context.grid[1] // context.pool, context.dim
+    with torch.no_grad():
+        for layer in context.layers:
+            layer.qkv.weight.zero_()
+            layer.qkv.bias.zero_()
+            if layer.content:
+                layer.qkv.weight[2 * c:].copy_(torch.eye(c))
+            layer.bias_table.fill_(-1e4)
+            for head, (dr, dc) in enumerate(ways):
+                layer.bias_table[head, (-dr + h - 1) * (2 * w - 1) + (-dc + w - 1)] = 0.0
+
+
+def test_grid_context_pooled_runs_on_blocks_and_hands_each_cell_its_blocks_output():
+    context = GridContext(grid=(4, 6), dim=4, layers=1, heads=2, content=True, output="append", pool=2)
+    assert context.offset.shape == (6, 6) and context.layers[0].bias_table.shape == (2, 3 * 5)  # a 2 x 3 grid of blocks
+    _look_one_way_where(context, [(0, 1), (1, 0)])  # head 0: the block to the right; head 1: the block below
+    feats = torch.randn(2, 24, 4)
+    out = context(feats)[..., 4:].reshape(2, 4, 6, 2, 2 + 2)  # (row, col, head, [2 values; d_row, d_col])
+    blocks = torch.nn.functional.avg_pool2d(feats.transpose(1, 2).reshape(2, 4, 4, 6), 2)  # (B, C, 2, 3)
+    normed = torch.nn.functional.layer_norm(blocks.permute(0, 2, 3, 1), (4,))  # (B, 2, 3, C): what a head reads
+    for r in range(4):
+        for c in range(6):
+            br, bc = r // 2, c // 2
+            if bc < 2:  # head 0 reads the block to the right of the cell's block, one block (2 / 2 of [-1, 1]) away
+                torch.testing.assert_close(out[:, r, c, 0, :2], normed[:, br, bc + 1, :2])
+                torch.testing.assert_close(out[:, r, c, 0, 2:], torch.tensor([0.0, 1.0]).expand(2, 2))
+            if br < 1:  # head 1: the block below
+                torch.testing.assert_close(out[:, r, c, 1, :2], normed[:, br + 1, bc, 2:])
+                torch.testing.assert_close(out[:, r, c, 1, 2:], torch.tensor([2.0, 0.0]).expand(2, 2))
+    residual = GridContext(grid=(4, 6), dim=4, layers=1, heads=2, pool=2)
+    assert torch.equal(residual(feats), feats)  # a fresh pooled layer is the identity too
+    torch.manual_seed(0)
+    for p in residual.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    moved = (residual(feats) - feats).reshape(2, 4, 6, 4)
+    torch.testing.assert_close(moved[:, 0, 0], moved[:, 1, 1])  # one block, one update
+    assert not torch.allclose(moved[:, 0, 0], moved[:, 0, 2])
+
+
+def test_grid_context_pool_and_output_are_checked():
+    with pytest.raises(ConfigError, match="context_pool: must divide the 4 x 6 grid; got 4"):
+        GridContext(grid=(4, 6), dim=4, layers=1, heads=2, pool=4)
+    with pytest.raises(ConfigError, match="context_output.*got 'concat'"):
+        GridContext(grid=(4, 6), dim=4, layers=1, heads=2, output="concat")
+
+
 def test_offline_weights_come_from_a_package_that_carries_them(tmp_path, monkeypatch):
     """A weight file that torchvision would download is copied from an installed package of
     OFFLINE_WEIGHTS into <TORCH_HOME>/hub/checkpoints; a file no package carries is left alone."""

@@ -125,6 +125,27 @@ def test_grid_context_config_is_checked():
     assert tiny_model("model.encoder.context_layers=2", "model.encoder.context_content=false").context.layers[1].content is False
     with pytest.raises(ConfigError, match="context_heads: must divide the 64"):
         tiny_model("model.encoder.context_layers=1", "model.encoder.context_heads=5")
+    with pytest.raises(ConfigError, match="context_output must be one of residual, append"):
+        tiny_model("model.encoder.context_layers=1", "model.encoder.context_output=concat")
+    with pytest.raises(ConfigError, match="context_pool must be >= 1"):
+        tiny_model("model.encoder.context_layers=1", "model.encoder.context_pool=0")
+    with pytest.raises(ConfigError, match="context_pool: must divide"):
+        tiny_model("model.encoder.context_layers=1", "model.encoder.context_pool=5")
+
+
+def test_appended_context_widens_what_the_decoder_reads():
+    model = tiny_model("model.encoder.fine_tune=0", "model.encoder.coordinates=true", "model.encoder.context_layers=1",
+                       "model.encoder.context_output=append", "model.encoder.context_content=false",
+                       "model.encoder.context_pool=2")
+    c = model.encoder.feature_dim
+    assert model.context.channels == 8 and model.decoder.init_h.in_features == c + 8 + 2  # cells, 4 heads' where, (row, col)
+    raw = torch.randn(2, model.encoder.num_locations, c)
+    feats = model.features(raw)
+    torch.testing.assert_close(feats[..., :c], model.position(raw))  # the cells as they were
+    torch.testing.assert_close(feats[..., -2:], model.coords.coords.expand(2, -1, -1))
+    captions = torch.randint(4, len(model.vocab), (3, 5))
+    _, grads = loss_and_grads(model, captions, raw_features=raw, image_index=torch.tensor([1, 0, 1]))
+    assert grads["context.layers.0.qkv.weight"].abs().sum() > 0 and grads["context.layers.0.bias_table"].abs().sum() > 0
 
 
 def test_coordinates_reach_the_decoder_as_two_more_channels():
