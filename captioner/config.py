@@ -167,6 +167,9 @@ class EncoderConfig:
         context_output: ``residual``: each layer adds its result back into the cells;
             ``append``: the cells stay as they are and each layer's heads' output comes as
             more channels (4 heads without content: 8 channels, each head's (d_row, d_col)).
+        context_in_scores: with ``context_output`` append, whether the attention's scores read
+            the appended channels; false: they reach only what the decoder reads through its map
+            (z_t, and h_0), and where the map goes is decided by the cells' own channels.
         context_pool: the layers run on the grid average-pooled in blocks of this side, every
             cell taking its block's output (1: cell by cell; 2: about 10x cheaper). Must
             divide the grid.
@@ -186,6 +189,7 @@ class EncoderConfig:
     context_heads: int = 4
     context_content: bool = True
     context_output: str = "residual"
+    context_in_scores: bool = True
     context_pool: int = 1
 
     def __post_init__(self) -> None:

@@ -195,6 +195,8 @@ class Decoder(nn.Module):
         fused: in a teacher-forced pass, sum W_z's and W_h's gradients over the steps in one
             matmul each (``captioner.kernels.StepWeight``); False: the plain per-step layers.
             The same function either way.
+        score_mask: (C,) 1 for the channels the attention's scores read, 0 for those only the
+            context vector and h_0 read (None: all). ``model.encoder.context_in_scores``.
     """
 
     def __init__(
@@ -211,8 +213,10 @@ class Decoder(nn.Module):
         dropout_hidden: bool = True,
         arrangement: str = "xu",
         fused: bool = True,
+        score_mask: Tensor | None = None,
     ) -> None:
         super().__init__()
+        self.register_buffer("score_mask", score_mask, persistent=False)  # (C,) or None
         self.vocab_size, self.hidden_dim = vocab_size, hidden_dim
         self.attention, self.luong = attention, arrangement == "luong"
         context_dim = getattr(attention, "context_dim", feature_dim)  # z_t's size: C, or more with hops
@@ -245,13 +249,13 @@ class Decoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, vocab_size: int, feature_dim: int,
-                    grid: tuple[int, int] = (1, 1)) -> Decoder:
+                    grid: tuple[int, int] = (1, 1), score_mask: Tensor | None = None) -> Decoder:
         d = cfg.decoder
         attention = build_attention(cfg.attention, feature_dim=feature_dim, hidden_dim=d.hidden_dim, grid=grid)
         return cls(vocab_size=vocab_size, feature_dim=feature_dim, attention=attention,
                    embed_dim=d.embed_dim, hidden_dim=d.hidden_dim, dropout=d.dropout, beta_gate=d.beta_gate,
                    deep_output=d.deep_output, dropout_hidden=d.dropout_hidden, arrangement=d.arrangement,
-                   fused=d.fused)
+                   fused=d.fused, score_mask=score_mask)
 
     # -- pieces shared by training and decoding
 
@@ -265,7 +269,12 @@ class Decoder(nn.Module):
 
     def precompute(self, features: Tensor):
         """The attention's per-image work (W_a a_i), once before the time loop (opaque here)."""
-        return self.attention.precompute(features)
+        return self.attention.precompute(self._scored(features))
+
+    def _scored(self, features: Tensor) -> Tensor:
+        """What the attention's scores read of the features: the channels ``score_mask`` keeps
+        (the others still reach the context vector z_t and h_0)."""
+        return features if self.score_mask is None else features * self.score_mask.to(features.dtype)
 
     def _attend(self, features: Tensor, projected, query: Tensor, mask: Tensor | None) -> AttentionOutput:
         """The attention on queries (N, H). With K times as many queries as images (the beams
@@ -378,7 +387,7 @@ class Decoder(nn.Module):
         emb, gates_embed = self._embed_steps(inputs, pack)
         if rows is not None:  # captions share images: the keys once per image, then a row per caption
             rows = rows.index_select(0, pack.order) if pack.order is not None else rows  # longest caption first
-            projected = self.attention.precompute(features, rows=rows)
+            projected = self.attention.precompute(self._scored(features), rows=rows)
             state = self.init_state(features).index_select(rows)
             features = features.index_select(0, rows)  # (B, L, C)
             mask = mask.index_select(0, rows) if mask is not None else None

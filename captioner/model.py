@@ -156,7 +156,12 @@ class Captioner(nn.Module):
         coords = GridCoordinates(grid=encoder.grid, degree=e.coordinate_degree) if e.coordinates else None
         feature_dim = (dim + (context.channels if context is not None else 0)
                        + (coords.channels if coords is not None else 0))  # C of the annotation vectors
-        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=feature_dim, grid=encoder.grid)
+        score_mask = None
+        if context is not None and context.channels and not e.context_in_scores:  # appended: not in the scores
+            score_mask = torch.ones(feature_dim)
+            score_mask[dim:dim + context.channels] = 0.0
+        decoder = Decoder.from_config(cfg.model, vocab_size=len(vocab), feature_dim=feature_dim, grid=encoder.grid,
+                                      score_mask=score_mask)
         layout = LayoutHead(feature_dim) if cfg.train.layout_weight > 0 else None
         return cls(encoder=encoder, decoder=decoder, vocab=vocab, position=position, head=head, context=context,
                    coords=coords, config=cfg, layout=layout)

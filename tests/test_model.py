@@ -148,6 +148,26 @@ def test_appended_context_widens_what_the_decoder_reads():
     assert grads["context.layers.0.qkv.weight"].abs().sum() > 0 and grads["context.layers.0.bias_table"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("in_scores", [True, False])
+def test_appended_context_can_stay_out_of_the_scores(in_scores):
+    args = ("model.encoder.fine_tune=0", "model.encoder.context_layers=1", "model.encoder.context_output=append",
+            "model.encoder.context_content=false", f"model.encoder.context_in_scores={str(in_scores).lower()}")
+    model = tiny_model(*args).eval()
+    c = model.encoder.feature_dim
+    assert (model.decoder.score_mask is None) == in_scores
+    torch.manual_seed(0)
+    feats = torch.randn(2, model.encoder.num_locations, c + 8)
+    other = feats.clone()
+    perm = torch.randperm(model.encoder.num_locations)
+    other[..., c:] = feats[:, perm, c:]  # the appended channels moved between cells: the same mean, so the same h_0
+    captions = torch.randint(4, len(model.vocab), (2, 5))
+    with torch.no_grad():
+        a, b = model.teacher_forced(feats, captions), model.teacher_forced(other, captions)
+    assert torch.equal(a.alphas[:, 0], b.alphas[:, 0]) != in_scores  # step 0: the same query; maps move only with them
+    assert not torch.allclose(a.logits, b.logits)  # the decoder reads them either way
+    assert "score_mask" not in model.decoder.state_dict()
+
+
 def test_coordinates_reach_the_decoder_as_two_more_channels():
     model = tiny_model("model.encoder.fine_tune=0", "model.encoder.coordinates=true")
     c = model.encoder.feature_dim
