@@ -11,6 +11,7 @@ Letters: B batch, C channels, h x w grid, L = h * w locations, S input side.
 from __future__ import annotations
 
 import urllib.error
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -516,3 +517,35 @@ class GridContext(nn.Module):
         for layer in self.layers:
             y = layer(y, self.offset, self.coords)
         return features + self._up(y - x) if self.pool > 1 else y
+
+
+LAYOUT_DIRECTIONS = ("left", "right", "above", "below")
+
+
+class LayoutHead(nn.Module):
+    """The linear read-out of an object's pooled annotation vectors: four logits, one per
+    direction of :data:`LAYOUT_DIRECTIONS`, whether the object lies that way of some other
+    (``train.layout_weight``; the targets: ``captioner.layout``). Only training uses it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, len(LAYOUT_DIRECTIONS))
+
+    def loss(self, feats: Tensor, layouts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """Mean binary cross-entropy over the objects of the rows of ``feats``.
+
+        Args:
+            feats: (B, L, C) annotation vectors.
+            layouts: B ``(weights (K_b, L), targets (K_b, 4))``, row b's objects.
+
+        Returns:
+            A scalar (0, with a gradient, when no row has an object).
+        """
+        rows = torch.cat([torch.full((w.shape[0],), b, dtype=torch.long) for b, (w, _) in enumerate(layouts)])
+        if rows.numel() == 0:
+            return feats.sum() * 0.0
+        weights = torch.cat([w for w, _ in layouts]).to(feats.device, feats.dtype)  # (N, L)
+        targets = torch.cat([t for _, t in layouts]).to(feats.device)  # (N, 4)
+        pooled = torch.einsum("nl,nlc->nc", weights, feats[rows.to(feats.device)])  # (N, C)
+        logits = self.linear(pooled.float())
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)

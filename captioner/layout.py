@@ -13,7 +13,7 @@ has A to its left, right, above, below, in the sense the relation words have
 (:func:`captioner.chair.relation_holds`: the direction is the dominant axis of the box centres'
 difference). A linear read-out of A's annotation vectors, pooled over A's footprint on the
 grid (the weights supervised attention and attention correctness use,
-:func:`captioner.grounding.region_target`), predicts them; its binary cross-entropy, times
+:func:`captioner.grounding.region_target`), (:class:`captioner.encoder.LayoutHead`) predicts them; its binary cross-entropy, times
 ``train.layout_weight``, joins the caption loss. Only the encoder's trained part (head,
 positions, context) and the read-out learn from it; the decoder reads what they write.
 
@@ -26,14 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from captioner.chair import ground_object, relation_holds
 from captioner.correctness import Region, load_regions
 from captioner.data.records import ImageRecord
+from captioner.encoder import LAYOUT_DIRECTIONS as DIRECTIONS  # target k: A is DIRECTIONS[k] of some other
 from captioner.grounding import region_target
-
-DIRECTIONS = ("left", "right", "above", "below")  # target k: A is DIRECTIONS[k] of some other object
 
 # image index -> (weights (K, L), each object's footprint on the grid; targets (K, 4))
 LayoutTargets = list[tuple[Tensor, Tensor]]
@@ -66,31 +65,3 @@ def layout_targets(records: Sequence[ImageRecord], instances_json: str | Path, *
         weights = torch.stack([region_target(r.mask, grid, origin) for r in own]) if own else torch.zeros(0, cells)
         out.append((weights, object_layout(own)))
     return out
-
-
-class LayoutHead(nn.Module):
-    """The linear read-out of an object's pooled annotation vectors: four logits, one per
-    direction of :data:`DIRECTIONS`."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, len(DIRECTIONS))
-
-    def loss(self, feats: Tensor, layouts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-        """Mean binary cross-entropy over the objects of the rows of ``feats``.
-
-        Args:
-            feats: (B, L, C) annotation vectors.
-            layouts: B ``(weights (K_b, L), targets (K_b, 4))``, row b's objects.
-
-        Returns:
-            A scalar (0, with a gradient, when no row has an object).
-        """
-        rows = torch.cat([torch.full((w.shape[0],), b, dtype=torch.long) for b, (w, _) in enumerate(layouts)])
-        if rows.numel() == 0:
-            return feats.sum() * 0.0
-        weights = torch.cat([w for w, _ in layouts]).to(feats.device, feats.dtype)  # (N, L)
-        targets = torch.cat([t for _, t in layouts]).to(feats.device)  # (N, 4)
-        pooled = torch.einsum("nl,nlc->nc", weights, feats[rows.to(feats.device)])  # (N, C)
-        logits = self.linear(pooled.float())
-        return nn.functional.binary_cross_entropy_with_logits(logits, targets)

@@ -22,9 +22,8 @@ from captioner.config import Config, DecodeConfig, config_from_dict
 from captioner.data.images import load_image, to_rgb
 from captioner.decoder import Decoder, DecoderOutput
 from captioner.decoding import Decoded, beam_search, greedy
-from captioner.encoder import Encoder, FeatureHead, GridContext, GridCoordinates, PositionEmbedding2D
+from captioner.encoder import Encoder, FeatureHead, GridContext, GridCoordinates, LayoutHead, PositionEmbedding2D
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
-from captioner.layout import LayoutHead
 from captioner.precision import cast_parameters
 from captioner.vocab import Vocabulary
 
@@ -129,7 +128,7 @@ class Captioner(nn.Module):
             :class:`GridContext`).
         coords: an optional module last (:class:`GridCoordinates`).
         config: the config that built it (saved in checkpoints).
-        layout: the read-out of layout supervision (:class:`~captioner.layout.LayoutHead`,
+        layout: the read-out of layout supervision (:class:`~captioner.encoder.LayoutHead`,
             ``train.layout_weight`` > 0; only training uses it).
     """
 

@@ -10,9 +10,10 @@ import torch
 from captioner.chair import ground_object, relation_holds
 from captioner.config import load_config
 from captioner.correctness import Region, load_regions
+from captioner.encoder import LayoutHead
 from captioner.errors import ConfigError, DataError
 from captioner.grounding import region_target
-from captioner.layout import DIRECTIONS, LayoutHead, layout_targets, object_layout
+from captioner.layout import DIRECTIONS, layout_targets, object_layout
 from captioner.model import Captioner
 from captioner.train import fit
 
@@ -116,3 +117,32 @@ def test_training_with_layout_supervision_logs_and_lowers_the_layout_loss(tiny_c
     assert model.context.channels == 8 and model.layout.linear.in_features == 64 + 8  # layer1's C + 4 heads' where
     plain = fit(tiny_config("train.epochs=1"), quiet=True)
     assert "train_layout" not in plain.history[0] and Captioner.from_checkpoint(plain.run_dir / "best.pt").layout is None
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_each_row_of_features_gets_its_own_images_objects(tiny_config, monkeypatch, per_image):
+    import captioner.train
+
+    made, seen = {}, []
+    real_targets, real_loss = captioner.train.layout_targets, LayoutHead.loss
+
+    def keep(*args, **kwargs):
+        made["targets"] = real_targets(*args, **kwargs)
+        return made["targets"]
+
+    def spy(self, feats, layouts):
+        seen.append((feats.shape[0], layouts))
+        return real_loss(self, feats, layouts)
+
+    monkeypatch.setattr(captioner.train, "layout_targets", keep)
+    monkeypatch.setattr(LayoutHead, "loss", spy)
+    mode = ["train.cache_features=false", "train.captions_per_image=2"] if per_image else []
+    fit(tiny_config("train.epochs=1", "train.layout_weight=1", *mode), quiet=True)
+    assert seen and all(rows == len(layouts) for rows, layouts in seen)  # one image's objects per row of features
+    got = sorted(id(weights) for _, layouts in seen for weights, _ in layouts)
+    from captioner.data import load_split
+
+    records = load_split(tiny_config().data, "train")
+    # an epoch: every image once (rows are images), or once per caption (rows are captions)
+    counts = [1 if per_image else len(r.captions) for r in records]
+    assert got == sorted(id(weights) for (weights, _), n in zip(made["targets"], counts) for _ in range(n))
