@@ -525,8 +525,9 @@ def bench_epoch(s: Settings, args, device: torch.device, peak: dict) -> list[Row
     The time is the whole ``fit`` call (build, encode, the epoch, a small validation, the
     checkpoint). Cases: ``cache`` (every image encoded once per run, up front), ``no cache``
     (batches of images with their captions: each image encoded once per epoch, what a
-    fine-tuned encoder does) and ``per caption`` (``train.captions_per_image=0``: one
-    encoding per caption, five per image, the popular ports' way)."""
+    fine-tuned encoder does), ``per caption`` (``train.captions_per_image=0``: one
+    encoding per caption, five per image, the popular ports' way) and ``cache, no context``
+    (the first without the grid context layer and its layout term: what they cost)."""
     from captioner.data import load_split
     from captioner.data.shapes import generate_shapes
     from captioner.train import fit
@@ -544,9 +545,10 @@ def bench_epoch(s: Settings, args, device: torch.device, peak: dict) -> list[Row
                 f"data.root={root}", f"data.shapes.n={n}", f"data.shapes.image_size={s.shapes_size}",
                 f"model.encoder.image_size={s.shapes_size}", "data.num_workers=0",
                 "train.epochs=1", "train.progress=false", "train.val_images=8", "train.max_minutes=0",
-                f"train.cache_features={str(case == 'cache').lower()}", f"train.device={device}",
+                f"train.cache_features={str(case.startswith('cache')).lower()}", f"train.device={device}",
                 f"train.captions_per_image={0 if case == 'per caption' else 5}",
-                f"train.out_dir={tmp / run}", *s.epoch_overrides])
+                f"train.out_dir={tmp / run}", *s.epoch_overrides,
+                *(["model.encoder.context_layers=0", "train.layout_weight=0"] if case.endswith("no context") else [])])
 
         cfg = config("cache", "probe")
         train_records = load_split(cfg.data, "train")
@@ -569,7 +571,7 @@ def bench_epoch(s: Settings, args, device: torch.device, peak: dict) -> list[Row
 
         if args.warmup:  # imports, allocator and first-call costs, untimed
             fit(config("cache", "warmup"), quiet=True)
-        for case in ("cache", "no cache", "per caption"):
+        for case in ("cache", "no cache", "per caption", "cache, no context"):
             reset_peak_memory(device)
             fits: list = []
             timing = measure(partial(_fit_into, fits, fit, config, case), warmup=0, repeat=args.epoch_repeat,

@@ -63,7 +63,7 @@ def test_quick_run_writes_every_section(tmp_path):
         expected = expected["bf16"] if "bf16" in row["case"] else expected
         assert row["peak_gflops"] == expected["gflops"], row["case"]
     assert "bfloat16 matmul peak (CPU bf16: " in proc.stdout
-    assert {r["case"] for r in results["sections"]["epoch"]} == {"cache", "no cache", "per caption"}
+    assert {r["case"] for r in results["sections"]["epoch"]} == {"cache", "no cache", "per caption", "cache, no context"}
     assert set(results["targets"]) == {"train soft", "train hard", "beam k=5", "train soft bf16"}
     bf16 = results["targets"]["train soft bf16"]
     rows = {r["case"]: r["throughput"] for r in results["sections"]["train"]}
