@@ -159,7 +159,8 @@ class EncoderConfig:
             cell's vector learns what lies where around it ("a red square to my right"), the
             pairwise geometry a relation between two objects needs (0: none, the paper's).
             Every cell attends to every other: on the shapes set's 16 x 16 grid an epoch takes
-            about 2.5 times as long (``context_pool`` 2: about 1.2 times).
+            about 2.5 times as long (``context_pool`` 2, appended, with the layout term: about 1.15
+            times; ``benchmarks/bench.py --only epoch``).
         context_heads: their heads; each can learn a direction to look in. Must divide C.
         context_content: the heads hand each cell what they read elsewhere as well as where
             they looked; false: only where (each cell keeps its own content, so a map on a
