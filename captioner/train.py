@@ -617,7 +617,8 @@ class Trainer:
         self.log.record({"step": self.step, "epoch": self.epoch + 1, "loss": loss.total.item(),
                          "xent": loss.xent.item(), "dsr": loss.dsr.item(), "reinforce": loss.reinforce.item(),
                          "entropy": loss.entropy.item(), "baseline": self.criterion.baseline.value.item(),
-                         "lr": self.opt.param_groups[0]["lr"]})
+                         "lr": self.opt.param_groups[0]["lr"],
+                         **({} if loss.layout is None else {"layout": loss.layout.item()})})
 
     def out_of_budget(self) -> bool:
         """train.max_minutes or train.max_steps is spent (the same answer on every rank)."""

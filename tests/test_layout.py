@@ -3,6 +3,8 @@ place in training (train.layout_weight)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,9 @@ def test_training_with_layout_supervision_logs_and_lowers_the_layout_loss(tiny_c
     layout = [e["train_layout"] for e in result.history]
     assert len(layout) == 3 and all(v > 0 for v in layout)
     assert layout[-1] < layout[0]  # the read-out and the context learn the layout
+    steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [e["layout"] for e in steps if "loss" in e]
+    assert logged and all(0 < v <= e["loss"] for v, e in zip(logged, (e for e in steps if "loss" in e)))
     model = Captioner.from_checkpoint(result.run_dir / "best.pt")  # the read-out is saved and loads back
     assert model.context.channels == 8 and model.layout.linear.in_features == 64 + 8  # layer1's C + 4 heads' where
     plain = fit(tiny_config("train.epochs=1"), quiet=True)
