@@ -172,7 +172,7 @@ class EncoderConfig:
             the appended channels; false: they reach only what the decoder reads through its map
             (z_t, and h_0), and where the map goes is decided by the cells' own channels.
         context_pool: the layers run on the grid average-pooled in blocks of this side, every
-            cell taking its block's output (1: cell by cell; 2: about 10x cheaper). Must
+            cell taking its block's output (1: cell by cell; 2: the layer about 7x cheaper). Must
             divide the grid.
     """
 

@@ -453,7 +453,7 @@ class GridContext(nn.Module):
       same grid: what the decoder reads of the cell itself cannot be overwritten.
     - ``pool`` > 1: the layers run on the grid average-pooled in ``pool`` x ``pool`` blocks,
       ``pool``^4 times fewer pairs of cells, and every cell of a block takes its block's output
-      (the objects of the shapes set span several cells; 2 makes the layer about 10x cheaper).
+      (the objects of the shapes set span several cells; 2 makes the layer about 7x cheaper).
 
     Args:
         grid: (h, w). dim: C (in). layers: how many. heads: per layer (must divide C).

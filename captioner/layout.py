@@ -11,10 +11,10 @@ right": at the direction word the map still holds 33% on A and 17% on B). A grid
 From the instances file, per object A of an image, four targets: whether some other object B
 has A to its left, right, above, below, in the sense the relation words have
 (:func:`captioner.chair.relation_holds`: the direction is the dominant axis of the box centres'
-difference). A linear read-out of A's annotation vectors, pooled over A's footprint on the
-grid (the weights supervised attention and attention correctness use,
-:func:`captioner.grounding.region_target`), (:class:`captioner.encoder.LayoutHead`) predicts them; its binary cross-entropy, times
-``train.layout_weight``, joins the caption loss. Only the encoder's trained part (head,
+difference). A linear read-out (:class:`captioner.encoder.LayoutHead`) of A's annotation
+vectors, pooled over A's footprint on the grid (the weights supervised attention and attention
+correctness use, :func:`captioner.grounding.region_target`), predicts them; its binary
+cross-entropy, times ``train.layout_weight``, joins the caption loss. Only the encoder's trained part (head,
 positions, context) and the read-out learn from it; the decoder reads what they write.
 
 Letters: L grid cells, K objects of an image, C channels.
