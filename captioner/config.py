@@ -368,7 +368,10 @@ class TrainConfig:
             locations, the paper's b_k) or ``all`` (the authors' code: every caption).
         momentum: of rmsprop and sgd (the authors' RMSProp used 0.9).
         scheduler: plateau (decay ``lr_decay`` when validation stalls ``lr_patience`` epochs),
-            cosine, step (decay every ``lr_patience`` epochs) or none.
+            cosine, step (decay every ``lr_patience`` epochs), linear (every step, down to
+            ``lr_final`` times the rate as the run spends its budget: the largest share gone of
+            ``epochs``, ``max_steps`` and ``max_minutes``; fits a run a time budget ends) or none.
+        lr_final: where ``linear`` ends, a fraction of the starting rates (0: at zero).
         patience: stop after this many epochs without a better validation score (0: never).
         val_metric: the validation score that selects ``best.pt``: cider (CIDEr-D), bleu1..4
             or rouge_l, computed on greedy captions of the validation images.
@@ -434,6 +437,7 @@ class TrainConfig:
     scheduler: str = "plateau"
     lr_decay: float = 0.8
     lr_patience: int = 2
+    lr_final: float = 0.0
     alpha_c: float = 1.0
     reinforce_weight: float = 1.0
     entropy_weight: float = 0.002
@@ -486,7 +490,8 @@ class TrainConfig:
         for key in ("reinforce_weight", "entropy_weight", "scst_xent_weight"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _choice(self.optimizer, "optimizer", ("adam", "adamw", "rmsprop", "sgd"))
-        _choice(self.scheduler, "scheduler", ("plateau", "cosine", "step", "none"))
+        _choice(self.scheduler, "scheduler", ("plateau", "cosine", "step", "linear", "none"))
+        _check(0 <= self.lr_final <= 1, "lr_final", f"must be in [0, 1] (a fraction of train.lr); got {self.lr_final}")
         _choice(self.nonfinite, "nonfinite", ("stop", "skip"))
         _choice(self.attention_supervision, "attention_supervision", ("none", "strong", "weak"))
         _check(self.attention_supervision_weight >= 0, "attention_supervision_weight",

@@ -47,11 +47,15 @@ class Dist:
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when ``flag`` is True on any rank (so all ranks take the same branch)."""
+        return bool(self.max(float(flag), device))
+
+    def max(self, value: float, device: torch.device) -> float:
+        """The largest of the ranks' ``value``s, on every rank."""
         if not self.enabled:
-            return flag
-        value = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return value
+        tensor = torch.tensor([float(value)], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
 
 
 def init_distributed(device: str) -> Dist:

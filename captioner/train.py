@@ -129,8 +129,40 @@ def build_optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
 
 
+class BudgetDecay:
+    """``train.scheduler: linear``: the learning rates fall linearly, step by step, from their
+    starting values to ``final`` times those as the run spends its budget (the Trainer says
+    how much: :meth:`Trainer.budget_spent`). A run cut short by a time budget so ends on
+    small steps, not on the largest; Li et al. (ICLR 2020, "Budgeted training") find linear
+    decay to the end of the budget the best schedule at every budget they tried."""
+
+    def __init__(self, opt: torch.optim.Optimizer, final: float) -> None:
+        self.opt, self.final = opt, final
+        self.base = [group["lr"] for group in opt.param_groups]
+        self.spent = 0.0
+
+    def set(self, spent: float) -> None:
+        """The rates for a run that has spent this fraction of its budget (clipped to [0, 1])."""
+        self.spent = min(max(spent, 0.0), 1.0)
+        scale = 1.0 - (1.0 - self.final) * self.spent
+        for group, lr in zip(self.opt.param_groups, self.base):
+            group["lr"] = lr * scale
+
+    def step(self) -> None:
+        """At an epoch's end: nothing (the rates move with every optimizer step)."""
+
+    def state_dict(self) -> dict:
+        return {"base": list(self.base), "spent": self.spent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base = [float(lr) for lr in state["base"]]
+        self.set(float(state["spent"]))
+
+
 def build_scheduler(cfg: Config, opt: torch.optim.Optimizer):
     t = cfg.train
+    if t.scheduler == "linear":
+        return BudgetDecay(opt, t.lr_final)
     if t.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=t.lr_decay, patience=t.lr_patience)
     if t.scheduler == "cosine":
@@ -582,6 +614,8 @@ class Trainer:
 
     def train_step(self, batch) -> LossOutput | None:
         """One optimizer step on ``batch``; None when its loss was not finite and it was skipped."""
+        if isinstance(self.sched, BudgetDecay):
+            self.sched.set(self.budget_spent())
         loss = self.compute_loss(batch)
         if self.ddp.any(not bool(torch.isfinite(loss.total)), self.device):
             self.on_nonfinite(loss)
@@ -626,6 +660,18 @@ class Trainer:
         out_of_time = bool(t.max_minutes) and self.ddp.any(time.monotonic() - self.started > 60 * t.max_minutes,
                                                            self.device)
         return out_of_time or bool(t.max_steps and self.step >= t.max_steps)
+
+    def budget_spent(self) -> float:
+        """The fraction of the run's budget spent before this step: the largest of the shares of
+        train.epochs, train.max_steps and train.max_minutes gone (the same on every rank). The
+        time budget, like the limit itself, counts from this process's start of training."""
+        t = self.t
+        spent = (self.epoch * self.n_batches + self.batch_index) / (t.epochs * self.n_batches)
+        if t.max_steps:
+            spent = max(spent, self.step / t.max_steps)
+        if t.max_minutes:
+            spent = max(spent, self.ddp.max((time.monotonic() - self.started) / (60 * t.max_minutes), self.device))
+        return spent
 
     # ------------------------------------------------------------------ validate, stop
 

@@ -200,6 +200,18 @@ def test_the_scheduler_a_config_names():
             seen.append(opt.param_groups[0]["lr"])
         assert seen == [0.5 ** ((k + 1) // every) for k in range(6)], patience
     assert sched(scheduler="none")[1] is None
+    opt, linear = sched(scheduler="linear", lr_final=0.1)  # the Trainer sets the share of the budget spent
+    seen = []
+    for spent in (0.0, 0.5, 1.0, 1.5, -1.0):
+        linear.set(spent)
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([1.0, 0.55, 0.1, 0.1, 1.0])
+    linear.set(0.25)
+    linear.step()  # an epoch's end moves nothing
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.775)
+    other, again = sched(scheduler="linear", lr_final=0.1)
+    again.load_state_dict(linear.state_dict())  # a resume: the same rate, and the same start to fall from
+    assert other.param_groups[0]["lr"] == pytest.approx(0.775) and again.base == [1.0]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -416,6 +428,54 @@ def test_a_run_writes_checkpoints_metrics_and_steps_where_the_config_says(tiny_c
     assert "epoch 1: loss" in out and "val cider 0.2000  BLEU-4 0.1000 (best)" in out
     assert "val cider 0.1000  BLEU-4 0.0500  e.g." in out  # epoch 2: not the best
     assert f"done: best val cider 0.2000 (baseline {result.baseline_score:.4f}); checkpoint" in out
+
+
+@pytest.mark.slow
+def test_linear_decay_spends_the_rate_over_the_budget_that_ends_the_run_first(tiny_config, tmp_path, monkeypatch):
+    """train.scheduler=linear, lr 0.004 to 0: over two epochs of five steps; over max_steps=4;
+    over max_minutes=0.5 with a clock advancing 6 s a step (five steps' worth)."""
+    clock = [1000.0]
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def rates(name, *overrides):
+        class Ticking(scripted([0.2, 0.1])):
+            def compute_loss(self, batch):
+                clock[0] += 6.0
+                return super().compute_loss(batch)
+
+        cfg = tiny_config(*FIVE_STEPS, "train.epochs=2", "train.log_every=1", "train.scheduler=linear",
+                          "train.lr=0.004", "train.patience=0", f"train.out_dir={tmp_path}/{name}", *overrides)
+        return [r["lr"] for r in lines(Ticking(cfg).run().run_dir) if "loss" in r]  # each step's own rate
+
+    assert rates("epochs") == pytest.approx([0.004 * (1 - k / 10) for k in range(10)])
+    assert rates("steps", "train.max_steps=4") == pytest.approx([0.004 * (1 - k / 4) for k in range(4)])
+    # a step sets its rate when the clock reads 6 s for each step before it; the limit stops the
+    # run after the first step that ends past 30 s (the sixth, at rate 0)
+    assert rates("minutes", "train.max_minutes=0.5") == pytest.approx([0.004 * (1 - k / 5) for k in range(6)])
+    # lr_final: the floor, a fraction of the rate
+    assert rates("floor", "train.lr_final=0.5")[-1] == pytest.approx(0.004 * (1 - 0.5 * 9 / 10))
+
+
+@pytest.mark.slow
+def test_a_linear_run_killed_and_resumed_ends_as_the_straight_one(tiny_config, tmp_path):
+    """Killed in step 8 of 10, resumed from the epoch-end last.pt: the same rates and weights."""
+    common = [*FIVE_STEPS, "train.epochs=2", "train.scheduler=linear", "model.decoder.dropout=0.3"]
+    straight = Trainer(tiny_config(*common, f"train.out_dir={tmp_path}/straight"), quiet=True).run()
+
+    class Killed(Trainer):
+        def compute_loss(self, batch):
+            if self.step == 7:
+                raise KeyboardInterrupt
+            return super().compute_loss(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        Killed(tiny_config(*common, f"train.out_dir={tmp_path}/split"), quiet=True).run()
+    resumed = Trainer(tiny_config(*common, f"train.out_dir={tmp_path}/split", "train.resume=auto"), quiet=True).run()
+    a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
+    assert a["scheduler"] == b["scheduler"] and a["scheduler"]["spent"] == pytest.approx(0.9)
+    assert [e["lr"] for e in resumed.history] == [e["lr"] for e in straight.history]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 @pytest.mark.slow
