@@ -174,6 +174,12 @@ class EncoderConfig:
         context_pool: the layers run on the grid average-pooled in blocks of this side, every
             cell taking its block's output (1: cell by cell; 2: the layer about 7x cheaper). Must
             divide the grid.
+        context_where: what each head tells a cell of where it looked: ``offset``, its map's
+            mean (row, column) minus the cell's (2 channels); ``cones``, the share of its map
+            in each of the four cones around the cell, left, right, above, below, in the sense
+            the relation words have (4 channels; needs the layer's map itself, not the fused
+            kernel). "Some object lies to my left" is a threshold on one share; from a mean
+            offset (a head that finds two objects, one each side, reports zero) it is not.
     """
 
     backbone: str = "resnet101"
@@ -192,6 +198,7 @@ class EncoderConfig:
     context_output: str = "residual"
     context_in_scores: bool = True
     context_pool: int = 1
+    context_where: str = "offset"
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "image_size", f"must be >= 16; got {self.image_size}")
@@ -202,6 +209,7 @@ class EncoderConfig:
         _check(self.context_heads >= 1, "context_heads", f"must be >= 1; got {self.context_heads}")
         _choice(self.context_output, "context_output", ("residual", "append"))
         _check(self.context_pool >= 1, "context_pool", f"must be >= 1; got {self.context_pool}")
+        _choice(self.context_where, "context_where", ("offset", "cones"))
         _check(self.head_dim is None or self.head_dim >= 1, "head_dim", f"must be >= 1 or null; got {self.head_dim}")
         _check(self.fine_tune >= -1, "fine_tune", f"must be -1 (all), 0 (frozen) or a number of stages; got {self.fine_tune}")
 
@@ -344,6 +352,8 @@ class TrainConfig:
         optimizer: adam, adamw, rmsprop (the paper's Flickr8k) or sgd; fused on CPU and CUDA.
         lr: the decoder's learning rate.
         encoder_lr: a fine-tuned encoder's learning rate.
+        context_lr: the grid context's and the layout read-out's learning rate
+            (``model.encoder.context_layers``, ``layout_weight``); null: ``lr``, as the rest.
         weight_decay: L2 (adam, rmsprop, sgd) or decoupled decay (adamw).
         grad_clip: clip the gradients' global norm to this (0: no clipping).
         flip: mirrored training samples (captioner/augment.py): ``horizontal`` flips a
@@ -429,6 +439,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 4e-4
     encoder_lr: float = 1e-4
+    context_lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     grad_clip: float = 5.0
@@ -477,6 +488,8 @@ class TrainConfig:
             _check(getattr(self, key) >= 1, key, f"must be >= 1; got {getattr(self, key)}")
         for key in ("lr", "encoder_lr"):
             _check(getattr(self, key) > 0, key, f"must be > 0; got {getattr(self, key)}")
+        _check(self.context_lr is None or self.context_lr > 0, "context_lr",
+               f"must be > 0, or null (train.lr); got {self.context_lr}")
         for key in ("max_steps", "momentum", "weight_decay", "grad_clip", "alpha_c", "max_minutes", "patience", "val_images"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0; got {getattr(self, key)}")
         _choice(self.flip, "flip", ("none", "horizontal", "vertical", "both"))

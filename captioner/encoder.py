@@ -384,6 +384,19 @@ class FeatureHead(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
+CONES = ("left", "right", "above", "below")
+
+
+def grid_cones(rows: Tensor, cols: Tensor) -> Tensor:
+    """(L, L, 4) float: whether cell j lies left of, right of, above, below cell i (j's offset
+    from i along that axis has the sign, and is at least as long as the other: the sense the
+    relation words have, ``captioner.chair.relation_holds``); a cell lies in none of its own."""
+    dr, dc = rows[None, :] - rows[:, None], cols[None, :] - cols[:, None]  # (L, L): j's offset from i
+    across_r, across_c = dr.abs() <= dc.abs(), dc.abs() <= dr.abs()
+    return torch.stack([(dc < 0) & across_r, (dc > 0) & across_r, (dr < 0) & across_c, (dr > 0) & across_c],
+                       -1).float()
+
+
 class _ContextLayer(nn.Module):
     """One pre-norm self-attention layer over L cells (:class:`GridContext`): per head, a bias
     looked up by the offset between the two cells, and where the head looked relative to the
@@ -392,13 +405,14 @@ class _ContextLayer(nn.Module):
     add them back into the cell; else the layer only has :meth:`attend` (the grid appends its
     output as channels)."""
 
-    def __init__(self, *, dim: int, heads: int, offsets: int, content: bool = True, residual: bool = True) -> None:
+    def __init__(self, *, dim: int, heads: int, offsets: int, content: bool = True, residual: bool = True,
+                 where: str = "offset") -> None:
         super().__init__()
-        self.heads, self.content = heads, content
+        self.heads, self.content, self.where = heads, content, where
         self.norm1, self.qkv = nn.LayerNorm(dim), nn.Linear(dim, (3 if content else 2) * dim)
         self.bias_table = nn.Parameter(torch.zeros(heads, offsets))
-        if residual:  # per head: [dim / heads values;] (d_row, d_col)
-            self.out = nn.Linear((dim if content else 0) + 2 * heads, dim)
+        if residual:  # per head: [dim / heads values;] (d_row, d_col) or the four cones' shares
+            self.out = nn.Linear(self.channels(dim), dim)
             self.norm2, self.ff1, self.ff2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
             for layer in (self.out, self.ff2):
                 nn.init.zeros_(layer.weight)
@@ -406,16 +420,23 @@ class _ContextLayer(nn.Module):
 
     def channels(self, dim: int) -> int:
         """C of :meth:`attend`'s output, flattened over the heads, for input C ``dim``."""
-        return (dim if self.content else 0) + 2 * self.heads
+        return (dim if self.content else 0) + (4 if self.where == "cones" else 2) * self.heads
 
-    def attend(self, x: Tensor, offset: Tensor, coords: Tensor) -> Tensor:
+    def attend(self, x: Tensor, offset: Tensor, coords: Tensor, cones: Tensor | None = None) -> Tensor:
         """x (B, L, C), offset (L, L) indices into the bias table, coords (L, 2) each cell's
         (row, column) -> (B, L, heads, C / heads + 2), or (B, L, heads, 2) without ``content``:
         each head's mixed values, then where it looked from the cell (the mean (row, column)
-        under its map minus the cell's)."""
+        under its map minus the cell's). With ``where`` cones, ``cones`` (L, L, 4) and 4 in
+        place of 2: the share of the head's map in each of the cell's four cones."""
         b, n, c = x.shape
         d = c // self.heads
         parts = self.qkv(self.norm1(x)).view(b, n, -1, self.heads, d).permute(2, 0, 3, 1, 4)
+        if self.where == "cones":
+            bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
+            maps = torch.softmax(parts[0] @ parts[1].transpose(-1, -2) * d ** -0.5 + bias, -1)  # (B, heads, L, L)
+            shares = torch.einsum("bhij,ijk->bhik", maps, cones.to(x.dtype))  # (B, heads, L, 4)
+            mixed = torch.cat([maps @ parts[2], shares], -1) if self.content else shares
+            return mixed.transpose(1, 2)
         coords = coords.to(x.dtype).expand(b, self.heads, n, 2)
         v = torch.cat([parts[2], coords], -1) if self.content else coords  # the map's mean position comes out too
         bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
@@ -423,9 +444,9 @@ class _ContextLayer(nn.Module):
         mixed = torch.cat([mixed[..., :-2], mixed[..., -2:] - coords], -1)
         return mixed.transpose(1, 2)
 
-    def forward(self, x: Tensor, offset: Tensor, coords: Tensor) -> Tensor:
+    def forward(self, x: Tensor, offset: Tensor, coords: Tensor, cones: Tensor | None = None) -> Tensor:
         """x (B, L, C) -> (B, L, C)"""
-        x = x + self.out(self.attend(x, offset, coords).flatten(2))
+        x = x + self.out(self.attend(x, offset, coords, cones).flatten(2))
         return x + self.ff2(nn.functional.gelu(self.ff1(self.norm2(x))))
 
 
@@ -443,6 +464,9 @@ class GridContext(nn.Module):
     - Each head also reports where it looked, relative to the cell: the mean (row, column)
       under its map minus the cell's own, in [-2, 2] (relative positions in the values, after
       Shaw et al., 2018). A head that looks at the other objects hands the cell their offset.
+      ``where`` cones: instead, the share of its map in each of the cell's four cones (left,
+      right, above, below: :func:`grid_cones`), so "some object to my left" is one share above
+      zero, where a mean offset cancels out between two objects on either side.
     - ``content`` False: the heads hand over only where they looked, not what they read there,
       so no cell takes on another's content (a map on a background cell cannot read an object
       through it) and the maps keep to the objects they name.
@@ -458,13 +482,14 @@ class GridContext(nn.Module):
     Args:
         grid: (h, w). dim: C (in). layers: how many. heads: per layer (must divide C).
         content: whether the heads also mix the cells' values. output: residual or append.
-        pool: the block side (must divide h and w).
+        pool: the block side (must divide h and w). where: offset or cones.
     """
 
     OUTPUTS = ("residual", "append")
+    WHERE = ("offset", "cones")
 
     def __init__(self, *, grid: tuple[int, int], dim: int, layers: int, heads: int, content: bool = True,
-                 output: str = "residual", pool: int = 1) -> None:
+                 output: str = "residual", pool: int = 1, where: str = "offset") -> None:
         super().__init__()
         if heads < 1 or dim % heads:
             raise ConfigError(f"model.encoder.context_heads: must divide the {dim} feature channels; got {heads} "
@@ -473,7 +498,9 @@ class GridContext(nn.Module):
             raise ConfigError(f"model.encoder.context_output: must be one of {', '.join(self.OUTPUTS)}; got {output!r}")
         if pool < 1 or grid[0] % pool or grid[1] % pool:
             raise ConfigError(f"model.encoder.context_pool: must divide the {grid[0]} x {grid[1]} grid; got {pool}")
-        self.grid, self.pool, self.output, self.dim = grid, pool, output, dim
+        if where not in self.WHERE:
+            raise ConfigError(f"model.encoder.context_where: must be one of {', '.join(self.WHERE)}; got {where!r}")
+        self.grid, self.pool, self.output, self.dim, self.where = grid, pool, output, dim, where
         h, w = grid[0] // pool, grid[1] // pool
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         rows, cols = rows.flatten(), cols.flatten()
@@ -481,8 +508,9 @@ class GridContext(nn.Module):
         offset = (rows[:, None] - rows[None, :] + h - 1) * (2 * w - 1) + (cols[:, None] - cols[None, :] + w - 1)
         self.register_buffer("offset", offset, persistent=False)  # (L', L'): the table entry of each pair
         self.register_buffer("coords", GridCoordinates(grid=(h, w)).coords, persistent=False)  # (L', 2) in [-1, 1]
+        self.register_buffer("cones", grid_cones(rows, cols), persistent=False)  # (L', L', 4)
         self.layers = nn.ModuleList(_ContextLayer(dim=dim, heads=heads, offsets=(2 * h - 1) * (2 * w - 1),
-                                                  content=content, residual=output == "residual")
+                                                  content=content, residual=output == "residual", where=where)
                                     for _ in range(layers))
 
     @property
@@ -511,11 +539,11 @@ class GridContext(nn.Module):
         """features (B, L, C) -> (B, L, C), or (B, L, C + :attr:`channels`) with ``append``"""
         x = self._down(features)
         if self.output == "append":
-            outs = [layer.attend(x, self.offset, self.coords).flatten(2) for layer in self.layers]
+            outs = [layer.attend(x, self.offset, self.coords, self.cones).flatten(2) for layer in self.layers]
             return torch.cat([features, self._up(torch.cat(outs, -1))], -1)
         y = x
         for layer in self.layers:
-            y = layer(y, self.offset, self.coords)
+            y = layer(y, self.offset, self.coords, self.cones)
         return features + self._up(y - x) if self.pool > 1 else y
 
 

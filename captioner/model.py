@@ -150,7 +150,8 @@ class Captioner(nn.Module):
                 if e.head_layers else None)
         position = PositionEmbedding2D(grid=encoder.grid, dim=dim) if e.positional else None
         context = (GridContext(grid=encoder.grid, dim=dim, layers=e.context_layers, heads=e.context_heads,
-                               content=e.context_content, output=e.context_output, pool=e.context_pool)
+                               content=e.context_content, output=e.context_output, pool=e.context_pool,
+                               where=e.context_where)
                    if e.context_layers else None)
         coords = GridCoordinates(grid=encoder.grid, degree=e.coordinate_degree) if e.coordinates else None
         feature_dim = (dim + (context.channels if context is not None else 0)

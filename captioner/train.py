@@ -110,13 +110,20 @@ def most_common_caption(records: Sequence[ImageRecord]) -> list[str]:
     return counts.most_common(1)[0][0].split()
 
 
+GEOMETRY_PARAMETERS = ("context.", "layout.")  # the grid context and the layout read-out: train.context_lr
+
+
 def build_optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
     t = cfg.train
-    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad],
-               "lr": t.lr}]
+    own = [(n, p) for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+    apart = GEOMETRY_PARAMETERS if t.context_lr is not None else ()  # their own rate, train.context_lr
+    groups = [{"params": [p for n, p in own if not n.startswith(apart)], "lr": t.lr}]
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     if encoder_params:
         groups.append({"params": encoder_params, "lr": t.encoder_lr})
+    geometry = [p for n, p in own if apart and n.startswith(apart)]
+    if geometry:
+        groups.append({"params": geometry, "lr": t.context_lr})
     # One fused kernel over all parameters where torch has it: ~5x faster than the default
     # Adam on a 2-core CPU for the paper's decoder (benchmarks/bench.py), the same update.
     fused = {"fused": True} if model.device.type in ("cpu", "cuda") else {}

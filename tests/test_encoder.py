@@ -5,7 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from captioner.encoder import Encoder, FeatureHead, GridContext, PositionEmbedding2D, image_transform
+from captioner.chair import GroundObject, relation_holds
+from captioner.encoder import Encoder, FeatureHead, GridContext, PositionEmbedding2D, grid_cones, image_transform
 from captioner.errors import CaptionerError, ConfigError
 
 
@@ -315,11 +316,61 @@ def test_grid_context_pooled_runs_on_blocks_and_hands_each_cell_its_blocks_outpu
     assert not torch.allclose(moved[:, 0, 0], moved[:, 0, 2])
 
 
+def test_grid_cones_are_the_relation_words_sides():
+    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    cones = grid_cones(rows.flatten(), cols.flatten()).reshape(3, 4, 3, 4, 4)  # (row_i, col_i, row_j, col_j, side)
+    left, right, above, below = cones[1, 1].permute(2, 0, 1)  # seen from cell (1, 1)
+    assert left.tolist() == [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]
+    assert right.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]  # (0, 3): two right, one up: right
+    assert above.tolist() == [[1, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]  # a diagonal cell is in both cones
+    assert below.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]]
+    assert cones[1, 1, 1, 1].sum() == 0  # a cell lies in none of its own
+    for r, c in [(0, 0), (2, 3), (1, 2)]:  # each side of the chair's sense: B (row j, col j) lies <side> of A
+        a = GroundObject(object_id=0, category="x", attributes={}, box=(c, r, 1, 1))
+        for rj in range(3):
+            for cj in range(4):
+                b = GroundObject(object_id=1, category="x", attributes={}, box=(cj, rj, 1, 1))
+                if (rj, cj) != (r, c):
+                    holds = [relation_holds(side, b, a) for side in ("left", "right", "above", "below")]
+                    assert cones[r, c, rj, cj].tolist() == [float(h) for h in holds], (r, c, rj, cj)
+
+
+def test_grid_context_cones_say_how_much_of_each_map_lies_on_each_side():
+    context = GridContext(grid=(4, 5), dim=6, layers=1, heads=2, content=False, output="append", where="cones")
+    assert context.channels == 2 * 4  # per head: left, right, above, below
+    _look_one_way_where(context, [(0, 1), (1, 0)])  # head 0: the cell to the right; head 1: the cell below
+    feats = torch.randn(3, 20, 6)
+    out = context(feats)
+    assert out.shape == (3, 20, 6 + 8) and torch.equal(out[..., :6], feats)
+    shares = out[..., 6:].reshape(3, 4, 5, 2, 4)  # (row, col, head, side)
+    torch.testing.assert_close(shares[:, :, :4, 0], torch.tensor([0.0, 1.0, 0.0, 0.0]).expand(3, 4, 4, 4))
+    torch.testing.assert_close(shares[:, :3, :, 1], torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(3, 3, 5, 4))
+    uniform = GridContext(grid=(4, 5), dim=6, layers=1, heads=2, content=True, output="append", where="cones")
+    with torch.no_grad():  # q = k = 0, the fresh bias table: uniform maps, each side's share its cells' count / 20
+        uniform.layers[0].qkv.weight[:12].zero_()
+        uniform.layers[0].qkv.bias[:12].zero_()
+    read = uniform(feats)[..., 6:].reshape(3, 20, 2, 3 + 4)
+    torch.testing.assert_close(read[..., 3:], (uniform.cones.sum(1) / 20)[None, :, None].expand(3, 20, 2, 4))
+    layer = uniform.layers[0]
+    values = layer.qkv(layer.norm1(feats))[..., 12:].mean(1, keepdim=True)  # the values' mean, head by head
+    torch.testing.assert_close(read[..., :3], values.reshape(3, 1, 2, 3).expand(3, 20, 2, 3))
+    residual = GridContext(grid=(4, 5), dim=6, layers=1, heads=2, where="cones")
+    assert residual.layers[0].out.in_features == 6 + 8 and torch.equal(residual(feats), feats)
+    torch.manual_seed(0)
+    for p in residual.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = feats.clone().requires_grad_()
+    residual(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in residual.parameters())
+
+
 def test_grid_context_pool_and_output_are_checked():
     with pytest.raises(ConfigError, match="context_pool: must divide the 4 x 6 grid; got 4"):
         GridContext(grid=(4, 6), dim=4, layers=1, heads=2, pool=4)
     with pytest.raises(ConfigError, match="context_output.*got 'concat'"):
         GridContext(grid=(4, 6), dim=4, layers=1, heads=2, output="concat")
+    with pytest.raises(ConfigError, match="context_where.*got 'mean'"):
+        GridContext(grid=(4, 6), dim=4, layers=1, heads=2, where="mean")
 
 
 def test_offline_weights_come_from_a_package_that_carries_them(tmp_path, monkeypatch):

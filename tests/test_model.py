@@ -131,6 +131,11 @@ def test_grid_context_config_is_checked():
         tiny_model("model.encoder.context_layers=1", "model.encoder.context_pool=0")
     with pytest.raises(ConfigError, match="context_pool: must divide"):
         tiny_model("model.encoder.context_layers=1", "model.encoder.context_pool=5")
+    with pytest.raises(ConfigError, match="context_where must be one of offset, cones"):
+        tiny_model("model.encoder.context_layers=1", "model.encoder.context_where=mean")
+    cones = tiny_model("model.encoder.context_layers=1", "model.encoder.context_output=append",
+                       "model.encoder.context_where=cones", "model.encoder.context_heads=4")
+    assert cones.context.channels == 64 + 4 * 4 and cones.context.layers[0].where == "cones"
 
 
 def test_appended_context_widens_what_the_decoder_reads():

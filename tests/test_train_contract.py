@@ -168,6 +168,20 @@ def test_the_optimizer_trains_the_decoder_at_lr_and_a_fine_tuned_encoder_at_enco
     frozen = Captioner.from_config(tiny_config(), Vocabulary.build(["a red square"]), load_weights=False)
     assert len(build_optimizer(tiny_config(), frozen).param_groups) == 1  # nothing of the encoder trains
 
+    # train.context_lr: the grid context and the layout read-out at their own rate, after the rest
+    geometry = tiny_config("model.encoder.context_layers=1", "train.layout_weight=1", "train.lr=0.01",
+                           "train.context_lr=0.05")
+    model = Captioner.from_config(geometry, Vocabulary.build(["a red square"]), load_weights=False)
+    rest, apart = build_optimizer(geometry, model).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[0] for p in apart["params"]} == {"context", "layout"} and apart["lr"] == 0.05
+    assert not {names[id(p)].split(".")[0] for p in rest["params"]} & {"context", "layout"} and rest["lr"] == 0.01
+    assert len(rest["params"]) + len(apart["params"]) == len([p for p in model.parameters() if p.requires_grad])
+    assert len(build_optimizer(replace(geometry, train=replace(geometry.train, context_lr=None)), model)
+               .param_groups) == 1
+    with pytest.raises(ConfigError, match="train.context_lr must be > 0"):
+        tiny_config("train.context_lr=0")
+
     for name, kind in [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop),
                        ("sgd", torch.optim.SGD)]:
         opt = build_optimizer(tiny_config(f"train.optimizer={name}"), frozen)
