@@ -177,8 +177,8 @@ class EncoderConfig:
         context_where: what each head tells a cell of where it looked: ``offset``, its map's
             mean (row, column) minus the cell's (2 channels); ``cones``, the share of its map
             in each of the four cones around the cell, left, right, above, below, in the sense
-            the relation words have (4 channels; needs the layer's map itself, not the fused
-            kernel). "Some object lies to my left" is a threshold on one share; from a mean
+            the relation words have (4 channels; the layer then forms its maps explicitly, not
+            in the fused attention kernel). "Some object lies to my left" is a threshold on one share; from a mean
             offset (a head that finds two objects, one each side, reports zero) it is not.
     """
 

@@ -384,9 +384,6 @@ class FeatureHead(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-CONES = ("left", "right", "above", "below")
-
-
 def grid_cones(rows: Tensor, cols: Tensor) -> Tensor:
     """(L, L, 4) float: whether cell j lies left of, right of, above, below cell i (j's offset
     from i along that axis has the sign, and is at least as long as the other: the sense the

@@ -385,7 +385,12 @@ class Trainer:
         tr = _trainer_state(ckpt, self.resume)
         self.model.load_model_state(ckpt["model"], source=self.resume)
         self.criterion.load_state_dict(ckpt["loss"])
-        self.opt.load_state_dict(ckpt["optimizer"])
+        try:
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except ValueError as err:  # another grouping of the parameters: a changed config
+            raise CheckpointError(f"{self.resume}: its optimizer state does not fit this config's parameter groups "
+                                  f"({err}); resume with the config the run was trained with (train.context_lr, "
+                                  "model.encoder.fine_tune and the model's keys decide the groups)") from err
         if self.sched is not None and ckpt.get("scheduler") is not None:
             self.sched.load_state_dict(ckpt["scheduler"])
         self.start_epoch, self.start_batch, self.step = tr["epoch"], tr["batch"], tr["step"]

@@ -492,6 +492,13 @@ def test_a_linear_run_killed_and_resumed_ends_as_the_straight_one(tiny_config, t
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def test_a_resume_whose_optimizer_groups_changed_says_so(tiny_config, tmp_path):
+    common = [*FIVE_STEPS, "model.encoder.context_layers=1", f"train.out_dir={tmp_path}/run"]
+    Trainer(tiny_config(*common, "train.max_steps=1"), quiet=True).run()
+    with pytest.raises(CheckpointError, match=r"last\.pt: its optimizer state does not fit .*train\.context_lr"):
+        Trainer(tiny_config(*common, "train.context_lr=0.01", "train.resume=auto"), quiet=True).run()
+
+
 @pytest.mark.slow
 def test_patience_stops_after_epochs_without_a_better_score_and_plateau_decays_the_lr(tiny_config, capsys):
     """One step an epoch; validation scores 0.3, 0.5, 0.5 (not better), 0.4: the second bad epoch
