@@ -428,15 +428,14 @@ class _ContextLayer(nn.Module):
         b, n, c = x.shape
         d = c // self.heads
         parts = self.qkv(self.norm1(x)).view(b, n, -1, self.heads, d).permute(2, 0, 3, 1, 4)
+        bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
         if self.where == "cones":
-            bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
             maps = torch.softmax(parts[0] @ parts[1].transpose(-1, -2) * d ** -0.5 + bias, -1)  # (B, heads, L, L)
             shares = torch.einsum("bhij,ijk->bhik", maps, cones.to(x.dtype))  # (B, heads, L, 4)
             mixed = torch.cat([maps @ parts[2], shares], -1) if self.content else shares
             return mixed.transpose(1, 2)
         coords = coords.to(x.dtype).expand(b, self.heads, n, 2)
         v = torch.cat([parts[2], coords], -1) if self.content else coords  # the map's mean position comes out too
-        bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
         mixed = nn.functional.scaled_dot_product_attention(parts[0], parts[1], v, attn_mask=bias)  # (B, heads, L, -)
         mixed = torch.cat([mixed[..., :-2], mixed[..., -2:] - coords], -1)
         return mixed.transpose(1, 2)

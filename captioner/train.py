@@ -121,7 +121,7 @@ def build_optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     if encoder_params:
         groups.append({"params": encoder_params, "lr": t.encoder_lr})
-    geometry = [p for n, p in own if apart and n.startswith(apart)]
+    geometry = [p for n, p in own if n.startswith(apart)]  # none when apart is ()
     if geometry:
         groups.append({"params": geometry, "lr": t.context_lr})
     # One fused kernel over all parameters where torch has it: ~5x faster than the default
