@@ -398,6 +398,8 @@ class Decoder(nn.Module):
                 mask = mask.index_select(0, pack.order) if mask is not None else None
             projected, state = self.precompute(features), self.init_state(features)
         gates = self._step_weights()
+        gates_embed = gates_embed.unbind(1)  # T views; their backward stacks the T gradients once (a slice
+        # [:, t] per step would write each step's gradient into a zeroed (B, T, 4H) tensor: T full passes)
         steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs")}
         sampled = None
         for t, n in enumerate(pack.active):
@@ -406,7 +408,7 @@ class Decoder(nn.Module):
             if n < state.h.shape[0]:  # the shortest captions have ended: drop their rows (views)
                 state, features, projected = state.narrow(n), features[:n], _narrow(projected, n)
                 mask = mask[:n] if mask is not None else None
-            state, att, z, beta = self._advance(gates_embed[:n, t], state, features, projected, mask, gates)
+            state, att, z, beta = self._advance(gates_embed[t][:n], state, features, projected, mask, gates)
             sampled = att.sampled if t == 0 else sampled
             for key, x in (("h", self._readout(state)), ("z", z), ("alpha", att.alpha), ("beta", beta),
                            ("log_prob", att.log_prob), ("entropy", att.entropy),
