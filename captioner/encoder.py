@@ -429,15 +429,15 @@ class _ContextLayer(nn.Module):
         d = c // self.heads
         parts = self.qkv(self.norm1(x)).view(b, n, -1, self.heads, d).permute(2, 0, 3, 1, 4)
         bias = self.bias_table[:, offset].to(x.dtype)  # (heads, L, L)
+        # the maps by hand, not through scaled_dot_product_attention: its CPU path checks every
+        # row for -inf (a full pass over the (B, heads, L, L) maps), which a bias never makes
+        maps = torch.softmax((parts[0] * d ** -0.5) @ parts[1].transpose(-1, -2) + bias, -1)  # (B, heads, L, L)
         if self.where == "cones":
-            maps = torch.softmax(parts[0] @ parts[1].transpose(-1, -2) * d ** -0.5 + bias, -1)  # (B, heads, L, L)
-            shares = torch.einsum("bhij,ijk->bhik", maps, cones.to(x.dtype))  # (B, heads, L, 4)
-            mixed = torch.cat([maps @ parts[2], shares], -1) if self.content else shares
-            return mixed.transpose(1, 2)
-        coords = coords.to(x.dtype).expand(b, self.heads, n, 2)
-        v = torch.cat([parts[2], coords], -1) if self.content else coords  # the map's mean position comes out too
-        mixed = nn.functional.scaled_dot_product_attention(parts[0], parts[1], v, attn_mask=bias)  # (B, heads, L, -)
-        mixed = torch.cat([mixed[..., :-2], mixed[..., -2:] - coords], -1)
+            where = torch.einsum("bhij,ijk->bhik", maps, cones.to(x.dtype))  # (B, heads, L, 4)
+        else:
+            coords = coords.to(x.dtype)
+            where = maps @ coords - coords  # the map's mean (row, column) minus the cell's: (B, heads, L, 2)
+        mixed = torch.cat([maps @ parts[2], where], -1) if self.content else where
         return mixed.transpose(1, 2)
 
     def forward(self, x: Tensor, offset: Tensor, coords: Tensor, cones: Tensor | None = None) -> Tensor:
@@ -565,11 +565,15 @@ class LayoutHead(nn.Module):
         Returns:
             A scalar (0, with a gradient, when no row has an object).
         """
-        rows = torch.cat([torch.full((w.shape[0],), b, dtype=torch.long) for b, (w, _) in enumerate(layouts)])
-        if rows.numel() == 0:
+        counts = [w.shape[0] for w, _ in layouts]
+        if sum(counts) == 0:
             return feats.sum() * 0.0
-        weights = torch.cat([w for w, _ in layouts]).to(feats.device, feats.dtype)  # (N, L)
+        # each row's objects' footprints, zero-padded to the most objects a row has: one batched
+        # product pools them all (gathering a copy of a row's (L, C) grid per object cost more)
+        weights = nn.utils.rnn.pad_sequence([w for w, _ in layouts], batch_first=True)  # (B, K, L)
+        real = torch.arange(max(counts)).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)  # (B, K)
+        pooled = torch.bmm(weights.to(feats.device, feats.dtype), feats)  # (B, K, C)
+        pooled = pooled[real.to(feats.device)]  # (N, C): row by row, each row's objects in order
         targets = torch.cat([t for _, t in layouts]).to(feats.device)  # (N, 4)
-        pooled = torch.einsum("nl,nlc->nc", weights, feats[rows.to(feats.device)])  # (N, C)
         logits = self.linear(pooled.float())
         return nn.functional.binary_cross_entropy_with_logits(logits, targets)

@@ -93,6 +93,24 @@ def test_layout_head_loss_is_the_binary_cross_entropy_of_the_pooled_vectors():
     assert float(empty.detach()) == 0.0 and empty.requires_grad  # a batch of images without objects adds nothing
 
 
+def test_layout_head_pools_each_rows_own_objects_with_rows_of_none_between():
+    torch.manual_seed(0)
+    head = LayoutHead(5)
+    feats = torch.randn(4, 6, 5, requires_grad=True)
+    counts = [2, 0, 3, 1]  # row 1 has no objects: the padded rows must not shift the others
+    layouts = [(torch.rand(k, 6), torch.randint(0, 2, (k, 4)).float()) for k in counts]
+    loss = head.loss(feats, layouts)
+    loss.backward()
+    reference = feats.detach().clone().requires_grad_()
+    pooled = torch.cat([w @ reference[b] for b, (w, _) in enumerate(layouts)])  # object by object, by hand
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        head.linear(pooled), torch.cat([t for _, t in layouts]))
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(feats.grad, reference.grad)
+    assert feats.grad[1].abs().sum() == 0  # no objects: no gradient
+
+
 def test_layout_weight_needs_instances_cross_entropy_and_no_flip(tiny_config, monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="layout_weight must be >= 0"):
         load_config(None, ["train.layout_weight=-1"])
