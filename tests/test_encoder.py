@@ -223,6 +223,20 @@ def test_grid_context_heads_say_where_they_looked():
     torch.testing.assert_close(read[0, :, :, 3:], -centre.coords[:, None, :].expand(20, 2, 2))  # the centre, from each cell
 
 
+def test_grid_context_maps_are_scaled_dot_product_attention_with_the_offset_bias():
+    torch.manual_seed(0)
+    context = GridContext(grid=(4, 5), dim=8, layers=1, heads=2)
+    layer = context.layers[0]
+    with torch.no_grad():
+        for p in layer.parameters():
+            torch.nn.init.normal_(p)
+    x = torch.randn(3, 20, 8)
+    q, k, v = layer.qkv(layer.norm1(x)).view(3, 20, 3, 2, 4).permute(2, 0, 3, 1, 4)  # (B, heads, L, d)
+    maps = torch.softmax(q @ k.transpose(-1, -2) / 4 ** 0.5 + layer.bias_table[:, context.offset], -1)
+    expected = torch.cat([maps @ v, maps @ context.coords - context.coords], -1).transpose(1, 2)  # (B, L, heads, d + 2)
+    torch.testing.assert_close(layer.attend(x, context.offset, context.coords), expected)
+
+
 @pytest.mark.parametrize("content", [True, False])
 def test_grid_context_without_content_hands_over_only_where_it_looked(content):
     context = GridContext(grid=(4, 5), dim=6, layers=1, heads=2, content=content)
