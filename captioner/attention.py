@@ -13,6 +13,11 @@ Call contract of every variant registered in :data:`ATTENTIONS`:
   (B, K, H), K queries of the same image (the beams of a beam search): then every output
   gains the K dimension after B, and the image's keys and features are read once for all K
   instead of being copied K times.
+- A variant that keeps a memory across the steps of a caption (soft attention's anchor,
+  ``relative``) also has ``init_memory(features) -> (B, M) or None`` and takes ``memory=``
+  ((B, M), or (B, K, M) with K queries) in ``forward``, returning the next in
+  ``AttentionOutput.memory``. The decoder carries it in its state; a variant without
+  ``init_memory`` (or whose ``init_memory`` returns None) is called without it.
 
 Score functions f(query, keys) live in :data:`SCORES` with the same split:
 ``precompute(keys, rows=None) -> projected_keys`` and ``forward(projected_keys, query) -> scores``,
@@ -50,6 +55,8 @@ class AttentionOutput:
             and the heatmaps read it; the context reads ``alpha``. None means ``alpha``.
         sampled: (B,) bool, True where ``alpha`` is a sampled location (hard attention in
             training; False where the caption used the expected context), else None.
+        memory: (B, M) what the variant carries to the next step (soft attention's anchor,
+            ``relative``), else None.
     """
 
     context: Tensor
@@ -58,6 +65,7 @@ class AttentionOutput:
     entropy: Tensor | None = None
     probs: Tensor | None = None
     sampled: Tensor | None = None
+    memory: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.probs is None:
@@ -259,6 +267,57 @@ def masked_sparsemax(scores: Tensor, mask: Tensor | None) -> Tensor:
 NORMALIZERS = {"softmax": masked_softmax, "sparsemax": masked_sparsemax}
 
 
+# ----------------------------------------------------------------------------- the anchor
+
+class AnchorTerm(nn.Module):
+    """Scores by where a location lies from the last object looked at (``relative``).
+
+    "The red circle is to the left of a blue square": at "blue" the map must find an object
+    whose centre lies mostly rightwards of the circle's, further along x than along y. A
+    score that reads each location's own content and coordinates can only rank the
+    locations along a line; it cannot draw that cone around a point it has to remember. This
+    term keeps the point and draws the cone:
+
+        anchor_t = g_t m_t + (1 - g_t) anchor_{t-1},  m_t = sum_l alpha_{t,l} p_l,  g_t = sigma(w_g . h_t + b_g)
+        term_t(l) = c(h_t) . [d, |d|],  d = p_l - anchor_{t-1}   (d = (dx, dy))
+
+    p_l is location l's centre, x and y in [-1, 1]; the gate learns to take the centroid of
+    the map when it sits on an object being named and to hold it over "is to the left of a";
+    c(h_t) (4 coefficients, zero at the start: the term starts silent) turns the offsets into
+    "rightwards, and more than up or down": dx - |dy| > 0 is the cone. The anchor starts at
+    the centre (0, 0).
+
+    Args:
+        hidden_dim: H. grid: (h, w) of the L = h * w locations, row-major.
+    """
+
+    def __init__(self, *, hidden_dim: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        h, w = grid
+        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h * 2 - 1, (torch.arange(w) + 0.5) / w * 2 - 1, indexing="ij")
+        self.register_buffer("positions", torch.stack([xs.flatten(), ys.flatten()], dim=-1), persistent=False)  # (L, 2)
+        self.coefficients = nn.Linear(hidden_dim, 4)  # c(h): weights of dx, dy, |dx|, |dy|
+        self.gate = nn.Linear(hidden_dim, 1)  # g_t
+        nn.init.zeros_(self.coefficients.weight)
+        nn.init.zeros_(self.coefficients.bias)
+
+    def init_memory(self, features: Tensor) -> Tensor:
+        """The anchor before the first step: (B, 2) zeros, the grid's centre."""
+        return features.new_zeros(features.shape[0], 2, dtype=torch.float32)
+
+    def forward(self, hidden: Tensor, anchor: Tensor) -> Tensor:
+        """hidden (B, H) or (B, K, H), anchor (B, 2) or (B, K, 2) -> the term (B, L) or (B, K, L)."""
+        d = self.positions - anchor.unsqueeze(-2)  # (B, [K,] L, 2): each location's offset from the anchor
+        offsets = torch.cat([d, d.abs()], dim=-1)  # (B, [K,] L, 4)
+        return (offsets @ self.coefficients(hidden).float().unsqueeze(-1)).squeeze(-1)
+
+    def update(self, hidden: Tensor, alpha: Tensor, anchor: Tensor) -> Tensor:
+        """The next anchor: the gated centroid of ``alpha`` (B, [K,] L); (B, [K,] 2)."""
+        centroid = alpha.float() @ self.positions  # (B, [K,] 2)
+        g = torch.sigmoid(self.gate(hidden).float())  # (B, [K,] 1)
+        return g * centroid + (1 - g) * anchor
+
+
 # ----------------------------------------------------------------------------- variants
 
 ATTENTIONS: Registry[nn.Module] = Registry("attention (model.attention.name)")
@@ -277,29 +336,43 @@ class SoftAttention(nn.Module):
     is [z_1; ..; z_hops] (``context_dim`` = hops * C); ``alpha`` is the last hop's map (the
     heatmaps and attention correctness read it).
 
+    With ``relative`` the scores gain :class:`AnchorTerm`'s: where each location lies from the
+    last object looked at, a memory the decoder carries from step to step.
+
     Args:
         feature_dim: C. hidden_dim: H. dim: A. score: a name in :data:`SCORES`.
         normalizer: ``softmax`` (the paper's) or ``sparsemax`` (exact zeros off the best locations).
         hops: reads of the grid per step (1: the paper's).
+        relative: add the anchor term (one hop only). grid: (h, w), which it needs.
     """
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
-                 activation: str = "tanh", normalizer: str = "softmax", hops: int = 1) -> None:
+                 activation: str = "tanh", normalizer: str = "softmax", hops: int = 1,
+                 relative: bool = False, grid: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
         if hops < 1:
             raise ValueError(f"hops must be >= 1; got {hops}")
+        if relative and hops != 1:
+            raise ValueError(f"the anchor term (relative) reads one hop; got hops={hops}")
         self.score = build_score(score, key_dim=feature_dim, query_dim=hidden_dim, dim=dim, activation=activation)
         self.hop_scores = nn.ModuleList(
             build_score(score, key_dim=feature_dim, query_dim=hidden_dim + feature_dim, dim=dim, activation=activation)
             for _ in range(hops - 1))
         self.normalize = NORMALIZERS[normalizer]
         self.context_dim = hops * feature_dim
+        self.anchor = AnchorTerm(hidden_dim=hidden_dim, grid=grid) if relative else None  # after the scores: a seed
+        # builds the same scores with and without it
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
                     grid: tuple[int, int]) -> SoftAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
-                   activation=cfg.activation, normalizer=cfg.normalizer, hops=cfg.hops)
+                   activation=cfg.activation, normalizer=cfg.normalizer, hops=cfg.hops,
+                   relative=cfg.relative, grid=grid)
+
+    def init_memory(self, features: Tensor) -> Tensor | None:
+        """The anchor before the first step (B, 2), with ``relative``; else None."""
+        return self.anchor.init_memory(features) if self.anchor is not None else None
 
     def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor | tuple:
         """The first hop's projected keys; with more hops, a tuple of every hop's."""
@@ -309,7 +382,12 @@ class SoftAttention(nn.Module):
         return (first, *(s.precompute(features, rows) for s in self.hop_scores))
 
     def forward(self, features: Tensor, projected: Tensor | tuple, hidden: Tensor,
-                mask: Tensor | None = None) -> AttentionOutput:
+                mask: Tensor | None = None, memory: Tensor | None = None) -> AttentionOutput:
+        if self.anchor is not None:  # memory: the anchor (B, [K,] 2)
+            scores = self.score(projected, hidden) + self.anchor(hidden, memory)  # (B, [K,] L)
+            alpha = self.normalize(scores, mask)
+            return AttentionOutput(context=attend(alpha, features), alpha=alpha,
+                                   memory=self.anchor.update(hidden, alpha, memory))
         if not self.hop_scores:
             alpha = self.normalize(self.score(projected, hidden), mask)  # (B, L)
             return AttentionOutput(context=attend(alpha, features), alpha=alpha)

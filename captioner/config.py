@@ -279,7 +279,10 @@ class AttentionConfig:
     (the paper's) or ``sparsemax`` (Martins and Astudillo, 2016: the Euclidean projection
     onto the simplex; locations far below the best get exactly zero); ``hops``: soft
     attention's reads of the grid per step, each hop's query holding the read before it
-    (1: the paper's; 2: the second hop can look for "the object below the one just named")."""
+    (1: the paper's; 2: the second hop can look for "the object below the one just named");
+    ``relative``: soft attention's scores also read where each location lies from an anchor,
+    the gated centroid of the maps on the objects named so far (``AnchorTerm``: "a blue square"
+    after "left of" is found in the cone right of the circle's centre)."""
 
     name: str = "soft"
     score: str = "additive"
@@ -288,6 +291,7 @@ class AttentionConfig:
     fused: bool = True
     normalizer: str = "softmax"
     hops: int = 1
+    relative: bool = False
     hard: HardAttentionConfig = HardAttentionConfig()
     local: LocalAttentionConfig = LocalAttentionConfig()
 
@@ -298,6 +302,8 @@ class AttentionConfig:
         _check(self.hops >= 1, "hops", f"must be >= 1; got {self.hops}")
         _check(self.hops == 1 or self.name == "soft", "hops",
                f"only soft attention reads the grid in hops; got {self.hops} with name {self.name!r}")
+        _check(not self.relative or (self.name == "soft" and self.hops == 1), "relative",
+               f"the anchor term is soft attention's, with one hop; got name {self.name!r}, hops {self.hops}")
 
 
 @dataclass(frozen=True)

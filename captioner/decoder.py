@@ -35,19 +35,24 @@ from captioner.kernels import StepWeight
 
 @dataclass
 class DecoderState:
-    """The LSTM state: h (B, H), c (B, H), and in Luong's arrangement the attentional hidden
-    state h~ (B, H) that is fed back as input (else None)."""
+    """The LSTM state: h (B, H), c (B, H), in Luong's arrangement the attentional hidden
+    state h~ (B, H) that is fed back as input (else None), and the attention's memory (B, M)
+    when it keeps one (``captioner.attention``: soft attention's anchor; else None)."""
 
     h: Tensor
     c: Tensor
     out: Tensor | None = None
+    memory: Tensor | None = None
+
+    def _rows(self) -> tuple[Tensor | None, ...]:
+        return self.h, self.c, self.out, self.memory
 
     def index_select(self, index: Tensor) -> DecoderState:
-        return DecoderState(*(None if x is None else x.index_select(0, index) for x in (self.h, self.c, self.out)))
+        return DecoderState(*(None if x is None else x.index_select(0, index) for x in self._rows()))
 
     def narrow(self, n: int) -> DecoderState:
         """The first ``n`` rows (views)."""
-        return DecoderState(*(None if x is None else x[:n] for x in (self.h, self.c, self.out)))
+        return DecoderState(*(None if x is None else x[:n] for x in self._rows()))
 
 
 @dataclass
@@ -265,7 +270,9 @@ class Decoder(nn.Module):
         h = torch.tanh(self.init_h(mean))
         c = torch.tanh(self.init_c(mean))
         c = c.to(torch.promote_types(c.dtype, torch.float32))  # float32 at least (a bf16 pass: see _lstm)
-        return DecoderState(h, c, torch.zeros_like(h) if self.luong else None)
+        init_memory = getattr(self.attention, "init_memory", None)
+        memory = init_memory(features) if init_memory is not None else None  # (B, M) or None
+        return DecoderState(h, c, torch.zeros_like(h) if self.luong else None, memory)
 
     def precompute(self, features: Tensor):
         """The attention's per-image work (W_a a_i), once before the time loop (opaque here)."""
@@ -276,14 +283,17 @@ class Decoder(nn.Module):
         (the others still reach the context vector z_t and h_0)."""
         return features if self.score_mask is None else features * self.score_mask.to(features.dtype)
 
-    def _attend(self, features: Tensor, projected, query: Tensor, mask: Tensor | None) -> AttentionOutput:
-        """The attention on queries (N, H). With K times as many queries as images (the beams
-        of a beam search, K adjacent rows per image) it gets the K queries of each image
-        together and reads the image's keys and features once; its output comes back flat."""
+    def _attend(self, features: Tensor, projected, query: Tensor, mask: Tensor | None,
+                memory: Tensor | None = None) -> AttentionOutput:
+        """The attention on queries (N, H) (and its memory (N, M), when it keeps one). With K
+        times as many queries as images (the beams of a beam search, K adjacent rows per
+        image) it gets the K queries of each image together and reads the image's keys and
+        features once; its output comes back flat."""
         n, B = query.shape[0], features.shape[0]
+        kept = {} if memory is None else {"memory": memory if n == B else memory.view(B, n // B, -1)}
         if n == B:
-            return self.attention(features, projected, query, mask)
-        att = self.attention(features, projected, query.view(B, n // B, -1), mask)
+            return self.attention(features, projected, query, mask, **kept)
+        att = self.attention(features, projected, query.view(B, n // B, -1), mask, **kept)
         return AttentionOutput(**{f.name: _flat(getattr(att, f.name)) for f in dataclasses.fields(att)})
 
     def _advance(self, gates_embed: Tensor, state: DecoderState, features: Tensor, projected,
@@ -296,15 +306,15 @@ class Decoder(nn.Module):
         w_in, w_h = gates if gates is not None else (self.gate_context, self.gate_hidden)
         if self.luong:  # step on [E y, h~_{t-1}], attend on h_t, h~_t = tanh(W_c [z_t; h_t])
             h, c = _lstm(gates_embed + w_in(state.out) + w_h(state.h), state.c)
-            att = self._attend(features, projected, h, mask)
+            att = self._attend(features, projected, h, mask, state.memory)
             out = torch.tanh(self.combine(torch.cat([att.context, h], dim=-1)))  # (B, H)
-            return DecoderState(h, c, out), att, att.context, h.new_ones(h.shape[0])
-        att = self._attend(features, projected, state.h, mask)
+            return DecoderState(h, c, out, att.memory), att, att.context, h.new_ones(h.shape[0])
+        att = self._attend(features, projected, state.h, mask, state.memory)
         beta = torch.sigmoid(self.f_beta(state.h)) if self.f_beta is not None else None  # (B, 1)
         z = att.context * beta if beta is not None else att.context  # (B, C)
         h, c = _lstm(gates_embed + w_in(z) + w_h(state.h), state.c)
         beta = beta.squeeze(1) if beta is not None else z.new_ones(z.shape[0])
-        return DecoderState(h, c), att, z, beta
+        return DecoderState(h, c, memory=att.memory), att, z, beta
 
     def _step_weights(self) -> tuple[StepWeight, StepWeight] | None:
         """W_z and W_h for one teacher-forced pass (the fused kernel, ``captioner.kernels``), or

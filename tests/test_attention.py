@@ -417,3 +417,109 @@ def test_the_dot_term_turns_with_the_query_where_the_tanh_term_cannot_without_sa
     tanh_up = s.additive(s.additive.precompute(keys), torch.ones(1, 1))
     tanh_down = s.additive(s.additive.precompute(keys), -torch.ones(1, 1))
     assert tanh_up.argmax() == tanh_down.argmax() == 4
+
+
+# ----------------------------------------------------------------------------- the anchor (relative)
+
+def make_relative(grid=(3, 4), normalizer="softmax"):
+    torch.manual_seed(0)
+    return build_attention(AttentionConfig(name="soft", dim=6, relative=True, normalizer=normalizer),
+                           feature_dim=C, hidden_dim=H, grid=grid)
+
+
+def test_anchor_positions_are_the_cell_centres_row_major():
+    att = make_relative(grid=(2, 4))
+    x = torch.tensor([-0.75, -0.25, 0.25, 0.75])
+    want = torch.stack([x.repeat(2), torch.tensor([-0.5, 0.5]).repeat_interleave(4)], -1)  # (8, 2): x, y
+    torch.testing.assert_close(att.anchor.positions, want)
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sparsemax"])
+def test_the_anchor_term_is_added_to_the_scores_as_written(normalizer):
+    """scores + c(h) . [dx, dy, |dx|, |dy|] of each cell's offset from the anchor; the next
+    anchor is the gated centroid of the map."""
+    att = make_relative(normalizer=normalizer)
+    with torch.no_grad():
+        att.anchor.coefficients.weight.normal_()
+        att.anchor.gate.weight.normal_()
+    feats, h, anchor = torch.randn(B, L, C), torch.randn(B, H), torch.rand(B, 2) * 2 - 1
+    out = att(feats, att.precompute(feats), h, memory=anchor)
+    d = att.anchor.positions - anchor.unsqueeze(1)  # (B, L, 2)
+    c = att.anchor.coefficients(h)  # (B, 4)
+    term = c[:, :1] * d[..., 0] + c[:, 1:2] * d[..., 1] + c[:, 2:3] * d[..., 0].abs() + c[:, 3:] * d[..., 1].abs()
+    alpha = NORMALIZERS[normalizer](att.score(att.score.precompute(feats), h) + term, None)
+    torch.testing.assert_close(out.alpha, alpha)
+    torch.testing.assert_close(out.context, (alpha.unsqueeze(-1) * feats).sum(1))
+    g = torch.sigmoid(att.anchor.gate(h))
+    torch.testing.assert_close(out.memory, g * (alpha @ att.anchor.positions) + (1 - g) * anchor)
+
+
+def test_the_anchor_term_starts_silent():
+    """Zero coefficients at the start: the maps are those of plain soft attention built from
+    the same seed (the scores' parameters are drawn first)."""
+    torch.manual_seed(0)
+    plain = build_attention(AttentionConfig(name="soft", dim=6), feature_dim=C, hidden_dim=H)
+    att = make_relative()
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    out = att(feats, att.precompute(feats), h, memory=torch.rand(B, 2))
+    torch.testing.assert_close(out.alpha, plain(feats, plain.precompute(feats), h).alpha)
+
+
+def test_the_cone_right_of_the_anchor_wins():
+    """With c = (1, 0, 0, -1) the term is dx - |dy|: on equal content the map goes to the
+    cell right of the anchor on its row, not to one as far right but diagonal."""
+    att = make_relative(grid=(5, 5), normalizer="sparsemax")
+    with torch.no_grad():
+        att.anchor.coefficients.bias.copy_(torch.tensor([1.0, 0.0, 0.0, -1.0]) * 50)
+    feats = torch.zeros(1, 25, C)  # no content: only the term decides
+    anchor = att.anchor.positions[12:13]  # the centre cell (row 2, col 2)
+    out = att(feats, att.precompute(feats), torch.zeros(1, H), memory=anchor)
+    assert out.alpha.argmax().item() == 14  # row 2, col 4: two cells right, none up or down
+    assert out.alpha[0, 14] == 1  # sparsemax: everything else exactly 0, the diagonal (row 0, col 4) too
+
+
+def test_the_gate_picks_the_centroid_or_keeps_the_anchor():
+    att = make_relative(grid=(2, 4))
+    h, anchor = torch.zeros(1, H), torch.tensor([[0.3, -0.2]])
+    alpha = torch.zeros(1, 8)
+    alpha[0, 7] = 1.0  # row 1, col 3: (0.75, 0.5)
+    for bias, want in ((30.0, [[0.75, 0.5]]), (-30.0, [[0.3, -0.2]])):
+        with torch.no_grad():
+            att.anchor.gate.bias.fill_(bias)
+        torch.testing.assert_close(att.anchor.update(h, alpha, anchor), torch.tensor(want))
+
+
+def test_the_gate_and_coefficients_learn_through_the_next_step():
+    """The anchor a step sets moves the next step's map: the gate gets a gradient from it."""
+    att = make_relative()
+    with torch.no_grad():
+        att.anchor.coefficients.bias.fill_(1.0)
+    feats = torch.randn(B, L, C)
+    projected = att.precompute(feats)
+    h1, h2 = torch.randn(B, H), torch.randn(B, H)
+    first = att(feats, projected, h1, memory=att.init_memory(feats))
+    second = att(feats, projected, h2, memory=first.memory)
+    (second.alpha * torch.randn(B, L)).sum().backward()
+    assert att.anchor.gate.weight.grad.abs().sum() > 0
+    assert att.anchor.coefficients.weight.grad.abs().sum() > 0
+
+
+def test_k_queries_per_image_with_the_anchor_equal_copied_images():
+    K = 3
+    att = make_relative().eval()
+    with torch.no_grad():
+        att.anchor.coefficients.weight.normal_()
+    feats, h, anchor = torch.randn(B, L, C), torch.randn(B, K, H), torch.rand(B, K, 2)
+    grouped = att(feats, att.precompute(feats), h, memory=anchor)
+    copies = feats.repeat_interleave(K, 0)
+    flat = att(copies, att.precompute(copies), h.flatten(0, 1), memory=anchor.flatten(0, 1))
+    torch.testing.assert_close(grouped.alpha.flatten(0, 1), flat.alpha)
+    torch.testing.assert_close(grouped.memory.flatten(0, 1), flat.memory)
+
+
+def test_the_anchor_is_soft_attention_with_one_hop_only():
+    with pytest.raises(ConfigError, match="relative"):
+        AttentionConfig(name="hard", relative=True)
+    with pytest.raises(ConfigError, match="relative"):
+        AttentionConfig(hops=2, relative=True)
+    assert make("soft").init_memory(torch.randn(B, L, C)) is None  # off: no memory to carry

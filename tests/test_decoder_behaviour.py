@@ -13,7 +13,7 @@ def make_decoder(*overrides: str) -> Decoder:
     cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=8",
                              "model.decoder.dropout=0.0", *overrides]).model
     torch.manual_seed(0)
-    return Decoder.from_config(cfg, vocab_size=V, feature_dim=C).eval()
+    return Decoder.from_config(cfg, vocab_size=V, feature_dim=C, grid=(2, 3)).eval()  # L = 6
 
 
 def same_mean_features() -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,16 +146,21 @@ def test_initialisation():
     torch.testing.assert_close(c, torch.sigmoid(torch.tensor(1.0)) * c0)
 
 
-@pytest.mark.parametrize("arrangement", ["xu", "luong"])
-def test_k_hypotheses_per_image_step_like_copied_images(arrangement):
+@pytest.mark.parametrize("overrides", [["model.decoder.arrangement=xu"], ["model.decoder.arrangement=luong"],
+                                       ["model.decoder.arrangement=luong", "model.attention.relative=true"]])
+def test_k_hypotheses_per_image_step_like_copied_images(overrides):
     """Beam search steps K hypotheses per image (rows i * K .. i * K + K - 1 are image i's)
-    on one copy of the features: the same as K copies of each image."""
+    on one copy of the features: the same as K copies of each image (the anchor too)."""
     K = 3
-    dec = make_decoder(f"model.decoder.arrangement={arrangement}")
+    dec = make_decoder(*overrides)
     feats = torch.randn(B, L, C)
     copies = feats.repeat_interleave(K, 0)
     state = dec.init_state(copies)
     state.h = state.h + 0.3 * torch.randn_like(state.h)  # hypotheses of one image differ
+    if state.memory is not None:
+        state.memory = torch.rand_like(state.memory) * 2 - 1
+        with torch.no_grad():
+            dec.attention.anchor.coefficients.weight.normal_()
     tokens = torch.randint(3, V, (B * K,))
     grouped = dec.step(tokens, state, feats, dec.precompute(feats))
     flat = dec.step(tokens, state, copies, dec.precompute(copies))
@@ -164,6 +169,9 @@ def test_k_hypotheses_per_image_step_like_copied_images(arrangement):
     torch.testing.assert_close(grouped.attention.alpha, flat.attention.alpha)
     torch.testing.assert_close(grouped.attention.context, flat.attention.context)
     assert grouped.attention.alpha.shape == (B * K, L)
+    if state.memory is not None:
+        torch.testing.assert_close(grouped.state.memory, flat.state.memory)
+        assert grouped.state.memory.shape == (B * K, 2)
 
 
 def test_state_index_select_reorders_every_part():
@@ -175,6 +183,27 @@ def test_state_index_select_reorders_every_part():
     for got, x in zip((picked.h, picked.c, picked.out), (h, c, out)):
         torch.testing.assert_close(got, x[[2, 2, 0]])
     assert DecoderState(h, c).index_select(index).out is None
+    memory = torch.randn(4, 2)
+    torch.testing.assert_close(DecoderState(h, c, out, memory).index_select(index).memory, memory[[2, 2, 0]])
+    torch.testing.assert_close(DecoderState(h, c, out, memory).narrow(3).memory, memory[:3])
+
+
+def test_the_anchor_is_carried_from_step_to_step_as_teacher_forcing_does():
+    """Stepping the decoder word by word, its state carrying the anchor, gives the teacher-
+    forced pass's logits and maps; the anchor it carries is the gated centroid of the last map."""
+    dec = make_decoder("model.decoder.arrangement=luong", "model.attention.relative=true")
+    with torch.no_grad():
+        dec.attention.anchor.coefficients.weight.normal_()
+    feats, captions = torch.randn(B, L, C), torch.randint(3, V, (B, 5))
+    forced = dec(feats, captions)
+    state, projected = dec.init_state(feats), dec.precompute(feats)
+    assert state.memory.shape == (B, 2) and (state.memory == 0).all()
+    for t in range(4):
+        step = dec.step(captions[:, t], state, feats, projected)
+        torch.testing.assert_close(step.logits, forced.logits[:, t])
+        torch.testing.assert_close(step.attention.alpha, forced.alphas[:, t])
+        assert not torch.allclose(step.state.memory, state.memory)
+        state = step.state
 
 
 def test_a_caption_of_length_one_runs_one_step():
@@ -248,6 +277,7 @@ def test_packed_hard_pass_reports_each_captions_flag_in_the_input_order():
     ("model.attention.score=general",), ("model.attention.score=scaled_dot",),
     ("model.attention.name=hard", "model.attention.hard.estimator=loo"), ("model.attention.name=local",),
     ("model.attention.name=mean",), ("model.attention.name=none",), ("model.decoder.arrangement=luong",),
+    ("model.decoder.arrangement=luong", "model.attention.relative=true"),
 ])
 def test_captions_sharing_images_equal_the_images_copied_per_caption(overrides):
     """image_index: the keys are projected once per image and indexed per caption; values and
