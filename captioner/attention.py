@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from captioner import kernels
 from captioner.config import AttentionConfig
+from captioner.errors import ConfigError
 from captioner.registry import Registry
 
 
@@ -627,5 +628,9 @@ class LocalAttention(nn.Module):
 def build_attention(cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
                     grid: tuple[int, int] = (1, 1)) -> nn.Module:
     """The attention module named by ``cfg.name`` (an unknown name lists the valid ones)."""
-    module = ATTENTIONS.get(cfg.name).from_config(cfg, feature_dim=feature_dim, hidden_dim=hidden_dim, grid=grid)
+    variant = ATTENTIONS.get(cfg.name)
+    if cfg.relative and variant is not SoftAttention:
+        raise ConfigError(f"model.attention.relative: the anchor term is soft attention's; got name {cfg.name!r} "
+                          "(set relative: false, or name: soft)")
+    module = variant.from_config(cfg, feature_dim=feature_dim, hidden_dim=hidden_dim, grid=grid)
     return use_fused_kernels(module, cfg.fused)

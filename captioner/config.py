@@ -302,8 +302,8 @@ class AttentionConfig:
         _check(self.hops >= 1, "hops", f"must be >= 1; got {self.hops}")
         _check(self.hops == 1 or self.name == "soft", "hops",
                f"only soft attention reads the grid in hops; got {self.hops} with name {self.name!r}")
-        _check(not self.relative or (self.name == "soft" and self.hops == 1), "relative",
-               f"the anchor term is soft attention's, with one hop; got name {self.name!r}, hops {self.hops}")
+        _check(not self.relative or self.hops == 1, "relative",
+               f"the anchor term reads one hop; got hops {self.hops}")  # and soft attention: build_attention
 
 
 @dataclass(frozen=True)

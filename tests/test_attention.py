@@ -518,8 +518,9 @@ def test_k_queries_per_image_with_the_anchor_equal_copied_images():
 
 
 def test_the_anchor_is_soft_attention_with_one_hop_only():
-    with pytest.raises(ConfigError, match="relative"):
-        AttentionConfig(name="hard", relative=True)
+    for name in ("hard", "local", "none", "mean"):
+        with pytest.raises(ConfigError, match="relative.*soft attention's; got name"):
+            build_attention(AttentionConfig(name=name, relative=True), feature_dim=C, hidden_dim=H)
     with pytest.raises(ConfigError, match="relative"):
         AttentionConfig(hops=2, relative=True)
     assert make("soft").init_memory(torch.randn(B, L, C)) is None  # off: no memory to carry
