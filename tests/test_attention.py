@@ -436,22 +436,24 @@ def test_anchor_positions_are_the_cell_centres_row_major():
 
 @pytest.mark.parametrize("normalizer", ["softmax", "sparsemax"])
 def test_the_anchor_term_is_added_to_the_scores_as_written(normalizer):
-    """scores + c(h) . [dx, dy, |dx|, |dy|] of each cell's offset from the anchor; the next
-    anchor is the gated centroid of the map."""
+    """scores + s c(h) . [dx, dy, |dx|, |dy|] of each cell's offset from the anchor; the next
+    anchor is the gated centroid of the map, and s moves towards 1 by the gate."""
     att = make_relative(normalizer=normalizer)
     with torch.no_grad():
         att.anchor.coefficients.weight.normal_()
         att.anchor.gate.weight.normal_()
-    feats, h, anchor = torch.randn(B, L, C), torch.randn(B, H), torch.rand(B, 2) * 2 - 1
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    anchor = torch.cat([torch.rand(B, 2) * 2 - 1, torch.rand(B, 1)], -1)  # x, y, s
     out = att(feats, att.precompute(feats), h, memory=anchor)
-    d = att.anchor.positions - anchor.unsqueeze(1)  # (B, L, 2)
-    c = att.anchor.coefficients(h)  # (B, 4)
+    d = att.anchor.positions - anchor[:, None, :2]  # (B, L, 2)
+    c = att.anchor.coefficients(h) * anchor[:, 2:]  # (B, 4), times s
     term = c[:, :1] * d[..., 0] + c[:, 1:2] * d[..., 1] + c[:, 2:3] * d[..., 0].abs() + c[:, 3:] * d[..., 1].abs()
     alpha = NORMALIZERS[normalizer](att.score(att.score.precompute(feats), h) + term, None)
     torch.testing.assert_close(out.alpha, alpha)
     torch.testing.assert_close(out.context, (alpha.unsqueeze(-1) * feats).sum(1))
     g = torch.sigmoid(att.anchor.gate(h))
-    torch.testing.assert_close(out.memory, g * (alpha @ att.anchor.positions) + (1 - g) * anchor)
+    torch.testing.assert_close(out.memory[:, :2], g * (alpha @ att.anchor.positions) + (1 - g) * anchor[:, :2])
+    torch.testing.assert_close(out.memory[:, 2:], g + (1 - g) * anchor[:, 2:])
 
 
 def test_the_anchor_term_starts_silent():
@@ -461,8 +463,24 @@ def test_the_anchor_term_starts_silent():
     plain = build_attention(AttentionConfig(name="soft", dim=6), feature_dim=C, hidden_dim=H)
     att = make_relative()
     feats, h = torch.randn(B, L, C), torch.randn(B, H)
-    out = att(feats, att.precompute(feats), h, memory=torch.rand(B, 2))
+    out = att(feats, att.precompute(feats), h, memory=torch.rand(B, 3))  # any anchor, even a set one
     torch.testing.assert_close(out.alpha, plain(feats, plain.precompute(feats), h).alpha)
+
+
+def test_the_term_is_silent_until_the_gate_has_set_an_anchor():
+    """s = 0 (no object looked at yet): whatever the coefficients, the map is plain soft
+    attention's; s = 1: the term counts in full."""
+    att = make_relative()
+    with torch.no_grad():
+        att.anchor.coefficients.bias.copy_(torch.tensor([3.0, -2.0, 4.0, 1.0]))
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    projected = att.precompute(feats)
+    plain = torch.softmax(att.score(projected, h), -1)
+    start = att(feats, projected, h, memory=att.init_memory(feats))
+    torch.testing.assert_close(start.alpha, plain)
+    assert att.init_memory(feats).shape == (B, 3)
+    set_ = att(feats, projected, h, memory=torch.tensor([[0.2, -0.3, 1.0]]).expand(B, 3))
+    assert (set_.alpha - plain).abs().max() > 0.05
 
 
 def test_the_cone_right_of_the_anchor_wins():
@@ -472,7 +490,7 @@ def test_the_cone_right_of_the_anchor_wins():
     with torch.no_grad():
         att.anchor.coefficients.bias.copy_(torch.tensor([1.0, 0.0, 0.0, -1.0]) * 50)
     feats = torch.zeros(1, 25, C)  # no content: only the term decides
-    anchor = att.anchor.positions[12:13]  # the centre cell (row 2, col 2)
+    anchor = torch.cat([att.anchor.positions[12:13], torch.ones(1, 1)], -1)  # the centre cell (row 2, col 2), set
     out = att(feats, att.precompute(feats), torch.zeros(1, H), memory=anchor)
     assert out.alpha.argmax().item() == 14  # row 2, col 4: two cells right, none up or down
     assert out.alpha[0, 14] == 1  # sparsemax: everything else exactly 0, the diagonal (row 0, col 4) too
@@ -480,10 +498,10 @@ def test_the_cone_right_of_the_anchor_wins():
 
 def test_the_gate_picks_the_centroid_or_keeps_the_anchor():
     att = make_relative(grid=(2, 4))
-    h, anchor = torch.zeros(1, H), torch.tensor([[0.3, -0.2]])
+    h, anchor = torch.zeros(1, H), torch.tensor([[0.3, -0.2, 0.4]])
     alpha = torch.zeros(1, 8)
     alpha[0, 7] = 1.0  # row 1, col 3: (0.75, 0.5)
-    for bias, want in ((30.0, [[0.75, 0.5]]), (-30.0, [[0.3, -0.2]])):
+    for bias, want in ((30.0, [[0.75, 0.5, 1.0]]), (-30.0, [[0.3, -0.2, 0.4]])):
         with torch.no_grad():
             att.anchor.gate.bias.fill_(bias)
         torch.testing.assert_close(att.anchor.update(h, alpha, anchor), torch.tensor(want))
@@ -509,7 +527,7 @@ def test_k_queries_per_image_with_the_anchor_equal_copied_images():
     att = make_relative().eval()
     with torch.no_grad():
         att.anchor.coefficients.weight.normal_()
-    feats, h, anchor = torch.randn(B, L, C), torch.randn(B, K, H), torch.rand(B, K, 2)
+    feats, h, anchor = torch.randn(B, L, C), torch.randn(B, K, H), torch.rand(B, K, 3)
     grouped = att(feats, att.precompute(feats), h, memory=anchor)
     copies = feats.repeat_interleave(K, 0)
     flat = att(copies, att.precompute(copies), h.flatten(0, 1), memory=anchor.flatten(0, 1))

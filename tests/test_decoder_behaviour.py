@@ -171,7 +171,7 @@ def test_k_hypotheses_per_image_step_like_copied_images(overrides):
     assert grouped.attention.alpha.shape == (B * K, L)
     if state.memory is not None:
         torch.testing.assert_close(grouped.state.memory, flat.state.memory)
-        assert grouped.state.memory.shape == (B * K, 2)
+        assert grouped.state.memory.shape == (B * K, 3)
 
 
 def test_state_index_select_reorders_every_part():
@@ -183,7 +183,7 @@ def test_state_index_select_reorders_every_part():
     for got, x in zip((picked.h, picked.c, picked.out), (h, c, out)):
         torch.testing.assert_close(got, x[[2, 2, 0]])
     assert DecoderState(h, c).index_select(index).out is None
-    memory = torch.randn(4, 2)
+    memory = torch.randn(4, 3)
     torch.testing.assert_close(DecoderState(h, c, out, memory).index_select(index).memory, memory[[2, 2, 0]])
     torch.testing.assert_close(DecoderState(h, c, out, memory).narrow(3).memory, memory[:3])
 
@@ -197,7 +197,7 @@ def test_the_anchor_is_carried_from_step_to_step_as_teacher_forcing_does():
     feats, captions = torch.randn(B, L, C), torch.randint(3, V, (B, 5))
     forced = dec(feats, captions)
     state, projected = dec.init_state(feats), dec.precompute(feats)
-    assert state.memory.shape == (B, 2) and (state.memory == 0).all()
+    assert state.memory.shape == (B, 3) and (state.memory == 0).all()
     for t in range(4):
         step = dec.step(captions[:, t], state, feats, projected)
         torch.testing.assert_close(step.logits, forced.logits[:, t])
