@@ -118,6 +118,10 @@ class ChairReport:
             on the stated side but further along the other axis ("left of" an object mostly
             below it; "beside" one mostly above or below): the sign right, the comparison of
             the two distances wrong.
+        wrong_captions: captions that name an object not in the image or state a relation
+            that does not hold: what a reader would call false.
+        wrong_s: wrong_captions / captions (NaN without captions); ``1 - wrong_s`` is the
+            share of captions with nothing false that CHAIR and the relations can see.
     """
 
     chair_i: float
@@ -130,6 +134,8 @@ class ChairReport:
     relations: int
     relations_correct: int
     relations_wrong_axis: int = 0
+    wrong_captions: int = 0
+    wrong_s: float = math.nan
 
     def as_dict(self) -> dict:
         """JSON-ready: NaN (nothing to count) becomes None."""
@@ -144,7 +150,8 @@ class ChairReport:
                 f"{self.mentions} named objects not in the image, {self.hallucinated_captions} of {self.captions} "
                 f"captions); relation accuracy {pct(self.relation_accuracy)} ({self.relations_correct} of "
                 f"{self.relations} stated relations hold; {self.relations_wrong_axis} of the others on the "
-                f"stated side, the other axis dominant)")
+                f"stated side, the other axis dominant); captions wrong {pct(self.wrong_s)} ({self.wrong_captions} "
+                f"of {self.captions}: an object not there or a relation that does not hold)")
 
 
 # ----------------------------------------------------------------------------- mentions
@@ -271,7 +278,7 @@ def chair(captions: Mapping[int, str | Sequence[str]], truth: GroundTruth) -> Ch
     Returns:
         The report, with its counts.
     """
-    n_captions = n_mentions = n_bad = bad_captions = n_relations = n_correct = n_axis = 0
+    n_captions = n_mentions = n_bad = bad_captions = n_relations = n_correct = n_axis = n_wrong = 0
     for image_id, caption in captions.items():
         objects = truth.objects.get(image_id)
         if objects is None:
@@ -282,12 +289,14 @@ def chair(captions: Mapping[int, str | Sequence[str]], truth: GroundTruth) -> Ch
         stated, correct, wrong_axis = relation_accuracy(words, mentions)
         n_captions, n_mentions, n_bad = n_captions + 1, n_mentions + len(mentions), n_bad + bad
         bad_captions += bad > 0
+        n_wrong += bad > 0 or correct < stated
         n_relations, n_correct, n_axis = n_relations + stated, n_correct + correct, n_axis + wrong_axis
     ratio = lambda a, b: a / b if b else math.nan  # noqa: E731
     return ChairReport(chair_i=ratio(n_bad, n_mentions), chair_s=ratio(bad_captions, n_captions),
                        relation_accuracy=ratio(n_correct, n_relations), captions=n_captions,
                        mentions=n_mentions, hallucinated=n_bad, hallucinated_captions=bad_captions,
-                       relations=n_relations, relations_correct=n_correct, relations_wrong_axis=n_axis)
+                       relations=n_relations, relations_correct=n_correct, relations_wrong_axis=n_axis,
+                       wrong_captions=n_wrong, wrong_s=ratio(n_wrong, n_captions))
 
 
 _EXPECTED = 'a COCO instances file ({"images": [...], "annotations": [{"bbox", "category_id", ...}], "categories": [...]})'

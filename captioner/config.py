@@ -389,8 +389,11 @@ class TrainConfig:
             ``epochs``, ``max_steps`` and ``max_minutes``; fits a run a time budget ends) or none.
         lr_final: where ``linear`` ends, a fraction of the starting rates (0: at zero).
         patience: stop after this many epochs without a better validation score (0: never).
-        val_metric: the validation score that selects ``best.pt``: cider (CIDEr-D), bleu1..4
-            or rouge_l, computed on greedy captions of the validation images.
+        val_metric: the validation score that selects ``best.pt``: cider (CIDEr-D), bleu1..4,
+            rouge_l, or grounded (CIDEr-D times the share of captions that name no object
+            absent from the image and state no relation that does not hold; needs the val
+            split's instances file, else CIDEr-D alone), computed on greedy captions of the
+            validation images.
         val_images: validate on at most this many images (0: all).
         max_minutes: stop after this much wall time, checkpointing first (0: no limit).
         max_steps: stop after this many optimizer steps in all, checkpointing first (0: no limit).
@@ -525,7 +528,7 @@ class TrainConfig:
         _check(self.max_skipped >= 0, "max_skipped", f"must be >= 0; got {self.max_skipped}")
         _check(self.captions_per_image >= 0, "captions_per_image",
                f"must be >= 0 (0: one sample per caption); got {self.captions_per_image}")
-        _choice(self.val_metric, "val_metric", ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l"))
+        _choice(self.val_metric, "val_metric", ("cider", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "grounded"))
         _choice(self.objective, "objective", ("xent", "scst"))
         _choice(self.scst_baseline, "scst_baseline", ("greedy", "mean"))
         _check(self.scst_samples >= (2 if self.scst_baseline == "mean" else 1), "scst_samples",

@@ -21,8 +21,10 @@ images, each with up to ``train.captions_per_image`` of its captions, so each im
 encoded once per epoch, not once per caption.
 
 Validation decodes greedily (no teacher forcing) with the evaluation's own code and scores
-BLEU-1..4, ROUGE-L and CIDEr-D (pure Python, no Java); ``train.val_metric`` (CIDEr-D by
-default) picks the best checkpoint, ``best.pt``, and drives early stopping; the latest is
+BLEU-1..4, ROUGE-L and CIDEr-D (pure Python, no Java), and with an instances file CHAIR,
+relation accuracy and ``grounded`` (CIDEr-D times the share of captions with nothing false);
+``train.val_metric`` (CIDEr-D by default) picks the best checkpoint, ``best.pt``, and drives
+early stopping; the latest is
 ``last.pt``; metrics go to ``metrics.jsonl``, one JSON object a line.
 
 To extend: a new validation score goes into :meth:`Trainer.score_captions` (every key it
@@ -495,6 +497,9 @@ class Trainer:
         self.refs = references(self.val_records)
         # CHAIR and relation accuracy when the val split has an instances file (None: not scored)
         self.chair = ChairScorer.for_split(self.cfg.data, "val", [r.image_id for r in self.val_records])
+        if self.metric == "grounded" and self.chair is None:
+            self.log.say("train.val_metric=grounded: the val split has no instances file, so nothing can tell a "
+                         "false caption; best.pt is chosen by CIDEr-D alone")
         self.baseline_caption = common = " ".join(most_common_caption(self.train_records))
         self.baseline = self.score_captions({r.image_id: common for r in self.val_records})
         self.log.say(f"baseline (\"{common}\" for every image): val {self.metric} {self.baseline[self.metric]:.4f}, "
@@ -699,14 +704,18 @@ class Trainer:
 
     def score_captions(self, captions: dict[int, str]) -> dict[str, float]:
         """Scores of val captions (image id -> caption) against the references, by metric name;
-        with an instances file also ``chair_s``, ``chair_i`` and ``relation_accuracy`` (each
-        when there was something to count)."""
+        with an instances file also ``chair_s``, ``chair_i``, ``relation_accuracy`` and
+        ``wrong_s`` (each when there was something to count). ``grounded``: CIDEr-D times the
+        share of captions with nothing false (1 - ``wrong_s``: no object that is not there, no
+        stated relation that does not hold); CIDEr-D alone without an instances file."""
         scores = dict(caption_metrics(captions, self.refs, use_java=False, spice=False).scores)
+        scores["grounded"] = scores["cider"]
         if self.chair is not None:
             report = self.chair(captions)
             hallucination = {"chair_s": report.chair_s, "chair_i": report.chair_i,
-                             "relation_accuracy": report.relation_accuracy}
+                             "relation_accuracy": report.relation_accuracy, "wrong_s": report.wrong_s}
             scores.update({k: v for k, v in hallucination.items() if math.isfinite(v)})
+            scores["grounded"] = scores["cider"] * (1 - scores.get("wrong_s", 0.0))
         return scores
 
     def end_epoch(self, epoch: int, sums: Counter) -> bool:

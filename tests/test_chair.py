@@ -68,6 +68,20 @@ def test_relation_holds_on_the_dominant_axis():
     assert not relation_holds("left", right, left) and not relation_holds("below", left, below)
 
 
+def test_a_caption_is_wrong_with_an_absent_object_or_a_relation_that_does_not_hold():
+    truth = GroundTruth(objects={1: SCENE, 2: SCENE, 3: SCENE, 4: SCENE, 5: SCENE}, categories=())
+    captions = {1: "the yellow circle is to the left of a blue square",  # true
+                2: "a yellow circle to the right of the blue square",     # the relation is false
+                3: "a yellow square and a blue square",                   # an object not there
+                4: "a pink circle to the right of the blue square",       # both: counted once
+                5: "two shapes"}                                          # names nothing: not wrong
+    report = chair(captions, truth)
+    assert (report.captions, report.hallucinated_captions, report.relations, report.relations_correct) == (5, 2, 2, 1)
+    assert report.wrong_captions == 3 and report.wrong_s == pytest.approx(3 / 5)
+    assert report.as_dict()["wrong_s"] == pytest.approx(0.6) and "captions wrong 60.0 (3 of 5" in report.line()
+    assert math.isnan(chair({}, truth).wrong_s) and chair({}, truth).as_dict()["wrong_s"] is None
+
+
 @pytest.mark.parametrize("caption, holds, wrong_axis", [
     ("the yellow circle is to the left of a blue square", True, False),
     ("a yellow circle to the right of the blue square", False, False),  # the wrong side

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from captioner.checkpoint import load_checkpoint
@@ -89,3 +90,32 @@ def test_validation_logs_chair_when_the_val_split_has_instances(tiny_config):
     assert "chair_s" in trainer.baseline  # the most common caption names an object
     result = fit(tiny_config("train.epochs=1"), quiet=True)
     assert "baseline_chair_s" in result.history[0]
+
+
+def test_grounded_val_metric_is_cider_times_the_share_of_true_captions(tiny_config, monkeypatch):
+    """``train.val_metric=grounded``: CIDEr-D x (1 - wrong_s). Each image's own reference is
+    true (grounded = CIDEr-D); naming an object no image has makes every caption false (0); a
+    run keeps the epoch with the best grounded score; without an instances file it is CIDEr-D."""
+    from captioner.chair import ChairScorer
+
+    trainer = Trainer(tiny_config("train.epochs=1", "train.val_metric=grounded"), quiet=True)
+    trainer.setup()
+    true = {image_id: refs[0] for image_id, refs in trainer.refs.items()}
+    scores = trainer.score_captions(true)
+    assert scores["wrong_s"] == 0.0 and scores["grounded"] == scores["cider"] > 0
+    half = {i: (c if n % 2 else "a small pink diamond") for n, (i, c) in enumerate(sorted(true.items()))}
+    scores = trainer.score_captions(half)
+    assert scores["wrong_s"] == pytest.approx(math.ceil(len(half) / 2) / len(half))
+    assert scores["grounded"] == pytest.approx(scores["cider"] * (1 - scores["wrong_s"]))
+    assert trainer.score_captions(dict.fromkeys(true, "a large pink circle"))["grounded"] == 0.0
+
+    result = fit(tiny_config("train.epochs=2", "train.val_metric=grounded", "train.patience=0"), quiet=True)
+    assert result.metric == "grounded"
+    epochs = [e for e in result.history if "val_grounded" in e]
+    assert len(epochs) == 2 and result.best_score == max(e["val_grounded"] for e in epochs)
+
+    monkeypatch.setattr(ChairScorer, "for_split", classmethod(lambda cls, *args, **kwargs: None))
+    plain = Trainer(tiny_config("train.epochs=1", "train.val_metric=grounded"), quiet=True)
+    plain.setup()
+    scores = plain.score_captions(half)
+    assert "wrong_s" not in scores and scores["grounded"] == scores["cider"]
