@@ -399,7 +399,8 @@ class TrainConfig:
         max_steps: stop after this many optimizer steps in all, checkpointing first (0: no limit).
         amp: mixed precision for the forward pass: none, bf16 (CPU or GPU), fp16 (GPU, with
             a gradient scaler) or auto (bf16 where the device multiplies bf16 natively: a GPU
-            with bf16, a CPU with AMX or AVX512-BF16; else none). bf16: the decoder runs in bf16 with its weights and the features
+            with bf16, a CPU with AMX or AVX512-BF16 whose bf16 matmul, measured at start-up,
+            is at least 1.2x as fast as float32; else none). bf16: the decoder runs in bf16 with its weights and the features
             cast once per batch and float32 master weights (``captioner.precision``), a
             fine-tuned encoder under bf16 autocast; fp16: autocast. Losses are computed in float32.
         compile: ``torch.compile`` the training step's model (worth it on a GPU; slow to start on a CPU).

@@ -5,8 +5,10 @@ does not have is a :class:`~captioner.errors.CaptionerError` that names the opti
 from (``--device`` or ``train.device``), never a traceback from deep inside torch.
 
 ``train.amp: auto`` (:func:`resolve_amp`) is bf16 where the device multiplies bf16 natively
-(a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16), and float32 elsewhere: emulated bf16
-is slower than float32.
+(a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16) and, on a CPU, where a bf16 matmul
+measured at start-up also runs faster than a float32 one; float32 elsewhere. Emulated bf16 is
+slower than float32, and so is native bf16 on some CPUs: an Intel Xeon that shows AVX512-BF16
+but no AMX multiplied bf16 at half its float32 rate (165 against 330 GFLOP/s).
 """
 
 from __future__ import annotations
@@ -67,15 +69,41 @@ def cpu_bf16_support(flags: set[str] | None = None) -> str:
     return "none"
 
 
-def resolve_amp(amp: str, device: torch.device, *, cpu_bf16: str | None = None) -> tuple[str, str]:
+BF16_MIN_SPEEDUP = 1.2  # auto takes bf16 on a CPU only if its matmul is at least this much faster
+
+
+def cpu_bf16_speedup(size: int = 768, repeat: int = 5) -> float:
+    """float32 matmul time / bf16 matmul time on this CPU, now: the best of ``repeat`` products
+    of two (size, size) matrices each, after one warm-up (about 0.1 s at the default size).
+    Above 1: bf16 is faster here."""
+    import time
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        a @ b
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+def resolve_amp(amp: str, device: torch.device, *, cpu_bf16: str | None = None,
+                bf16_speedup: float | None = None) -> tuple[str, str]:
     """``train.amp`` -> (``none``, ``bf16`` or ``fp16``, why). ``auto`` is ``bf16`` on a CUDA GPU
-    that supports it and on a CPU with native bf16 matmul, else ``none``; the other values
-    are returned as they are.
+    that supports it and on a CPU with native bf16 matmul that also runs it at least
+    :data:`BF16_MIN_SPEEDUP` times as fast as float32 (measured: :func:`cpu_bf16_speedup`),
+    else ``none``; the other values are returned as they are.
 
     Args:
         amp: ``auto``, ``none``, ``bf16`` or ``fp16``.
         device: where the run computes.
         cpu_bf16: the CPU's bf16 support as :func:`cpu_bf16_support` names it (None: read it).
+        bf16_speedup: float32 / bf16 matmul time on this CPU (None: measure it, only when
+            the CPU has native bf16).
     """
     if amp != "auto":
         return amp, f"train.amp={amp}"
@@ -85,7 +113,12 @@ def resolve_amp(amp: str, device: torch.device, *, cpu_bf16: str | None = None) 
             f"{'supports' if ok else 'lacks'} bf16)"
     if device.type == "cpu":
         support = cpu_bf16_support() if cpu_bf16 is None else cpu_bf16
-        if support != "none":
-            return "bf16", f"train.amp=auto: bf16 (this CPU multiplies bf16 natively: {support})"
-        return "none", "train.amp=auto: float32 (this CPU has no native bf16 matmul; emulated bf16 is slower)"
+        if support == "none":
+            return "none", "train.amp=auto: float32 (this CPU has no native bf16 matmul; emulated bf16 is slower)"
+        speedup = cpu_bf16_speedup() if bf16_speedup is None else bf16_speedup
+        if speedup >= BF16_MIN_SPEEDUP:
+            return "bf16", (f"train.amp=auto: bf16 (this CPU multiplies bf16 natively: {support}; "
+                            f"a bf16 matmul ran {speedup:.1f}x as fast as float32)")
+        return "none", (f"train.amp=auto: float32 (this CPU has {support}, but a bf16 matmul ran at "
+                        f"{speedup:.2f}x float32's speed here; train.amp=bf16 forces it)")
     return "none", f"train.amp=auto: float32 on {device.type}"

@@ -1,5 +1,6 @@
 """bf16 compute with float32 master weights (captioner.precision, train.amp=bf16)."""
 
+import math
 from collections import Counter
 
 import pytest
@@ -172,19 +173,32 @@ def test_amp_auto_is_bf16_only_where_the_cpu_has_native_bf16(tiny_config, monkey
     real = captioner.model.cast_parameters
     monkeypatch.setattr(captioner.model, "cast_parameters", lambda m, dtype: seen.append(dtype) or real(m, dtype))
     monkeypatch.setattr(captioner.device, "cpu_bf16_support", lambda: support)
+    monkeypatch.setattr(captioner.device, "cpu_bf16_speedup", lambda: 4.0)  # as on an AMX or Zen 4 CPU
     result = fit(tiny_config("train.epochs=1", "train.max_steps=2", "train.amp=auto", "train.device=cpu"), quiet=True)
     assert seen == ([BF16] * 2 if expected is not None else [])
     assert "amp: auto" in (result.run_dir / "config.yaml").read_text()  # the config keeps what was asked
+
+
+def test_cpu_bf16_speedup_is_a_measured_ratio():
+    from captioner.device import cpu_bf16_speedup
+
+    ratio = cpu_bf16_speedup(size=64, repeat=2)
+    assert math.isfinite(ratio) and ratio > 0
 
 
 def test_resolve_amp_names_why():
     from captioner.device import resolve_amp
 
     cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu, cpu_bf16="AMX") == ("bf16", "train.amp=auto: bf16 (this CPU multiplies bf16 "
-                                                                "natively: AMX)")
+    assert resolve_amp("auto", cpu, cpu_bf16="AMX", bf16_speedup=4.04) == (
+        "bf16", "train.amp=auto: bf16 (this CPU multiplies bf16 natively: AMX; a bf16 matmul ran 4.0x as fast as float32)")
     amp, why = resolve_amp("auto", cpu, cpu_bf16="none")
     assert amp == "none" and "no native bf16" in why
+    # native but slower (an Intel Xeon with AVX512-BF16 and no AMX: half float32's rate)
+    amp, why = resolve_amp("auto", cpu, cpu_bf16="AVX512-BF16", bf16_speedup=0.5)
+    assert amp == "none" and "AVX512-BF16" in why and "0.50x" in why and "train.amp=bf16 forces it" in why
+    assert resolve_amp("auto", cpu, cpu_bf16="AVX512-BF16", bf16_speedup=1.19)[0] == "none"
+    assert resolve_amp("auto", cpu, cpu_bf16="AVX512-BF16", bf16_speedup=1.2)[0] == "bf16"
     for explicit in ("none", "bf16"):  # an explicit choice is kept, whatever the CPU
         assert resolve_amp(explicit, cpu, cpu_bf16="none")[0] == explicit
     assert resolve_amp("auto", torch.device("meta"))[0] == "none"
