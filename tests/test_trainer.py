@@ -108,6 +108,14 @@ def test_grounded_val_metric_is_cider_times_the_share_of_true_captions(tiny_conf
     assert scores["wrong_s"] == pytest.approx(math.ceil(len(half) / 2) / len(half))
     assert scores["grounded"] == pytest.approx(scores["cider"] * (1 - scores["wrong_s"]))
     assert trainer.score_captions(dict.fromkeys(true, "a large pink circle"))["grounded"] == 0.0
+    # a stated relation turned around: false, though every object it names is there
+    flips = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    image_id, stated = next((i, c) for i, c in sorted(true.items()) if trainer.chair({i: c}).relations_correct == 1
+                            and any(w in flips for w in c.split()))
+    flipped = " ".join(flips.get(w, w) for w in stated.split())
+    scores = trainer.score_captions({**true, image_id: flipped})
+    assert scores["chair_s"] == 0.0 and scores["wrong_s"] == pytest.approx(1 / len(true))
+    assert scores["grounded"] == pytest.approx(scores["cider"] * (1 - 1 / len(true)))
 
     result = fit(tiny_config("train.epochs=2", "train.val_metric=grounded", "train.patience=0"), quiet=True)
     assert result.metric == "grounded"
