@@ -24,8 +24,8 @@ Validation decodes greedily (no teacher forcing) with the evaluation's own code 
 BLEU-1..4, ROUGE-L and CIDEr-D (pure Python, no Java), and with an instances file CHAIR,
 relation accuracy and ``grounded`` (CIDEr-D times the share of captions with nothing false);
 ``train.val_metric`` (CIDEr-D by default) picks the best checkpoint, ``best.pt``, and drives
-early stopping; the latest is
-``last.pt``; metrics go to ``metrics.jsonl``, one JSON object a line.
+early stopping; the latest is ``last.pt``; metrics go to ``metrics.jsonl``, one JSON object a
+line.
 
 To extend: a new validation score goes into :meth:`Trainer.score_captions` (every key it
 returns is logged as ``val_<key>`` and ``baseline_<key>``); a new training objective
