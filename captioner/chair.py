@@ -112,12 +112,15 @@ class ChairReport:
         chair_i: hallucinated mentions / mentions (NaN when nothing was named).
         chair_s: captions with a hallucinated mention / captions (NaN without captions).
         relation_accuracy: stated relations that hold / stated relations between two
-            objects named correctly and unambiguously (NaN when there were none).
+            objects named correctly and unambiguously (NaN when there were none); a relation
+            whose two mentions pick out the same object is stated and does not hold.
         captions, mentions, hallucinated, hallucinated_captions, relations, relations_correct: the counts.
         relations_wrong_axis: of the stated relations that do not hold, those whose object is
             on the stated side but further along the other axis ("left of" an object mostly
             below it; "beside" one mostly above or below): the sign right, the comparison of
             the two distances wrong.
+        relations_self: of the stated relations that do not hold, those whose two mentions
+            pick out the same object: the caption names two where there is one.
         wrong_captions: captions that name an object not in the image or state a relation
             that does not hold: what a reader would call false.
         wrong_s: wrong_captions / captions (NaN without captions); ``1 - wrong_s`` is the
@@ -134,6 +137,7 @@ class ChairReport:
     relations: int
     relations_correct: int
     relations_wrong_axis: int = 0
+    relations_self: int = 0
     wrong_captions: int = 0
     wrong_s: float = math.nan
 
@@ -150,7 +154,8 @@ class ChairReport:
                 f"{self.mentions} named objects not in the image, {self.hallucinated_captions} of {self.captions} "
                 f"captions); relation accuracy {pct(self.relation_accuracy)} ({self.relations_correct} of "
                 f"{self.relations} stated relations hold; {self.relations_wrong_axis} of the others on the "
-                f"stated side, the other axis dominant); captions wrong {pct(self.wrong_s)} ({self.wrong_captions} "
+                f"stated side, the other axis dominant, {self.relations_self} relate an object to itself); "
+                f"captions wrong {pct(self.wrong_s)} ({self.wrong_captions} "
                 f"of {self.captions}: an object not there or a relation that does not hold)")
 
 
@@ -252,17 +257,25 @@ def stated_relations(words: Sequence[str], mentions: Sequence[Mention]) -> list[
     return found
 
 
-def relation_accuracy(words: Sequence[str], mentions: Sequence[Mention]) -> tuple[int, int, int]:
+def relation_accuracy(words: Sequence[str], mentions: Sequence[Mention]) -> tuple[int, int, int, int]:
     """(stated relations between two uniquely matched mentions, how many of them hold, how
-    many of the others are on the stated side with the other axis dominant)."""
-    stated = correct = wrong_axis = 0
+    many of the others are on the stated side with the other axis dominant, how many of the
+    others relate an object to itself).
+
+    Both mentions picking out the same object ("the blue square is to the left of a blue
+    square" beside a blue diamond: the caption names two blue squares where there is one) is
+    a stated relation that does not hold."""
+    stated = correct = wrong_axis = itself = 0
     for relation, a, b in stated_relations(words, mentions):
-        if len(a.matches) == 1 and len(b.matches) == 1 and a.matches[0] is not b.matches[0]:
+        if len(a.matches) == 1 and len(b.matches) == 1:
             stated += 1
+            if a.matches[0] is b.matches[0]:
+                itself += 1
+                continue
             holds = relation_holds(relation, a.matches[0], b.matches[0])
             correct += holds
             wrong_axis += not holds and relation_side_holds(relation, a.matches[0], b.matches[0])
-    return stated, correct, wrong_axis
+    return stated, correct, wrong_axis, itself
 
 
 # ----------------------------------------------------------------------------- public
@@ -278,7 +291,7 @@ def chair(captions: Mapping[int, str | Sequence[str]], truth: GroundTruth) -> Ch
     Returns:
         The report, with its counts.
     """
-    n_captions = n_mentions = n_bad = bad_captions = n_relations = n_correct = n_axis = n_wrong = 0
+    n_captions = n_mentions = n_bad = bad_captions = n_relations = n_correct = n_axis = n_self = n_wrong = 0
     for image_id, caption in captions.items():
         objects = truth.objects.get(image_id)
         if objects is None:
@@ -286,17 +299,18 @@ def chair(captions: Mapping[int, str | Sequence[str]], truth: GroundTruth) -> Ch
         words = tokenize(caption) if isinstance(caption, str) else list(caption)
         mentions = find_mentions(words, objects, truth.categories)
         bad = sum(m.hallucinated for m in mentions)
-        stated, correct, wrong_axis = relation_accuracy(words, mentions)
+        stated, correct, wrong_axis, itself = relation_accuracy(words, mentions)
         n_captions, n_mentions, n_bad = n_captions + 1, n_mentions + len(mentions), n_bad + bad
         bad_captions += bad > 0
         n_wrong += bad > 0 or correct < stated
         n_relations, n_correct, n_axis = n_relations + stated, n_correct + correct, n_axis + wrong_axis
+        n_self += itself
     ratio = lambda a, b: a / b if b else math.nan  # noqa: E731
     return ChairReport(chair_i=ratio(n_bad, n_mentions), chair_s=ratio(bad_captions, n_captions),
                        relation_accuracy=ratio(n_correct, n_relations), captions=n_captions,
                        mentions=n_mentions, hallucinated=n_bad, hallucinated_captions=bad_captions,
                        relations=n_relations, relations_correct=n_correct, relations_wrong_axis=n_axis,
-                       wrong_captions=n_wrong, wrong_s=ratio(n_wrong, n_captions))
+                       relations_self=n_self, wrong_captions=n_wrong, wrong_s=ratio(n_wrong, n_captions))
 
 
 _EXPECTED = 'a COCO instances file ({"images": [...], "annotations": [{"bbox", "category_id", ...}], "categories": [...]})'

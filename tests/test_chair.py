@@ -113,6 +113,21 @@ def test_relations_need_two_unambiguous_existing_objects_and_adjacent_phrases():
     assert chair({1: words}, truth).relation_accuracy == 0.0  # same height: "above" does not hold
 
 
+def test_a_relation_between_two_mentions_of_one_object_is_stated_and_wrong():
+    """Beside a blue diamond there is one blue square: a caption that relates "a blue square"
+    to "a blue square" names two where there is one, whatever the relation word."""
+    scene = [shape(1, "diamond", "blue", "large", 10, 10), shape(2, "square", "blue", "large", 60, 10)]
+    truth = GroundTruth(objects={1: scene}, categories=())
+    for caption in ("the blue square is to the left of a blue square", "a blue square to the right of the square"):
+        report = chair({1: caption}, truth)
+        assert (report.relations, report.relations_correct, report.relations_self) == (1, 0, 1)
+        assert report.relation_accuracy == 0.0 and report.relations_wrong_axis == 0
+        assert report.hallucinated == 0 and report.wrong_captions == 1  # CHAIR cannot see it; wrong_s does
+        assert "1 relate an object to itself" in report.line()
+    report = chair({1: "the blue diamond is to the left of a blue square"}, truth)
+    assert (report.relations, report.relations_correct, report.relations_self, report.wrong_captions) == (1, 1, 0, 0)
+
+
 def test_coco_categories_with_synonyms_plurals_and_longest_phrase():
     truth = GroundTruth(objects={1: [thing(1, "person"), thing(2, "hot dog"), thing(3, "dog")],
                                  2: [thing(4, "person")]},
