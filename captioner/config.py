@@ -430,6 +430,10 @@ class TrainConfig:
             sides of it other objects lie, and this weight times its binary cross-entropy joins
             the loss. It teaches the encoder's trained part (``context_layers``) the geometry a
             stated relation needs. Needs the train split's instances file and ``flip`` none.
+        layout_margin: a layout target says A lies left of some other object when the
+            horizontal distance of their centres is at least this times the vertical one
+            (1: the dominant axis, what the relation words mean to ``chair``); between, the
+            pair is near a diagonal and the target says neither.
         objective: ``xent`` (cross-entropy, the paper's) or ``scst``: self-critical sequence
             training (Rennie et al. 2017, captioner/scst.py), after cross-entropy (see ``init_from``).
         init_from: a checkpoint whose model weights start a new run (fresh optimizer, step 0);
@@ -486,6 +490,7 @@ class TrainConfig:
     attention_supervision: str = "none"
     attention_supervision_weight: float = 1.0
     layout_weight: float = 0.0
+    layout_margin: float = 1.0
     objective: str = "xent"
     init_from: str = ""
     scst_samples: int = 5
@@ -520,6 +525,7 @@ class TrainConfig:
         _check(self.attention_supervision_weight >= 0, "attention_supervision_weight",
                f"must be >= 0; got {self.attention_supervision_weight}")
         _check(self.layout_weight >= 0, "layout_weight", f"must be >= 0; got {self.layout_weight}")
+        _check(self.layout_margin >= 1, "layout_margin", f"must be >= 1; got {self.layout_margin}")
         _check(self.layout_weight == 0 or self.objective == "xent", "layout_weight",
                f"is a cross-entropy training term; set it to 0 with objective={self.objective}")
         _check(self.layout_weight == 0 or self.flip == "none", "layout_weight",

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from captioner.chair import ground_object, relation_holds
+from captioner.chair import GroundObject, ground_object, relation_holds
 from captioner.correctness import Region, load_regions
 from captioner.data.records import ImageRecord
 from captioner.encoder import LAYOUT_DIRECTIONS as DIRECTIONS  # target k: A is DIRECTIONS[k] of some other
@@ -38,21 +38,33 @@ from captioner.grounding import region_target
 LayoutTargets = list[tuple[Tensor, Tensor]]
 
 
-def object_layout(regions: Sequence[Region]) -> Tensor:
-    """(K, 4) float: for each region A, whether A is left of, right of, above, below some other."""
+def clearly(direction: str, a: GroundObject, b: GroundObject, margin: float = 1.0) -> bool:
+    """Whether ``a`` is ``direction`` of ``b`` with the named axis at least ``margin`` times
+    the other (1: :func:`captioner.chair.relation_holds`, the dominant axis)."""
+    if not relation_holds(direction, a, b):
+        return False
+    (ax, ay), (bx, by) = a.centre, b.centre
+    along, across = (ax - bx, ay - by) if direction in ("left", "right") else (ay - by, ax - bx)
+    return abs(along) >= margin * abs(across)
+
+
+def object_layout(regions: Sequence[Region], margin: float = 1.0) -> Tensor:
+    """(K, 4) float: for each region A, whether A is left of, right of, above, below some other
+    (with ``margin`` > 1, clearly so: the named axis ``margin`` times the other at least)."""
     objects = [ground_object(r) for r in regions]
-    return torch.tensor([[float(any(relation_holds(d, a, b) for b in objects if b is not a)) for d in DIRECTIONS]
+    return torch.tensor([[float(any(clearly(d, a, b, margin) for b in objects if b is not a)) for d in DIRECTIONS]
                          for a in objects]).reshape(len(objects), len(DIRECTIONS))
 
 
 def layout_targets(records: Sequence[ImageRecord], instances_json: str | Path, *, grid: tuple[int, int],
-                   origin: tuple[float, float] = (0.5, 0.5)) -> LayoutTargets:
+                   origin: tuple[float, float] = (0.5, 0.5), margin: float = 1.0) -> LayoutTargets:
     """Every image's objects: their footprints on the grid and their four layout targets.
 
     Args:
         records: the split's images, in the order the data set indexes them.
         instances_json: the split's COCO instances file.
         grid: (h, w) of the annotation grid. origin: ``Encoder.cell_origin``.
+        margin: ``train.layout_margin`` (:func:`object_layout`).
 
     Returns:
         For image k: ``(weights (K, L), targets (K, 4))``; K = 0 for an image without objects.
@@ -63,5 +75,5 @@ def layout_targets(records: Sequence[ImageRecord], instances_json: str | Path, *
     for record in records:
         own = [r for r in regions.get(record.image_id, []) if r.mask.any()]
         weights = torch.stack([region_target(r.mask, grid, origin) for r in own]) if own else torch.zeros(0, cells)
-        out.append((weights, object_layout(own)))
+        out.append((weights, object_layout(own, margin)))
     return out

@@ -488,7 +488,8 @@ class Trainer:
             raise ConfigError(f"train.layout_weight={w:g} needs a COCO instances file for the train split "
                               "(data.train.instances, or instances_*.json beside captions_*.json); 0 turns it off")
         encoder = self.model.encoder
-        self.layouts = layout_targets(self.train_records, path, grid=encoder.grid, origin=encoder.cell_origin)
+        self.layouts = layout_targets(self.train_records, path, grid=encoder.grid, origin=encoder.cell_origin,
+                                      margin=self.t.layout_margin)
         self.log.say(f"layout supervision (train.layout_weight={w:g}): {sum(len(t) for _, t in self.layouts)} "
                      f"objects in {len(self.layouts)} training images")
 

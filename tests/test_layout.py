@@ -39,6 +39,22 @@ def test_object_layout_says_on_which_sides_of_others_each_object_lies():
     assert object_layout([]).shape == (0, 4)
 
 
+def test_a_margin_leaves_pairs_near_a_diagonal_on_no_side():
+    a = _region(1, slice(0, 4), slice(0, 4))  # top left, centre (2, 2)
+    near = _region(2, slice(10, 14), slice(11, 15))  # dx 11, dy 10: x dominates by 1.1
+    clear = _region(3, slice(20, 24), slice(8, 12))  # dx 8, dy 20 from a: y dominates by 2.5
+    assert object_layout([a, near]).tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+    assert object_layout([a, near], margin=1.2).tolist() == [[0.0] * 4, [0.0] * 4]  # near the diagonal: neither
+    assert object_layout([a, near], margin=1.1).tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+    assert object_layout([a, clear], margin=1.2).tolist() == object_layout([a, clear]).tolist() \
+        == [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+
+
+def test_layout_margin_below_one_is_a_config_error():
+    with pytest.raises(ConfigError, match="layout_margin"):
+        load_config(None, ["train.layout_margin=0.8"])
+
+
 def test_object_layout_is_the_relation_words_meaning_on_real_instances(shapes_root):
     instances = shapes_root / "annotations" / "instances_train.json"
     checked = 0
@@ -70,6 +86,10 @@ def test_layout_targets_pool_each_object_over_its_footprint(shapes_root):
         for k, region in enumerate(own):
             torch.testing.assert_close(weights[k], region_target(region.mask, (4, 4)))
         torch.testing.assert_close(bits, object_layout(own))
+    margined = layout_targets(records, instances, grid=(4, 4), origin=(0.5, 0.5), margin=3.0)
+    assert [torch.equal(b, object_layout(regions[r.image_id], 3.0)) for r, (_, b) in zip(records, margined)] == \
+        [True] * len(records)
+    assert sum(int(b.sum()) for _, b in margined) < sum(int(b.sum()) for _, b in targets)  # some pairs are near a diagonal
 
 
 def test_layout_head_loss_is_the_binary_cross_entropy_of_the_pooled_vectors():
@@ -150,7 +170,7 @@ def test_each_row_of_features_gets_its_own_images_objects(tiny_config, monkeypat
     real_targets, real_loss = captioner.train.layout_targets, LayoutHead.loss
 
     def keep(*args, **kwargs):
-        made["targets"] = real_targets(*args, **kwargs)
+        made["targets"], made["margin"] = real_targets(*args, **kwargs), kwargs.get("margin")
         return made["targets"]
 
     def spy(self, feats, layouts):
@@ -160,7 +180,8 @@ def test_each_row_of_features_gets_its_own_images_objects(tiny_config, monkeypat
     monkeypatch.setattr(captioner.train, "layout_targets", keep)
     monkeypatch.setattr(LayoutHead, "loss", spy)
     mode = ["train.cache_features=false", "train.captions_per_image=2"] if per_image else []
-    fit(tiny_config("train.epochs=1", "train.layout_weight=1", *mode), quiet=True)
+    fit(tiny_config("train.epochs=1", "train.layout_weight=1", "train.layout_margin=1.5", *mode), quiet=True)
+    assert made["margin"] == 1.5  # the trainer's targets use train.layout_margin
     assert seen and all(rows == len(layouts) for rows, layouts in seen)  # one image's objects per row of features
     got = sorted(id(weights) for _, layouts in seen for weights, _ in layouts)
     from captioner.data import load_split
