@@ -324,6 +324,13 @@ class AnchorTerm(nn.Module):
         term = c[..., :2] @ self.positions.T  # (B, [K,] L): c_x x_l + c_y y_l
         return torch.addcmul(torch.addcmul(term, dx, c[..., 2:3]), dy, c[..., 3:]) * anchor[..., 2:3]  # times s
 
+    def offset(self, alpha: Tensor, anchor: Tensor) -> Tensor:
+        """Where the map sits from the anchor, for the context (``relative_read``): s (dx, dy,
+        |dx|, |dy|) of the map's centroid less the anchor's point; alpha (B, [K,] L), anchor
+        (B, [K,] 3) -> (B, [K,] 4), zeros before any anchor is set."""
+        d = alpha.float() @ self.positions - anchor[..., :2]  # (B, [K,] 2)
+        return torch.cat([d, d.abs()], dim=-1) * anchor[..., 2:3]
+
     def update(self, hidden: Tensor, alpha: Tensor, anchor: Tensor) -> Tensor:
         """The next anchor: the gated centroid of ``alpha`` (B, [K,] L), and s; (B, [K,] 3)."""
         centroid = alpha.float() @ self.positions  # (B, [K,] 2)
@@ -358,11 +365,15 @@ class SoftAttention(nn.Module):
         normalizer: ``softmax`` (the paper's) or ``sparsemax`` (exact zeros off the best locations).
         hops: reads of the grid per step (1: the paper's).
         relative: add the anchor term (one hop only). grid: (h, w), which it needs.
+        relative_read: with ``relative``, the context also says where the map sits from the
+            anchor (:meth:`AnchorTerm.offset`: 4 more values; ``context_dim`` = C + 4): with its
+            map on B, the decoder reads B's offset from A, from which the direction word
+            follows ("to the left of": dx > 0, |dx| >= |dy|).
     """
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
                  activation: str = "tanh", normalizer: str = "softmax", hops: int = 1,
-                 relative: bool = False, grid: tuple[int, int] = (1, 1)) -> None:
+                 relative: bool = False, grid: tuple[int, int] = (1, 1), relative_read: bool = False) -> None:
         super().__init__()
         if hops < 1:
             raise ValueError(f"hops must be >= 1; got {hops}")
@@ -373,7 +384,10 @@ class SoftAttention(nn.Module):
             build_score(score, key_dim=feature_dim, query_dim=hidden_dim + feature_dim, dim=dim, activation=activation)
             for _ in range(hops - 1))
         self.normalize = NORMALIZERS[normalizer]
-        self.context_dim = hops * feature_dim
+        if relative_read and not relative:
+            raise ValueError("relative_read reads the anchor: it needs relative")
+        self.relative_read = relative_read
+        self.context_dim = hops * feature_dim + 4 * relative_read
         self.anchor = AnchorTerm(hidden_dim=hidden_dim, grid=grid) if relative else None  # after the scores: a seed
         # builds the same scores with and without it
 
@@ -382,7 +396,7 @@ class SoftAttention(nn.Module):
                     grid: tuple[int, int]) -> SoftAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
                    activation=cfg.activation, normalizer=cfg.normalizer, hops=cfg.hops,
-                   relative=cfg.relative, grid=grid)
+                   relative=cfg.relative, grid=grid, relative_read=cfg.relative_read)
 
     def init_memory(self, features: Tensor) -> Tensor | None:
         """The anchor before the first step (B, 3): x, y, s, with ``relative``; else None."""
@@ -400,8 +414,10 @@ class SoftAttention(nn.Module):
         if self.anchor is not None:  # memory: the anchor (B, [K,] 3): x, y, s
             scores = self.score(projected, hidden) + self.anchor(hidden, memory)  # (B, [K,] L)
             alpha = self.normalize(scores, mask)
-            return AttentionOutput(context=attend(alpha, features), alpha=alpha,
-                                   memory=self.anchor.update(hidden, alpha, memory))
+            context = attend(alpha, features)
+            if self.relative_read:
+                context = torch.cat([context, self.anchor.offset(alpha, memory).to(context.dtype)], dim=-1)
+            return AttentionOutput(context=context, alpha=alpha, memory=self.anchor.update(hidden, alpha, memory))
         if not self.hop_scores:
             alpha = self.normalize(self.score(projected, hidden), mask)  # (B, L)
             return AttentionOutput(context=attend(alpha, features), alpha=alpha)

@@ -282,7 +282,9 @@ class AttentionConfig:
     (1: the paper's; 2: the second hop can look for "the object below the one just named");
     ``relative``: soft attention's scores also read where each location lies from an anchor,
     the gated centroid of the maps on the objects named so far (``AnchorTerm``: "a blue square"
-    after "left of" is found in the cone right of the circle's centre)."""
+    after "left of" is found in the cone right of the circle's centre); ``relative_read``: with
+    ``relative``, the context vector also carries where the map sits from the anchor (dx, dy,
+    |dx|, |dy|), so a direction word can be read off the map on the second object."""
 
     name: str = "soft"
     score: str = "additive"
@@ -292,6 +294,7 @@ class AttentionConfig:
     normalizer: str = "softmax"
     hops: int = 1
     relative: bool = False
+    relative_read: bool = False
     hard: HardAttentionConfig = HardAttentionConfig()
     local: LocalAttentionConfig = LocalAttentionConfig()
 
@@ -304,6 +307,8 @@ class AttentionConfig:
                f"only soft attention reads the grid in hops; got {self.hops} with name {self.name!r}")
         _check(not self.relative or self.hops == 1, "relative",
                f"the anchor term reads one hop; got hops {self.hops}")  # and soft attention: build_attention
+        _check(not self.relative_read or self.relative, "relative_read",
+               "reads where the map sits from the anchor: it needs relative: true")
 
 
 @dataclass(frozen=True)

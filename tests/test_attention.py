@@ -535,6 +535,50 @@ def test_k_queries_per_image_with_the_anchor_equal_copied_images():
     torch.testing.assert_close(grouped.memory.flatten(0, 1), flat.memory)
 
 
+def test_relative_read_appends_where_the_map_sits_from_the_anchor():
+    """The context is [sum_i alpha_i a_i; s (dx, dy, |dx|, |dy|)] of the map's centroid less
+    the anchor's point: zeros before an anchor is set; K queries per image agree with copies."""
+    torch.manual_seed(0)
+    att = build_attention(AttentionConfig(name="soft", dim=6, relative=True, relative_read=True),
+                          feature_dim=C, hidden_dim=H, grid=(3, 4))
+    assert att.context_dim == C + 4 and make_relative().context_dim == C
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    projected = att.precompute(feats)
+    anchor = torch.tensor([[0.5, -0.25, 0.8]]).expand(B, 3)
+    out = att(feats, projected, h, memory=anchor)
+    torch.testing.assert_close(out.context[:, :C], (out.alpha.unsqueeze(-1) * feats).sum(1))
+    d = out.alpha @ att.anchor.positions - anchor[:, :2]  # (B, 2)
+    torch.testing.assert_close(out.context[:, C:], torch.cat([d, d.abs()], -1) * 0.8)
+    assert d.abs().min() > 1e-3  # the check above is not about zeros
+    start = att(feats, projected, h, memory=att.init_memory(feats))
+    assert torch.equal(start.context[:, C:], torch.zeros(B, 4))  # no anchor yet: nothing to read
+    K = 3
+    hk, ak = torch.randn(B, K, H), torch.rand(B, K, 3)
+    grouped = att(feats, projected, hk, memory=ak)
+    copies = feats.repeat_interleave(K, 0)
+    flat = att(copies, att.precompute(copies), hk.flatten(0, 1), memory=ak.flatten(0, 1))
+    torch.testing.assert_close(grouped.context.flatten(0, 1), flat.context)
+
+
+def test_relative_read_sends_gradients_to_where_the_map_goes():
+    """A loss on the offset channels alone reaches the scores' parameters: the decoder can
+    learn to move its map onto the second object to read the direction."""
+    torch.manual_seed(0)
+    att = build_attention(AttentionConfig(name="soft", dim=6, relative=True, relative_read=True),
+                          feature_dim=C, hidden_dim=H, grid=(3, 4))
+    feats, h = torch.randn(B, L, C), torch.randn(B, H)
+    out = att(feats, att.precompute(feats), h, memory=torch.tensor([[0.1, 0.2, 1.0]]).expand(B, 3))
+    (out.context[:, C:] * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in att.score.parameters())
+
+
+def test_relative_read_needs_the_anchor():
+    with pytest.raises(ConfigError, match="relative_read.*needs relative: true"):
+        AttentionConfig(relative_read=True)
+    with pytest.raises(ValueError, match="relative_read"):
+        build_attention.__globals__["SoftAttention"](feature_dim=C, hidden_dim=H, relative_read=True)
+
+
 def test_the_anchor_is_soft_attention_with_one_hop_only():
     for name in ("hard", "local", "none", "mean"):
         with pytest.raises(ConfigError, match="relative.*soft attention's; got name"):
