@@ -331,6 +331,24 @@ class AnchorTerm(nn.Module):
         d = alpha.float() @ self.positions - anchor[..., :2]  # (B, [K,] 2)
         return torch.cat([d, d.abs()], dim=-1) * anchor[..., 2:3]
 
+    def settle(self, hidden: Tensor, memory: Tensor, fit: Tensor) -> Tensor:
+        """``anchor_on_word``: the update of the step before, now that its word is known.
+
+        The memory holds (x, y, s) and the map alpha_t that wrote word y_t (zeros before the
+        first step); ``fit`` (B, [K,] L) is how well each location alone explains y_t (the
+        decoder's output layer read at that location, :meth:`Decoder.word_fit`). The anchor
+        takes the centroid of the map re-weighted by it, q_l ~ alpha_l exp(fit_l): the posterior
+        of the location given the word, so "an orange diamond" whose map lay on the orange
+        square and the orange diamond anchors on the diamond. ``hidden``: h_t, the gate's input
+        (as in :meth:`update`). Returns the memory with the anchor moved (the map kept)."""
+        anchor, alpha = memory[..., :3], memory[..., 3:].float()
+        pending = alpha.sum(-1, keepdim=True)  # 1 after a step, 0 before the first: nothing to settle
+        q = alpha * torch.exp(fit.float() - fit.float().amax(-1, keepdim=True))
+        q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
+        g = torch.sigmoid(self.gate(hidden).float()) * pending
+        target = torch.cat([q @ self.positions, torch.ones_like(g)], dim=-1)
+        return torch.cat([torch.lerp(anchor, target, g), memory[..., 3:]], dim=-1)
+
     def update(self, hidden: Tensor, alpha: Tensor, anchor: Tensor) -> Tensor:
         """The next anchor: the gated centroid of ``alpha`` (B, [K,] L), and s; (B, [K,] 3)."""
         centroid = alpha.float() @ self.positions  # (B, [K,] 2)
@@ -365,6 +383,9 @@ class SoftAttention(nn.Module):
         normalizer: ``softmax`` (the paper's) or ``sparsemax`` (exact zeros off the best locations).
         hops: reads of the grid per step (1: the paper's).
         relative: add the anchor term (one hop only). grid: (h, w), which it needs.
+        anchor_on_word: with ``relative``, the anchor is settled a step later, from the map
+            re-weighted by the word it wrote (:meth:`AnchorTerm.settle`; the decoder does it,
+            with Luong's arrangement); the memory is then (x, y, s, alpha_t) (3 + L values).
         relative_read: with ``relative``, the context also says where the map sits from the
             anchor (:meth:`AnchorTerm.offset`: 4 more values; ``context_dim`` = C + 4): with its
             map on B, the decoder reads B's offset from A, from which the direction word
@@ -373,7 +394,8 @@ class SoftAttention(nn.Module):
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
                  activation: str = "tanh", normalizer: str = "softmax", hops: int = 1,
-                 relative: bool = False, grid: tuple[int, int] = (1, 1), relative_read: bool = False) -> None:
+                 relative: bool = False, grid: tuple[int, int] = (1, 1), relative_read: bool = False,
+                 anchor_on_word: bool = False) -> None:
         super().__init__()
         if hops < 1:
             raise ValueError(f"hops must be >= 1; got {hops}")
@@ -384,9 +406,9 @@ class SoftAttention(nn.Module):
             build_score(score, key_dim=feature_dim, query_dim=hidden_dim + feature_dim, dim=dim, activation=activation)
             for _ in range(hops - 1))
         self.normalize = NORMALIZERS[normalizer]
-        if relative_read and not relative:
-            raise ValueError("relative_read reads the anchor: it needs relative")
-        self.relative_read = relative_read
+        if (relative_read or anchor_on_word) and not relative:
+            raise ValueError("relative_read and anchor_on_word change the anchor: they need relative")
+        self.relative_read, self.anchor_on_word = relative_read, anchor_on_word
         self.context_dim = hops * feature_dim + 4 * relative_read
         self.anchor = AnchorTerm(hidden_dim=hidden_dim, grid=grid) if relative else None  # after the scores: a seed
         # builds the same scores with and without it
@@ -396,11 +418,17 @@ class SoftAttention(nn.Module):
                     grid: tuple[int, int]) -> SoftAttention:
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
                    activation=cfg.activation, normalizer=cfg.normalizer, hops=cfg.hops,
-                   relative=cfg.relative, grid=grid, relative_read=cfg.relative_read)
+                   relative=cfg.relative, grid=grid, relative_read=cfg.relative_read,
+                   anchor_on_word=cfg.anchor_on_word)
 
     def init_memory(self, features: Tensor) -> Tensor | None:
-        """The anchor before the first step (B, 3): x, y, s, with ``relative``; else None."""
-        return self.anchor.init_memory(features) if self.anchor is not None else None
+        """The anchor before the first step (B, 3): x, y, s, with ``relative``; else None.
+        With ``anchor_on_word`` (B, 3 + L): and no map yet."""
+        if self.anchor is None:
+            return None
+        memory = self.anchor.init_memory(features)
+        return torch.cat([memory, memory.new_zeros(features.shape[0], features.shape[1])], -1) \
+            if self.anchor_on_word else memory
 
     def precompute(self, features: Tensor, rows: Tensor | None = None) -> Tensor | tuple:
         """The first hop's projected keys; with more hops, a tuple of every hop's."""
@@ -417,6 +445,9 @@ class SoftAttention(nn.Module):
             context = attend(alpha, features)
             if self.relative_read:
                 context = torch.cat([context, self.anchor.offset(alpha, memory).to(context.dtype)], dim=-1)
+            if self.anchor_on_word:  # settled at the next step, once the word is known (Decoder)
+                return AttentionOutput(context=context, alpha=alpha,
+                                       memory=torch.cat([memory[..., :3], alpha.float()], dim=-1))
             return AttentionOutput(context=context, alpha=alpha, memory=self.anchor.update(hidden, alpha, memory))
         if not self.hop_scores:
             alpha = self.normalize(self.score(projected, hidden), mask)  # (B, L)

@@ -284,7 +284,11 @@ class AttentionConfig:
     the gated centroid of the maps on the objects named so far (``AnchorTerm``: "a blue square"
     after "left of" is found in the cone right of the circle's centre); ``relative_read``: with
     ``relative``, the context vector also carries where the map sits from the anchor (dx, dy,
-    |dx|, |dy|), so a direction word can be read off the map on the second object."""
+    |dx|, |dy|), so a direction word can be read off the map on the second object;
+    ``anchor_on_word``: with ``relative`` (and Luong's arrangement), the anchor takes the map
+    re-weighted by how well each location alone explains the word it wrote (the output layer
+    read at each location): "an orange diamond" written from a map on the orange square and
+    the orange diamond anchors on the diamond."""
 
     name: str = "soft"
     score: str = "additive"
@@ -295,6 +299,7 @@ class AttentionConfig:
     hops: int = 1
     relative: bool = False
     relative_read: bool = False
+    anchor_on_word: bool = False
     hard: HardAttentionConfig = HardAttentionConfig()
     local: LocalAttentionConfig = LocalAttentionConfig()
 
@@ -309,6 +314,8 @@ class AttentionConfig:
                f"the anchor term reads one hop; got hops {self.hops}")  # and soft attention: build_attention
         _check(not self.relative_read or self.relative, "relative_read",
                "reads where the map sits from the anchor: it needs relative: true")
+        _check(not self.anchor_on_word or self.relative, "anchor_on_word",
+               "settles the anchor on the word written: it needs relative: true")
 
 
 @dataclass(frozen=True)

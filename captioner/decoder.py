@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from captioner.attention import AttentionOutput, build_attention
 from captioner.config import ModelConfig
+from captioner.errors import ConfigError
 from captioner.kernels import StepWeight
 
 
@@ -244,6 +245,10 @@ class Decoder(nn.Module):
             self.out = nn.Linear(hidden_dim, vocab_size)  # L_o, or Luong's W_s
         self.dropout = nn.Dropout(dropout)
         self.dropout_hidden, self.fused = dropout_hidden, fused
+        self.anchor_on_word = getattr(attention, "anchor_on_word", False)
+        if self.anchor_on_word and not self.luong:
+            raise ConfigError("model.attention.anchor_on_word reads Luong's output layer at each location: "
+                              "set model.decoder.arrangement: luong (or anchor_on_word: false)")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -275,8 +280,27 @@ class Decoder(nn.Module):
         return DecoderState(h, c, torch.zeros_like(h) if self.luong else None, memory)
 
     def precompute(self, features: Tensor):
-        """The attention's per-image work (W_a a_i), once before the time loop (opaque here)."""
-        return self.attention.precompute(self._scored(features))
+        """The attention's per-image work (W_a a_i), once before the time loop (opaque here);
+        with ``anchor_on_word``, with the locations' share of the output layer (:meth:`cells`)."""
+        projected = self.attention.precompute(self._scored(features))
+        return (projected, self.cells(features)) if self.anchor_on_word else projected
+
+    def cells(self, features: Tensor) -> Tensor:
+        """``anchor_on_word``: W_c's feature columns applied to every location, (B, L, H): what
+        h~ would be made of if the map sat on that location alone."""
+        return features @ self.combine.weight[:, :features.shape[-1]].T.to(features.dtype)
+
+    def word_fit(self, cells: Tensor, h: Tensor, words: Tensor) -> Tensor:
+        """How well each location alone explains each row's word: W_s[y] . tanh(W_c [a_l; h]),
+        the output layer's logit of y with the map on location l alone (its bias, the same for
+        every location, left out). cells (B, L, H) from :meth:`cells`, h (N, H), words (N,) with
+        N = K * B (K rows per image, image-major) -> (N, L)."""
+        B, L, H = cells.shape
+        k = h.shape[0] // B
+        h_part = (h @ self.combine.weight[:, -H:].T.to(h.dtype)).view(B, k, 1, H)
+        pre = torch.tanh(cells.unsqueeze(1) + h_part)  # (B, k, L, H)
+        w = self.out.weight[words].to(pre.dtype).view(B, k, H, 1)
+        return (pre @ w).view(B * k, L)
 
     def _scored(self, features: Tensor) -> Tensor:
         """What the attention's scores read of the features: the channels ``score_mask`` keeps
@@ -298,15 +322,20 @@ class Decoder(nn.Module):
 
     def _advance(self, gates_embed: Tensor, state: DecoderState, features: Tensor, projected,
                  mask: Tensor | None, gates: tuple[StepWeight, StepWeight] | None = None,
+                 words: Tensor | None = None, cells: Tensor | None = None,
                  ) -> tuple[DecoderState, AttentionOutput, Tensor, Tensor]:
         """One step of the arrangement. Returns (state, attention, z_t, beta_t).
 
         ``gates``: W_z and W_h of the teacher-forced loop, whose gradients are summed once
-        (captioner.kernels); else the layers themselves."""
+        (captioner.kernels); else the layers themselves. ``words`` (N,), the word the step
+        reads, and ``cells``: with ``anchor_on_word``, the last step's anchor is settled on it."""
         w_in, w_h = gates if gates is not None else (self.gate_context, self.gate_hidden)
         if self.luong:  # step on [E y, h~_{t-1}], attend on h_t, h~_t = tanh(W_c [z_t; h_t])
+            memory = state.memory
+            if self.anchor_on_word:
+                memory = self.attention.anchor.settle(state.h, memory, self.word_fit(cells, state.h, words))
             h, c = _lstm(gates_embed + w_in(state.out) + w_h(state.h), state.c)
-            att = self._attend(features, projected, h, mask, state.memory)
+            att = self._attend(features, projected, h, mask, memory)
             out = torch.tanh(self.combine(torch.cat([att.context, h], dim=-1)))  # (B, H)
             return DecoderState(h, c, out, att.memory), att, att.context, h.new_ones(h.shape[0])
         att = self._attend(features, projected, state.h, mask, state.memory)
@@ -346,7 +375,9 @@ class Decoder(nn.Module):
         (rows i * K .. i * K + K - 1 belong to image i): beam search then keeps one copy of
         each image's features and keys."""
         emb = self.embed(tokens)  # (B, E)
-        state, att, z, beta = self._advance(self.gate_embed(emb), state, features, projected, mask)
+        projected, cells = projected if self.anchor_on_word else (projected, None)
+        state, att, z, beta = self._advance(self.gate_embed(emb), state, features, projected, mask,
+                                            words=tokens, cells=cells)
         return StepOutput(self._logits(emb, self._readout(state), z), state, att, beta)
 
     # -- teacher forcing
@@ -406,8 +437,12 @@ class Decoder(nn.Module):
             if pack.order is not None:
                 features = features.index_select(0, pack.order)  # longest caption first
                 mask = mask.index_select(0, pack.order) if mask is not None else None
-            projected, state = self.precompute(features), self.init_state(features)
+            projected, state = self.attention.precompute(self._scored(features)), self.init_state(features)
         gates = self._step_weights()
+        cells = words = None
+        if self.anchor_on_word:  # the words each step reads, in the loop's row order; the locations' W_c a_l
+            words = inputs.index_select(0, pack.order) if pack.order is not None else inputs
+            cells = self.cells(features)
         gates_embed = gates_embed.unbind(1)  # T views; their backward stacks the T gradients once (a slice
         # [:, t] per step would write each step's gradient into a zeroed (B, T, 4H) tensor: T full passes)
         steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs")}
@@ -418,7 +453,9 @@ class Decoder(nn.Module):
             if n < state.h.shape[0]:  # the shortest captions have ended: drop their rows (views)
                 state, features, projected = state.narrow(n), features[:n], _narrow(projected, n)
                 mask = mask[:n] if mask is not None else None
-            state, att, z, beta = self._advance(gates_embed[t][:n], state, features, projected, mask, gates)
+                cells = cells[:n] if cells is not None else None
+            state, att, z, beta = self._advance(gates_embed[t][:n], state, features, projected, mask, gates,
+                                                words=words[:n, t] if words is not None else None, cells=cells)
             sampled = att.sampled if t == 0 else sampled
             for key, x in (("h", self._readout(state)), ("z", z), ("alpha", att.alpha), ("beta", beta),
                            ("log_prob", att.log_prob), ("entropy", att.entropy),

@@ -142,6 +142,93 @@ def test_doubly_stochastic_by_hand_and_only_over_real_steps():
     torch.testing.assert_close(doubly_stochastic(alphas, torch.tensor([[1.0, 1.0, 1.0]])), torch.tensor([1.0]))
 
 
+def word_anchored(relative_read=False):
+    cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
+                             "model.decoder.dropout=0.0", "model.decoder.arrangement=luong",
+                             "model.attention.relative=true", "model.attention.anchor_on_word=true",
+                             f"model.attention.relative_read={relative_read}"]).model
+    torch.manual_seed(0)
+    return Decoder.from_config(cfg, vocab_size=V, feature_dim=C, grid=(2, 5)).eval()  # L = 10
+
+
+@pytest.mark.parametrize("relative_read", [False, True])
+def test_anchor_on_word_steps_match_teacher_forcing_and_beams(relative_read):
+    """The anchor settled on the word read (anchor_on_word): the teacher-forced pass, its
+    packed form, and one step at a time agree; K rows per image (beam search) equal copies."""
+    dec = word_anchored(relative_read)
+    with torch.no_grad():
+        dec.attention.anchor.coefficients.bias.copy_(torch.tensor([2.0, -1.0, 1.5, 0.5]))
+        dec.attention.anchor.gate.bias.fill_(1.0)
+    feats, caps = torch.randn(B, L, C), torch.randint(4, V, (B, 6))
+    full = dec(feats, caps)
+    packed = dec(feats, caps, lengths=torch.tensor([5, 3, 4]))
+    mask = torch.arange(5) < torch.tensor([5, 3, 4]).unsqueeze(1)
+    torch.testing.assert_close(packed.alphas[mask], full.alphas[mask])
+    state, projected = dec.init_state(feats), dec.precompute(feats)
+    assert state.memory.shape == (B, 3 + L) and (state.memory == 0).all()
+    for t in range(5):
+        out = dec.step(caps[:, t], state, feats, projected)
+        torch.testing.assert_close(out.logits, full.logits[:, t])
+        torch.testing.assert_close(out.attention.alpha, full.alphas[:, t])
+        torch.testing.assert_close(out.state.memory[:, 3:], out.attention.alpha)  # the map waits for its word
+        state = out.state
+    K = 2
+    state, copies = dec.init_state(feats).index_select(torch.arange(B).repeat_interleave(K)), \
+        feats.repeat_interleave(K, 0)
+    flat_state, flat_projected = dec.init_state(copies), dec.precompute(copies)
+    for t in range(4):
+        words = caps[:, t].repeat_interleave(K)
+        grouped = dec.step(words, state, feats, projected)
+        flat = dec.step(words, flat_state, copies, flat_projected)
+        torch.testing.assert_close(grouped.logits, flat.logits)
+        torch.testing.assert_close(grouped.state.memory, flat.state.memory)
+        state, flat_state = grouped.state, flat.state
+
+
+def test_anchor_on_word_settles_on_the_location_that_explains_the_word():
+    """Two locations share the map; the output layer at one of them alone writes the word:
+    the settled anchor is that location's centre, not the map's centroid."""
+    dec = word_anchored()
+    anchor = dec.attention.anchor
+    cells = torch.zeros(1, L, dec.hidden_dim)
+    cells[0, 2], cells[0, 7] = 5.0, -5.0  # W_c a_l: tanh saturates to +1 at location 2, -1 at 7
+    h = torch.zeros(1, dec.hidden_dim)
+    word = torch.tensor([4])
+    alpha = torch.zeros(1, L)
+    alpha[0, 2] = alpha[0, 7] = 0.5
+    with torch.no_grad():
+        dec.out.weight[4] = 1.0  # the word's logit: the sum of h~: high at 2, low at 7
+        anchor.gate.bias.fill_(30.0)  # the gate takes it
+        fit = dec.word_fit(cells, h, word)
+        settled = anchor.settle(h, torch.cat([torch.zeros(1, 3), alpha], -1), fit)
+        centroid = anchor.update(h, alpha, torch.zeros(1, 3))  # the plain anchor: between the two
+        before = anchor.settle(h, torch.zeros(1, 3 + L), fit)  # before the first step: no map, no anchor
+    assert fit[0, 2] > fit[0, 0] > fit[0, 7]
+    torch.testing.assert_close(settled[0, :2], anchor.positions[2], atol=1e-4, rtol=0)
+    assert settled[0, 2].item() == pytest.approx(1.0)
+    torch.testing.assert_close(centroid[0, :2], (anchor.positions[2] + anchor.positions[7]) / 2)
+    assert (before == 0).all()
+
+
+def test_anchor_on_word_gradients_reach_the_output_layer_through_the_anchor():
+    dec = word_anchored()
+    with torch.no_grad():
+        dec.attention.anchor.coefficients.bias.fill_(1.0)
+    feats, caps = torch.randn(B, L, C), torch.randint(4, V, (B, 6))
+    out = dec(feats, caps)
+    (out.alphas[:, 2:] * torch.randn(B, 3, L)).sum().backward()  # maps only: the logits are not in it
+    assert dec.out.weight.grad.abs().sum() > 0 and dec.combine.weight.grad.abs().sum() > 0
+
+
+def test_anchor_on_word_needs_luong_and_the_anchor():
+    from captioner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="anchor_on_word.*arrangement: luong"):
+        make_decoder("model.attention.relative=true", "model.attention.anchor_on_word=true")
+    with pytest.raises(ConfigError, match="anchor_on_word.*needs relative: true"):
+        make_decoder("model.decoder.arrangement=luong", "model.attention.anchor_on_word=true")
+
+
 @pytest.mark.parametrize("attention", ["soft", "hard", "local", "none"])
 def test_packed_pass_with_lengths_equals_the_full_pass_on_real_steps(attention):
     """With lengths the decoder runs no step past a caption's end and the output layer only on
