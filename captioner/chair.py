@@ -234,12 +234,14 @@ def relation_side_holds(relation: str, a: GroundObject, b: GroundObject) -> bool
     return {"left": dx < 0, "right": dx > 0, "above": dy < 0, "below": dy > 0, "beside": True}[relation]
 
 
-def relation_holds(relation: str, a: GroundObject, b: GroundObject) -> bool:
+def relation_holds(relation: str, a: GroundObject, b: GroundObject, *, margin: float = 1.0) -> bool:
     """Whether ``a`` is ``relation`` (left, right, above, below, beside) of ``b``: the
-    direction is the dominant axis of the centre difference, with the right sign."""
+    direction is the dominant axis of the centre difference, with the right sign (with
+    ``margin`` > 1, clearly so: that axis at least ``margin`` times the other;
+    ``train.layout_margin``)."""
     dx, dy = _offset(a, b)
     along, across = (dx, dy) if relation in _HORIZONTAL else (dy, dx)
-    return relation_side_holds(relation, a, b) and along != 0 and abs(along) >= abs(across)
+    return relation_side_holds(relation, a, b) and along != 0 and abs(along) >= margin * abs(across)
 
 
 def stated_relations(words: Sequence[str], mentions: Sequence[Mention]) -> list[tuple[str, Mention, Mention]]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from captioner.chair import GroundObject, ground_object, relation_holds
+from captioner.chair import ground_object, relation_holds
 from captioner.correctness import Region, load_regions
 from captioner.data.records import ImageRecord
 from captioner.encoder import LAYOUT_DIRECTIONS as DIRECTIONS  # target k: A is DIRECTIONS[k] of some other
@@ -38,21 +38,11 @@ from captioner.grounding import region_target
 LayoutTargets = list[tuple[Tensor, Tensor]]
 
 
-def clearly(direction: str, a: GroundObject, b: GroundObject, margin: float = 1.0) -> bool:
-    """Whether ``a`` is ``direction`` of ``b`` with the named axis at least ``margin`` times
-    the other (1: :func:`captioner.chair.relation_holds`, the dominant axis)."""
-    if not relation_holds(direction, a, b):
-        return False
-    (ax, ay), (bx, by) = a.centre, b.centre
-    along, across = (ax - bx, ay - by) if direction in ("left", "right") else (ay - by, ax - bx)
-    return abs(along) >= margin * abs(across)
-
-
 def object_layout(regions: Sequence[Region], margin: float = 1.0) -> Tensor:
     """(K, 4) float: for each region A, whether A is left of, right of, above, below some other
     (with ``margin`` > 1, clearly so: the named axis ``margin`` times the other at least)."""
     objects = [ground_object(r) for r in regions]
-    return torch.tensor([[float(any(clearly(d, a, b, margin) for b in objects if b is not a)) for d in DIRECTIONS]
+    return torch.tensor([[float(any(relation_holds(d, a, b, margin=margin) for b in objects if b is not a)) for d in DIRECTIONS]
                          for a in objects]).reshape(len(objects), len(DIRECTIONS))
 
 
