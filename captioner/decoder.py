@@ -430,6 +430,7 @@ class Decoder(nn.Module):
             rows = rows.index_select(0, pack.order) if pack.order is not None else rows  # longest caption first
             projected = self.attention.precompute(self._scored(features), rows=rows)
             state = self.init_state(features).index_select(rows)
+            cells = self.cells(features).index_select(0, rows) if self.anchor_on_word else None  # once per image
             features = features.index_select(0, rows)  # (B, L, C)
             mask = mask.index_select(0, rows) if mask is not None else None
         else:  # one caption an image: sort the features, then precompute (rows=pack.order would
@@ -438,11 +439,11 @@ class Decoder(nn.Module):
                 features = features.index_select(0, pack.order)  # longest caption first
                 mask = mask.index_select(0, pack.order) if mask is not None else None
             projected, state = self.attention.precompute(self._scored(features)), self.init_state(features)
+            cells = self.cells(features) if self.anchor_on_word else None
         gates = self._step_weights()
-        cells = words = None
-        if self.anchor_on_word:  # the words each step reads, in the loop's row order; the locations' W_c a_l
+        words = None
+        if self.anchor_on_word:  # the words each step reads, in the loop's row order
             words = inputs.index_select(0, pack.order) if pack.order is not None else inputs
-            cells = self.cells(features)
         gates_embed = gates_embed.unbind(1)  # T views; their backward stacks the T gradients once (a slice
         # [:, t] per step would write each step's gradient into a zeroed (B, T, 4H) tensor: T full passes)
         steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs")}
