@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from captioner import kernels
 from captioner.attention import AttentionOutput, build_attention
 from captioner.config import ModelConfig
 from captioner.errors import ConfigError
@@ -290,17 +291,32 @@ class Decoder(nn.Module):
         h~ would be made of if the map sat on that location alone."""
         return features @ self.combine.weight[:, :features.shape[-1]].T.to(features.dtype)
 
-    def word_fit(self, cells: Tensor, h: Tensor, words: Tensor) -> Tensor:
+    def word_fit(self, cells: Tensor | kernels.SummedRows, h: Tensor, words: Tensor,
+                 alpha: Tensor | None = None) -> Tensor:
         """How well each location alone explains each row's word: W_s[y] . tanh(W_c [a_l; h]),
         the output layer's logit of y with the map on location l alone (its bias, the same for
         every location, left out). cells (B, L, H) from :meth:`cells`, h (N, H), words (N,) with
-        N = K * B (K rows per image, image-major) -> (N, L)."""
-        B, L, H = cells.shape
-        k = h.shape[0] // B
+        N = K * B (K rows per image, image-major) -> (N, L).
+
+        With ``alpha`` (N, L), the map the fit will re-weight (:meth:`AnchorTerm.settle`: q_l ~
+        alpha_l exp(fit_l)), the fit is computed on the map's support only: where alpha_l = 0,
+        q_l = 0 whatever the fit, so those entries hold the row's lowest computed fit (their
+        exp stays <= 1 and the row's max is the support's). A sparsemax map covers a few cells
+        of the grid; a softmax map covers all of them, and then everything is computed."""
+        table = cells.table if isinstance(cells, kernels.SummedRows) else cells
+        B, L, H = table.shape
+        n = h.shape[0]
+        k = n // B
         h_part = (h @ self.combine.weight[:, -H:].T.to(h.dtype)).view(B, k, 1, H)
-        pre = torch.tanh(cells.unsqueeze(1) + h_part)  # (B, k, L, H)
-        w = self.out.weight[words].to(pre.dtype).view(B, k, H, 1)
-        return (pre @ w).view(B * k, L)
+        w = self.out.weight[words].to(h_part.dtype).view(B, k, H, 1)
+        support = max(int((alpha > 0).sum(-1).amax()), 1) if alpha is not None else L
+        if 2 * support > L:  # most of the grid: the dense form is cheaper than gathering
+            return (torch.tanh(table.unsqueeze(1) + h_part) @ w).view(n, L)
+        index = alpha.topk(support, dim=-1, sorted=False).indices  # (N, S): every nonzero of each row
+        rows = torch.arange(B, device=index.device).repeat_interleave(k).unsqueeze(1)  # (N, 1): image of each row
+        picked = kernels.gather_rows(cells, (rows * L + index).flatten()).view(B, k, support, H)
+        fit = (torch.tanh(picked + h_part) @ w).view(n, support)
+        return fit.detach().amin(-1, keepdim=True).expand(n, L).scatter(-1, index, fit)
 
     def _scored(self, features: Tensor) -> Tensor:
         """What the attention's scores read of the features: the channels ``score_mask`` keeps
@@ -333,7 +349,8 @@ class Decoder(nn.Module):
         if self.luong:  # step on [E y, h~_{t-1}], attend on h_t, h~_t = tanh(W_c [z_t; h_t])
             memory = state.memory
             if self.anchor_on_word:
-                memory = self.attention.anchor.settle(state.h, memory, self.word_fit(cells, state.h, words))
+                fit = self.word_fit(cells, state.h, words, memory[..., 3:])  # on the last map's support
+                memory = self.attention.anchor.settle(state.h, memory, fit)
             h, c = _lstm(gates_embed + w_in(state.out) + w_h(state.h), state.c)
             att = self._attend(features, projected, h, mask, memory)
             out = torch.tanh(self.combine(torch.cat([att.context, h], dim=-1)))  # (B, H)
@@ -444,6 +461,7 @@ class Decoder(nn.Module):
         words = None
         if self.anchor_on_word:  # the words each step reads, in the loop's row order
             words = inputs.index_select(0, pack.order) if pack.order is not None else inputs
+            cells = kernels.summed_rows(cells)  # each step reads a few rows: their gradients summed in place
         gates_embed = gates_embed.unbind(1)  # T views; their backward stacks the T gradients once (a slice
         # [:, t] per step would write each step's gradient into a zeroed (B, T, 4H) tensor: T full passes)
         steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs")}
@@ -454,7 +472,7 @@ class Decoder(nn.Module):
             if n < state.h.shape[0]:  # the shortest captions have ended: drop their rows (views)
                 state, features, projected = state.narrow(n), features[:n], _narrow(projected, n)
                 mask = mask[:n] if mask is not None else None
-                cells = cells[:n] if cells is not None else None
+                cells = _narrow(cells, n)
             state, att, z, beta = self._advance(gates_embed[t][:n], state, features, projected, mask, gates,
                                                 words=words[:n, t] if words is not None else None, cells=cells)
             sampled = att.sampled if t == 0 else sampled

@@ -12,6 +12,8 @@ agrees in value and gradient. ``model.attention.fused: false`` runs the plain sc
   made in one matmul instead of one per step.
 - :class:`StepSum`: a tensor read at every step whose per-step gradients the steps add
   into one buffer themselves (the tanh score adds its keys' gradient there in place).
+- :func:`gather_rows`: a few rows of such a tensor at every step (``anchor_on_word``'s
+  cells on the map's support), their gradient added into its buffer in place.
 
 Why the step gradients: plain autograd treats each step's use of a weight (or of the
 projected keys) on its own: it computes that step's share of the gradient and adds it into
@@ -247,3 +249,50 @@ def tanh_score(keys: Tensor | SummedKeys, query: Tensor, w: Tensor) -> Tensor:
     if torch.is_grad_enabled() and (keys.requires_grad or query.requires_grad or w.requires_grad):
         return TanhScore.apply(keys, query, w, keys_sum)
     return tanh_score_no_grad(keys, query, w)
+
+
+# ----------------------------------------------------------------------------- rows read at every step
+
+
+@dataclass
+class SummedRows:
+    """A table (B, L, D) that a teacher-forced pass reads a few rows of at every step
+    (:func:`gather_rows`), with the :class:`StepSum` their gradients are added into."""
+
+    table: Tensor
+    table_sum: StepSum
+
+
+def summed_rows(table: Tensor) -> Tensor | SummedRows:
+    """``table`` wrapped in a :class:`SummedRows` when a pass will need its gradient, else as it is."""
+    table_sum = StepSum(table)
+    return SummedRows(table_sum.tensor, table_sum) if table_sum.deferred else table
+
+
+def gather_rows(table: Tensor | SummedRows, index: Tensor) -> Tensor:
+    """``table.flatten(0, 1).index_select(0, index)``: rows of a (B, L, D) table by their flat
+    index b * L + l, (M,) -> (M, D). Plain autograd gives every step's gradient as a zeroed
+    (B * L, D) tensor with M rows filled in, then adds it into the running sum: two full
+    passes a step for M rows. With a :class:`SummedRows` the step adds its M rows into the
+    pass's buffer in place instead."""
+    if not isinstance(table, SummedRows):
+        return table.flatten(0, 1).index_select(0, index)
+    return _GatherRows.apply(table.table, index, table.table_sum)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Rows by flat index; the backward adds the rows' gradient into ``bank``'s buffer."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor, bank: StepSum) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.bank = bank
+        return table.flatten(0, 1).index_select(0, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[None, None, None]:
+        (index,) = ctx.saved_tensors
+        buffer = ctx.bank.buffer(ctx.bank.shape[0])
+        buffer.view(-1, buffer.shape[-1]).index_add_(0, index, grad.to(buffer.dtype))
+        return None, None, None

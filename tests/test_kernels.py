@@ -168,6 +168,34 @@ def test_summed_keys_only_where_a_gradient_is_wanted():
     assert not isinstance(kernels.summed_keys(keys.detach(), w), kernels.SummedKeys)
 
 
+def test_gathered_rows_over_many_steps_give_the_plain_gradient():
+    """A table read a few rows at a time at every step of a shrinking loop (anchor_on_word's
+    cells), the rows' gradients added into one buffer, against plain index_select."""
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(3, 5, 4, dtype=torch.double, generator=g, requires_grad=True)
+    steps = [(3, torch.tensor([0, 4, 7, 14, 14])), (2, torch.tensor([1, 9])), (1, torch.tensor([3]))]
+    weights = [torch.randn(len(i), 4, dtype=torch.double, generator=g) for _, i in steps]
+
+    def loop(wrapped):
+        total = (wrapped.table if isinstance(wrapped, kernels.SummedRows) else wrapped).sum() * 0.5  # a plain use too
+        for (n, index), w in zip(steps, weights):
+            rows = kernels.SummedRows(wrapped.table[:n], wrapped.table_sum) \
+                if isinstance(wrapped, kernels.SummedRows) else wrapped[:n]
+            total = total + (kernels.gather_rows(rows, index) * w).sum()
+        return total
+
+    plain = loop(table)
+    expected, = torch.autograd.grad(plain, table)
+    summed = kernels.summed_rows(table)
+    assert isinstance(summed, kernels.SummedRows)
+    got = loop(summed)
+    torch.testing.assert_close(got, plain)
+    torch.testing.assert_close(torch.autograd.grad(got, table)[0], expected)
+    assert expected[2, 4].sum() == pytest.approx(weights[0][3:].sum() + 0.5 * 4)  # row 14, read twice
+    with torch.no_grad():
+        assert kernels.summed_rows(table) is table
+
+
 # ----------------------------------------------------------------------------- selected by config
 
 
