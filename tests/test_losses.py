@@ -162,3 +162,70 @@ def test_a_batch_of_one_real_word_is_that_words_loss():
     assert loss.xent.item() == pytest.approx(by_hand_xent(out.padded_logits(), targets, mask).sum().item(), rel=1e-5)
     empty = CaptionLoss(alpha_c=0.0)(out, targets, torch.zeros(B, T, dtype=torch.bool))
     assert empty.total.item() == 0  # no real word: nothing to learn, and no division by zero
+
+
+# ----------------------------------------------------------------------------- the maps' spread
+
+def test_map_spread_by_hand_one_object_none_two_objects_their_distance():
+    """A map on one cell has no spread; split w / 1 - w between two cells d apart it spreads
+    w (1 - w) d^2; only real steps count."""
+    from captioner.attention import cell_centres
+    from captioner.losses import map_spread
+
+    positions = cell_centres((2, 3))  # x in {-2/3, 0, 2/3}, y in {-1/2, 1/2}
+    alphas = torch.zeros(2, 3, 6)
+    alphas[0, 0, 4] = 1.0  # one cell
+    alphas[0, 1, 0], alphas[0, 1, 2] = 0.5, 0.5  # (-2/3, -1/2) and (2/3, -1/2): d = 4/3
+    alphas[0, 2, 0], alphas[0, 2, 5] = 0.25, 0.75  # d^2 = (4/3)^2 + 1
+    alphas[1, :, :] = 1 / 6  # uniform, but a padded step only for step 2
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    got = map_spread(alphas, positions, mask)
+    uniform = (positions.square().sum(-1).mean() - positions.mean(0).square().sum()).item()
+    torch.testing.assert_close(got, torch.tensor([0.25 * 16 / 9 + 0.1875 * (16 / 9 + 1), 2 * uniform]))
+
+
+def test_caption_loss_adds_the_weighted_spread_per_word_and_its_gradient_gathers_the_map():
+    out, targets = soft_pass()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    plain = CaptionLoss(alpha_c=0.0)(out, targets, mask)
+    alphas = out.alphas.detach().requires_grad_(True)
+    out = DecoderOutput(logits=out.logits, alphas=alphas, betas=out.betas)
+    loss = CaptionLoss(alpha_c=0.0, spread_weight=2.0, grid=(1, L))(out, targets, mask)
+    from captioner.attention import cell_centres
+    from captioner.losses import map_spread
+
+    expected = 2.0 * map_spread(alphas.detach(), cell_centres((1, L)), mask.float()).sum() / (B * T)
+    torch.testing.assert_close(loss.spread, expected)
+    torch.testing.assert_close(loss.total, plain.total + expected)
+    loss.total.backward()
+    # d variance / d alpha_i = |p_i - m|^2 (up to a constant per map): lowest at the map's centroid's cell
+    x = cell_centres((1, L))[:, 0]
+    centroid = (alphas.detach() @ x)  # (B, T)
+    nearest = (x - centroid.unsqueeze(-1)).abs().argmin(-1)
+    assert (alphas.grad.argmin(-1) == nearest).all()
+    assert CaptionLoss(alpha_c=0.0)(out, targets, mask).spread is None
+
+
+def test_map_spread_needs_the_grid_and_a_cross_entropy_objective():
+    from captioner.errors import ConfigError
+
+    with pytest.raises(ValueError, match="needs the grid"):
+        CaptionLoss(spread_weight=1.0)
+    with pytest.raises(ConfigError, match="map_spread"):
+        load_config(None, ["train.map_spread=-1"])
+    with pytest.raises(ConfigError, match="map_spread.*scst"):
+        load_config(None, ["train.map_spread=1", "train.objective=scst", "train.init_from=x.pt"])
+
+
+def test_the_trainer_adds_the_spread_and_logs_it(tiny_config):
+    import json
+
+    from captioner.train import fit
+
+    result = fit(tiny_config("train.epochs=1", "train.map_spread=0.5", "train.log_every=1"), quiet=True)
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "step" in x and "xent" in x]
+    epoch = [x for x in lines if "train_spread" in x]
+    assert steps and all(x["spread"] > 0 and x["loss"] == pytest.approx(x["xent"] + x["dsr"] + x["spread"], rel=1e-5)
+                         for x in steps)
+    assert len(epoch) == 1 and epoch[0]["train_spread"] > 0
