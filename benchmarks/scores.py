@@ -3,12 +3,15 @@
     python benchmarks/scores.py                                   # configs/shapes_soft.yaml, 2 threads
     python benchmarks/scores.py --scores additive additive_dot --repeat 9
     python benchmarks/scores.py --config configs/shapes_soft.yaml model.attention.dim=128
+    python benchmarks/scores.py --scores additive_dot --vary model.decoder.fused=false \
+        model.attention.anchor_on_word=false        # the default against one change at a time
 
 One model per score, the rest of the config as it is, all on the same random batch (cached
 features of ``batch_size // 5`` images, ``batch_size`` captions of 8-12 words). The scores take
 turns, ``--steps`` timed steps each per round, for ``--repeat`` rounds, so a noisy machine
 slows them alike; it prints each one's median time per optimizer step and its ratio to the
-first score's, with the CPU and the thread count.
+first score's, with the CPU and the thread count. ``--vary KEY=VALUE ..`` adds one model per
+override: the first score with that one change.
 """
 
 from __future__ import annotations
@@ -40,15 +43,18 @@ def cpu_name() -> str:
 
 
 def step_times(config: Path, overrides: list[str], scores: list[str], *, steps: int, repeat: int,
-               seed: int = 0) -> dict[str, list[float]]:
-    """score -> seconds per training step, one entry per round."""
+               seed: int = 0, vary: list[str] = ()) -> dict[str, list[float]]:
+    """score (or ``vary``'s override, on the first score) -> seconds per training step, one
+    entry per round."""
     vocab = Vocabulary.build([" ".join(chr(97 + i) for i in range(26))], min_count=1)
+    variants = {**{score: [f"model.attention.score={score}"] for score in scores},
+                **{change: [f"model.attention.score={scores[0]}", change] for change in vary}}
     models = {}
-    for score in scores:
+    for name, changes in variants.items():
         torch.manual_seed(seed)
-        cfg = load_config(config, [*overrides, f"model.attention.score={score}"])
+        cfg = load_config(config, [*overrides, *changes])
         model = Captioner.from_config(cfg, vocab, load_weights=False).train()
-        models[score] = (model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+        models[name] = (model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3))
     first = models[scores[0]][0]
     batch = cfg.train.batch_size
     images = max(1, batch // 5)
@@ -69,14 +75,14 @@ def step_times(config: Path, overrides: list[str], scores: list[str], *, steps: 
         loss.backward()
         opt.step()
 
-    times: dict[str, list[float]] = {score: [] for score in scores}
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeat):
-        for score in scores:
-            step(score)  # untimed: the first call after another model's
+        for name in models:
+            step(name)  # untimed: the first call after another model's
             start = time.perf_counter()
             for _ in range(steps):
-                step(score)
-            times[score].append((time.perf_counter() - start) / steps)
+                step(name)
+            times[name].append((time.perf_counter() - start) / steps)
     return times
 
 
@@ -86,20 +92,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--config", type=Path, default=REPO / "configs" / "shapes_soft.yaml")
     p.add_argument("--scores", nargs="+", default=["additive", "additive_dot", "scaled_dot"],
                    choices=SCORES.names())
+    p.add_argument("--vary", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="one more model per override: the first score with that change")
     p.add_argument("--steps", type=int, default=5, help="timed steps per score per round (default 5)")
     p.add_argument("--repeat", type=int, default=7, help="rounds; the median is reported (default 7)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    times = step_times(args.config, args.overrides, args.scores, steps=args.steps, repeat=args.repeat)
-    medians = {score: statistics.median(t) for score, t in times.items()}
+    times = step_times(args.config, args.overrides, args.scores, steps=args.steps, repeat=args.repeat,
+                       vary=args.vary)
+    medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians[args.scores[0]]
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.config.name} {' '.join(args.overrides)}".rstrip())
     print(f"| score | ms per training step (median of {args.repeat}) | x {args.scores[0]} |")
     print("| --- | ---: | ---: |")
-    for score, median in medians.items():
-        print(f"| {score} | {1000 * median:.1f} | {median / base:.2f} |")
+    for name, median in medians.items():
+        print(f"| {name if name in args.scores else f'{args.scores[0]}, {name}'} | {1000 * median:.1f} "
+              f"| {median / base:.2f} |")
     return medians
 
 

@@ -331,7 +331,9 @@ class DecoderConfig:
         dropout_hidden: also drop h_t before the output layer (the authors' code), not only
             the layer's input.
         fused: the teacher-forced pass sums the recurrent weights' gradients over the steps in
-            one matmul each (captioner/kernels.py); false: the plain per-step layers (same function).
+            one matmul each (captioner/kernels.py), and ``anchor_on_word``'s word fit is computed
+            on the last map's support only; false: the plain per-step layers and the fit at every
+            location (the same function).
         arrangement: ``xu`` attends with h_{t-1} before the LSTM step (the paper); ``luong``
             after it, on h_t, with an attentional hidden state and input feeding (Luong et al., 2015).
     """

@@ -349,7 +349,8 @@ class Decoder(nn.Module):
         if self.luong:  # step on [E y, h~_{t-1}], attend on h_t, h~_t = tanh(W_c [z_t; h_t])
             memory = state.memory
             if self.anchor_on_word:
-                fit = self.word_fit(cells, state.h, words, memory[..., 3:])  # on the last map's support
+                fit = self.word_fit(cells, state.h, words, memory[..., 3:] if self.fused else None)  # on the
+                # last map's support (fused), or everywhere
                 memory = self.attention.anchor.settle(state.h, memory, fit)
             h, c = _lstm(gates_embed + w_in(state.out) + w_h(state.h), state.c)
             att = self._attend(features, projected, h, mask, memory)
@@ -461,7 +462,8 @@ class Decoder(nn.Module):
         words = None
         if self.anchor_on_word:  # the words each step reads, in the loop's row order
             words = inputs.index_select(0, pack.order) if pack.order is not None else inputs
-            cells = kernels.summed_rows(cells)  # each step reads a few rows: their gradients summed in place
+            cells = kernels.summed_rows(cells) if self.fused else cells  # each step reads a few rows: their
+            # gradients summed in place
         gates_embed = gates_embed.unbind(1)  # T views; their backward stacks the T gradients once (a slice
         # [:, t] per step would write each step's gradient into a zeroed (B, T, 4H) tensor: T full passes)
         steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs")}

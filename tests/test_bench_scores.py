@@ -27,3 +27,22 @@ def test_the_times_are_per_round():
     times = scores.step_times(scores.REPO / "configs" / "shapes_soft.yaml", TINY, ["general"],
                               steps=1, repeat=3)
     assert list(times) == ["general"] and len(times["general"]) == 3
+
+
+def test_vary_adds_the_first_score_with_one_change_each(capsys):
+    medians = scores.main([*TINY, "--scores", "additive", "--vary", "model.decoder.fused=false",
+                           "model.attention.dim=4", "--steps", "1", "--repeat", "1", "--threads", "1"])
+    assert list(medians) == ["additive", "model.decoder.fused=false", "model.attention.dim=4"]
+    out = capsys.readouterr().out
+    assert "| additive, model.decoder.fused=false | " in out and out.count("\n| ") == 5
+
+
+def test_a_varied_model_is_built_with_its_change(monkeypatch):
+    built = []
+    real = scores.Captioner.from_config
+    monkeypatch.setattr(scores.Captioner, "from_config",
+                        lambda cfg, *a, **k: built.append((cfg.model.attention.score, cfg.model.attention.dim))
+                        or real(cfg, *a, **k))
+    scores.step_times(scores.REPO / "configs" / "shapes_soft.yaml", TINY, ["general"], steps=1, repeat=1,
+                      vary=["model.attention.dim=4"])
+    assert built == [("general", 8), ("general", 4)]

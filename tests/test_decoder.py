@@ -221,47 +221,46 @@ def test_anchor_on_word_gradients_reach_the_output_layer_through_the_anchor():
 
 
 def test_anchor_on_word_fits_only_the_maps_support_with_the_dense_values_and_gradients(monkeypatch):
-    """With sparsemax maps the fit is computed where the last map is nonzero only: the
-    teacher-forced pass, its loss and every gradient are those of the fit on every location,
-    and the support path did run (its gathered rows are fewer than the grid's)."""
+    """With sparsemax maps the fused pass computes the fit where the last map is nonzero only:
+    its maps, logits and every gradient are those of the plain pass (``fused: false``: the fit
+    at every location), and the support path did run (on fewer rows than the grid's)."""
     from captioner import kernels
 
-    cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
-                             "model.decoder.dropout=0.0", "model.decoder.arrangement=luong",
-                             "model.attention.normalizer=sparsemax", "model.attention.relative=true",
-                             "model.attention.anchor_on_word=true", "model.attention.relative_read=true"]).model
-    torch.manual_seed(0)
-    dec = Decoder.from_config(cfg, vocab_size=V, feature_dim=C, grid=(4, 6))  # L = 24
-    with torch.no_grad():
-        dec.attention.anchor.coefficients.bias.copy_(torch.tensor([2.0, -1.0, 1.5, 0.5]))
-        dec.attention.anchor.gate.bias.fill_(1.0)
+    def decoder(fused):
+        cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
+                                 "model.decoder.dropout=0.0", "model.decoder.arrangement=luong",
+                                 f"model.decoder.fused={fused}", "model.attention.normalizer=sparsemax",
+                                 "model.attention.relative=true", "model.attention.anchor_on_word=true",
+                                 "model.attention.relative_read=true"]).model
+        torch.manual_seed(0)
+        dec = Decoder.from_config(cfg, vocab_size=V, feature_dim=C, grid=(4, 6))  # L = 24
+        with torch.no_grad():
+            dec.attention.anchor.coefficients.bias.copy_(torch.tensor([2.0, -1.0, 1.5, 0.5]))
+            dec.attention.anchor.gate.bias.fill_(1.0)
+        return dec
+
     feats = 3 * torch.randn(4, 24, C)  # sharp maps: a few cells each
     caps = torch.randint(4, V, (4, 7))
-    lengths = torch.tensor([6, 4, 5, 6])
     gathered = []
     gather_rows = kernels.gather_rows
     monkeypatch.setattr(kernels, "gather_rows", lambda table, index: gathered.append(len(index)) or
                         gather_rows(table, index))
 
-    def run(dense):
-        if dense:
-            monkeypatch.setattr(dec, "word_fit", lambda cells, h, words, alpha=None:
-                                Decoder.word_fit(dec, cells, h, words))
-        dec.zero_grad()
-        out = dec(feats, caps, lengths=lengths, image_index=torch.tensor([0, 1, 2, 3]))
+    def run(dec):
+        out = dec(feats, caps, lengths=torch.tensor([6, 4, 5, 6]), image_index=torch.tensor([0, 1, 2, 3]))
         (out.logits.logsumexp(-1).sum() + (out.alphas * torch.linspace(0, 1, 24)).sum()).backward()
-        return out, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+        return out, {n: p.grad for n, p in dec.named_parameters() if p.grad is not None}
 
-    sparse_out, sparse = run(dense=False)
+    fused_out, fused = run(decoder(True))
     assert gathered and max(gathered) < 4 * 24 / 2  # the support path ran, on fewer rows than the grid
     gathered.clear()
-    dense_out, dense = run(dense=True)
+    plain_out, plain = run(decoder(False))
     assert not gathered
-    torch.testing.assert_close(sparse_out.alphas, dense_out.alphas)
-    torch.testing.assert_close(sparse_out.logits, dense_out.logits)
-    assert sparse.keys() == dense.keys() and "combine.weight" in dense and "out.weight" in dense
-    for name in dense:
-        torch.testing.assert_close(sparse[name], dense[name], msg=name)
+    torch.testing.assert_close(fused_out.alphas, plain_out.alphas)
+    torch.testing.assert_close(fused_out.logits, plain_out.logits)
+    assert fused.keys() == plain.keys() and "combine.weight" in plain and "out.weight" in plain
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], msg=name)
 
 
 def test_anchor_on_word_needs_luong_and_the_anchor():
