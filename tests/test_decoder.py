@@ -251,8 +251,17 @@ def test_anchor_on_word_fits_only_the_maps_support_with_the_dense_values_and_gra
         (out.logits.logsumexp(-1).sum() + (out.alphas * torch.linspace(0, 1, 24)).sum()).backward()
         return out, {n: p.grad for n, p in dec.named_parameters() if p.grad is not None}
 
-    fused_out, fused = run(decoder(True))
+    dec = decoder(True)
+    fused_out, fused = run(dec)
     assert gathered and max(gathered) < 4 * 24 / 2  # the support path ran, on fewer rows than the grid
+    gathered.clear()
+    with torch.no_grad():  # decoding, one step at a time, takes the support path too: the same maps
+        state, projected = dec.init_state(feats), dec.precompute(feats)
+        for t in range(4):
+            out = dec.step(caps[:, t], state, feats, projected)
+            torch.testing.assert_close(out.attention.alpha, fused_out.alphas[:, t])
+            state = out.state
+    assert gathered
     gathered.clear()
     plain_out, plain = run(decoder(False))
     assert not gathered
