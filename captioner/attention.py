@@ -270,13 +270,6 @@ NORMALIZERS = {"softmax": masked_softmax, "sparsemax": masked_sparsemax}
 
 # ----------------------------------------------------------------------------- the anchor
 
-def cell_centres(grid: tuple[int, int]) -> Tensor:
-    """(L, 2): each location's centre (x, y), both in [-1, 1], row-major over the (h, w) grid."""
-    h, w = grid
-    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h * 2 - 1, (torch.arange(w) + 0.5) / w * 2 - 1, indexing="ij")
-    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
-
-
 class AnchorTerm(nn.Module):
     """Scores by where a location lies from the last object looked at (``relative``).
 
@@ -305,7 +298,9 @@ class AnchorTerm(nn.Module):
 
     def __init__(self, *, hidden_dim: int, grid: tuple[int, int]) -> None:
         super().__init__()
-        self.register_buffer("positions", cell_centres(grid), persistent=False)  # (L, 2)
+        h, w = grid
+        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h * 2 - 1, (torch.arange(w) + 0.5) / w * 2 - 1, indexing="ij")
+        self.register_buffer("positions", torch.stack([xs.flatten(), ys.flatten()], dim=-1), persistent=False)  # (L, 2)
         self.coefficients = nn.Linear(hidden_dim, 4)  # c(h): weights of dx, dy, |dx|, |dy|
         self.gate = nn.Linear(hidden_dim, 1)  # g_t
         nn.init.zeros_(self.coefficients.weight)

@@ -448,10 +448,6 @@ class TrainConfig:
             horizontal distance of their centres is at least this times the vertical one
             (1: the dominant axis, what the relation words mean to ``chair``); between, the
             pair is near a diagonal and the target says neither.
-        map_spread: the weight of each map's spatial variance over the grid in the loss, per
-            word (``captioner.losses.map_spread``; 0: off, the paper's): a map split between two
-            objects (the two squares of "a blue square" beside a blue diamond) is penalised,
-            one on a single object is not.
         objective: ``xent`` (cross-entropy, the paper's) or ``scst``: self-critical sequence
             training (Rennie et al. 2017, captioner/scst.py), after cross-entropy (see ``init_from``).
         init_from: a checkpoint whose model weights start a new run (fresh optimizer, step 0);
@@ -509,7 +505,6 @@ class TrainConfig:
     attention_supervision_weight: float = 1.0
     layout_weight: float = 0.0
     layout_margin: float = 1.0
-    map_spread: float = 0.0
     objective: str = "xent"
     init_from: str = ""
     scst_samples: int = 5
@@ -545,9 +540,6 @@ class TrainConfig:
                f"must be >= 0; got {self.attention_supervision_weight}")
         _check(self.layout_weight >= 0, "layout_weight", f"must be >= 0; got {self.layout_weight}")
         _check(self.layout_margin >= 1, "layout_margin", f"must be >= 1; got {self.layout_margin}")
-        _check(self.map_spread >= 0, "map_spread", f"must be >= 0; got {self.map_spread}")
-        _check(self.map_spread == 0 or self.objective == "xent", "map_spread",
-               "is a cross-entropy term: set train.map_spread=0 with train.objective=scst")
         _check(self.layout_weight == 0 or self.objective == "xent", "layout_weight",
                f"is a cross-entropy training term; set it to 0 with objective={self.objective}")
         _check(self.layout_weight == 0 or self.flip == "none", "layout_weight",

@@ -3,9 +3,6 @@
 - token cross-entropy over real (unpadded) words;
 - the doubly stochastic regularisation lambda * sum_i (1 - sum_t alpha_ti)^2 (eq. 14),
   with the sum over t running over real steps only;
-- ``map_spread`` (0: off, the paper's objective has none): lambda_s times each map's spatial
-  variance over the grid, sum_i alpha_ti |p_i - m_t|^2 with m_t the map's centroid, per word:
-  a map split between two objects is penalised, one on a single object is not;
 - for stochastic attention (whenever the decoder output carries ``log_probs``), the
   REINFORCE terms of the variational lower bound (Section 4.1, eq. 12):
   lambda_r (log p(y|s,a) - b) grad log p(s|a) + lambda_e grad H[s], with b a moving
@@ -33,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.attention import cell_centres
 from captioner.config import TrainConfig
 from captioner.decoder import DecoderOutput
 from captioner.supervised_attention import attention_supervision_loss
@@ -63,8 +59,6 @@ class LossOutput:
     attention: Tensor | None = field(default=None, kw_only=True)
     # layout supervision term, weighted (None: off; the trainer adds it, captioner.layout)
     layout: Tensor | None = field(default=None, kw_only=True)
-    # the maps' spread, weighted, per word (None: off)
-    spread: Tensor | None = field(default=None, kw_only=True)
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor,
@@ -95,18 +89,6 @@ def doubly_stochastic(alphas: Tensor, mask: Tensor) -> Tensor:
     """sum_i (1 - sum_t alpha_ti)^2 per caption: alphas (B, T, L), mask (B, T) -> (B,)."""
     coverage = (alphas * mask.unsqueeze(-1)).sum(dim=1)  # (B, L)
     return ((1.0 - coverage) ** 2).sum(dim=1)
-
-
-def map_spread(alphas: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-    """Each map's spatial variance, sum_i alpha_ti |p_i|^2 - |sum_i alpha_ti p_i|^2, summed over
-    real steps: alphas (B, T, L), positions (L, 2) the locations' centres, mask (B, T) -> (B,).
-    A map on one object spreads as far as the object's cells do; one split between two
-    objects a distance d apart spreads at least w (1 - w) d^2 (w: the share on one of them)."""
-    positions = positions.to(device=alphas.device, dtype=torch.float32)
-    centroid = alphas @ positions  # (B, T, 2)
-    second = alphas @ positions.square().sum(-1)  # (B, T)
-    variance = (second - centroid.square().sum(-1)).clamp_min(0)  # float rounding can dip under 0
-    return (variance * mask).sum(dim=1)
 
 
 class MovingAverage(nn.Module):
@@ -144,27 +126,21 @@ class CaptionLoss(nn.Module):
         baseline_on: "sampled" (b follows the captions that sampled their locations) or "all".
         attention_weight: weight of supervised attention (``captioner.supervised_attention``),
             used when ``forward`` gets ``attention_targets``.
-        spread_weight: lambda_s of the maps' spread (:func:`map_spread`; 0: off).
-        grid: (h, w) of the maps' locations, which the spread needs.
     """
 
     def __init__(self, *, alpha_c: float = 1.0, reinforce_weight: float = 1.0, entropy_weight: float = 0.002,
-                 baseline_decay: float = 0.9, baseline_on: str = "sampled", attention_weight: float = 1.0,
-                 spread_weight: float = 0.0, grid: tuple[int, int] | None = None) -> None:
+                 baseline_decay: float = 0.9, baseline_on: str = "sampled", attention_weight: float = 1.0) -> None:
         super().__init__()
-        if spread_weight > 0 and grid is None:
-            raise ValueError("the maps' spread (spread_weight > 0) needs the grid")
-        self.attention_weight, self.spread_weight = attention_weight, spread_weight
-        self.register_buffer("positions", cell_centres(grid) if spread_weight > 0 else None, persistent=False)
+        self.attention_weight = attention_weight
         self.alpha_c, self.reinforce_weight, self.entropy_weight = alpha_c, reinforce_weight, entropy_weight
         self.baseline = MovingAverage(baseline_decay)
         self.baseline_on = baseline_on
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, *, grid: tuple[int, int] | None = None) -> CaptionLoss:
+    def from_config(cls, cfg: TrainConfig) -> CaptionLoss:
         return cls(alpha_c=cfg.alpha_c, reinforce_weight=cfg.reinforce_weight, entropy_weight=cfg.entropy_weight,
                    baseline_decay=cfg.baseline_decay, baseline_on=cfg.baseline_on,
-                   attention_weight=cfg.attention_supervision_weight, spread_weight=cfg.map_spread, grid=grid)
+                   attention_weight=cfg.attention_supervision_weight)
 
     def _reinforce(self, out: DecoderOutput, nll: Tensor, mask: Tensor, words: Tensor) -> tuple[Tensor, Tensor]:
         """The REINFORCE surrogate and the mean entropy, each per word (eq. 12)."""
@@ -204,10 +180,6 @@ class CaptionLoss(nn.Module):
         zero = xent.new_zeros(())
         dsr = self.alpha_c * doubly_stochastic(out.probs.float(), mask).sum() / words if self.alpha_c > 0 else zero
         total = xent + dsr
-        spread = None
-        if self.spread_weight > 0:
-            spread = self.spread_weight * map_spread(out.probs.float(), self.positions, mask).sum() / words
-            total, spread = total + spread, spread.detach()
         reinforce = entropy = zero
         if out.log_probs is not None:
             reinforce, entropy = self._reinforce(out, nll, mask, words)
@@ -220,4 +192,4 @@ class CaptionLoss(nn.Module):
             total = total + attention
             attention = attention.detach()
         return LossOutput(total=total, xent=xent.detach(), dsr=dsr.detach(), reinforce=reinforce.detach(),
-                          entropy=entropy.detach(), nll=nll.detach(), attention=attention, spread=spread)
+                          entropy=entropy.detach(), nll=nll.detach(), attention=attention)

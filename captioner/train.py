@@ -363,8 +363,7 @@ class Trainer:
         self.model = Captioner.from_config(self.cfg, self.vocab, load_weights=self.fresh).to(self.device)
         if self.fresh and self.t.init_from:
             self.init_weights(self.t.init_from)
-        self.criterion = CaptionLoss.from_config(self.t, grid=self.model.encoder.grid).to(self.device)  # holds
-        # the REINFORCE baseline
+        self.criterion = CaptionLoss.from_config(self.t).to(self.device)  # holds the REINFORCE baseline
         self.opt = build_optimizer(self.cfg, self.model)
         self.sched = build_scheduler(self.cfg, self.opt)
 
@@ -570,7 +569,7 @@ class Trainer:
             if loss is None:  # skipped: a non-finite loss under train.nonfinite=skip
                 continue
             sums.update(n=1, loss=loss.total.item(), xent=loss.xent.item(),
-                        **{k: getattr(loss, k).item() for k in ("layout", "spread") if getattr(loss, k) is not None})
+                        **({} if loss.layout is None else {"layout": loss.layout.item()}))
             if self.step % self.t.log_every == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}")
                 self.log_step(loss)
@@ -671,7 +670,7 @@ class Trainer:
                          "xent": loss.xent.item(), "dsr": loss.dsr.item(), "reinforce": loss.reinforce.item(),
                          "entropy": loss.entropy.item(), "baseline": self.criterion.baseline.value.item(),
                          "lr": self.opt.param_groups[0]["lr"],
-                         **{k: getattr(loss, k).item() for k in ("layout", "spread") if getattr(loss, k) is not None}})
+                         **({} if loss.layout is None else {"layout": loss.layout.item()})})
 
     def out_of_budget(self) -> bool:
         """train.max_minutes or train.max_steps is spent (the same answer on every rank)."""
@@ -763,7 +762,7 @@ class Trainer:
         """The epoch's line of metrics.jsonl."""
         n = max(sums["n"], 1)
         return {"epoch": epoch + 1, "step": self.step, "train_loss": sums["loss"] / n, "train_xent": sums["xent"] / n,
-                **{f"train_{k}": sums[k] / n for k in ("layout", "spread") if k in sums},
+                **({"train_layout": sums["layout"] / n} if "layout" in sums else {}),
                 **{f"val_{k}": v for k, v in val.scores.items()},
                 **{f"baseline_{k}": v for k, v in self.baseline.items()},
                 "lr": self.opt.param_groups[0]["lr"], "minutes": (time.monotonic() - self.started) / 60,
