@@ -440,8 +440,8 @@ class SoftAttention(nn.Module):
     def forward(self, features: Tensor, projected: Tensor | tuple, hidden: Tensor,
                 mask: Tensor | None = None, memory: Tensor | None = None) -> AttentionOutput:
         if self.anchor is not None:  # memory: the anchor (B, [K,] 3): x, y, s
-            scores = self.score(projected, hidden) + self.anchor(hidden, memory)  # (B, [K,] L)
-            alpha = self.normalize(scores, mask)
+            scores = self.score(projected, hidden) + self.anchor(hidden, memory)  # (B, [K,] L), float32: the
+            alpha = self.normalize(scores, mask).to(features.dtype)  # term is; the map in the pass's dtype
             context = attend(alpha, features)
             if self.relative_read:
                 context = torch.cat([context, self.anchor.offset(alpha, memory).to(context.dtype)], dim=-1)

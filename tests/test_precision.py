@@ -68,6 +68,8 @@ def test_no_dtype_changes_nothing():
 @pytest.mark.parametrize("overrides", [
     (), ("model.decoder.arrangement=luong",), ("model.attention.name=hard", "model.attention.hard.estimator=gumbel"),
     ("model.attention.name=local",), ("model.attention.fused=false",), ("model.decoder.fused=false",),
+    ("model.decoder.arrangement=luong", "model.attention.normalizer=sparsemax", "model.attention.relative=true",
+     "model.attention.anchor_on_word=true", "model.attention.relative_read=true"),  # the shapes config's
 ])
 def test_a_bf16_pass_agrees_with_float32_and_trains_the_float32_weights(overrides):
     feats, captions, lengths = batch()
@@ -93,7 +95,12 @@ def test_a_bf16_pass_agrees_with_float32_and_trains_the_float32_weights(override
     # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
     assert torch.allclose(out16.logits.float(), out32.logits, atol=0.02, rtol=0.02)
     assert abs(loss16.item() - loss32.item()) < 0.01 * loss32.item()
+    largest = max(g.norm() for g in g32.values())
     for name, g in g32.items():
+        if g.norm() < 1e-3 * largest:  # a gradient at bf16's rounding of the others (the shapes config's
+            # anchor gate: 2e-4 against 0.6): the same to within that rounding
+            assert (g16[name] - g).norm() < 2e-3 * largest, name
+            continue
         cos = torch.nn.functional.cosine_similarity(g16[name].flatten(), g.flatten(), dim=0)
         assert cos > 0.99, (name, cos.item())
 
