@@ -338,7 +338,7 @@ class Decoder(nn.Module):
 
     def _advance(self, gates_embed: Tensor, state: DecoderState, features: Tensor, projected,
                  mask: Tensor | None, gates: tuple[StepWeight, StepWeight] | None = None,
-                 words: Tensor | None = None, cells: Tensor | None = None,
+                 words: Tensor | None = None, cells: Tensor | kernels.SummedRows | None = None,
                  ) -> tuple[DecoderState, AttentionOutput, Tensor, Tensor]:
         """One step of the arrangement. Returns (state, attention, z_t, beta_t).
 
