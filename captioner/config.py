@@ -336,6 +336,13 @@ class DecoderConfig:
             location (the same function).
         arrangement: ``xu`` attends with h_{t-1} before the LSTM step (the paper); ``luong``
             after it, on h_t, with an attentional hidden state and input feeding (Luong et al., 2015).
+        output: ``expected`` reads the word from the expected context, softmax(W_s tanh(W_c
+            [z_t; h_t])) with z_t = sum_l alpha_l a_l (the paper, Luong); ``mixture`` from the map
+            as a latent alignment, p(y) = sum_l alpha_l softmax(W_s tanh(W_c [a_l; h_t])) (Deng et
+            al., 2018): each word must be explained by the locations its map is on, one at a time,
+            so a map split between a triangle and a square cannot read as a circle. Luong's
+            arrangement only; computed on the map's support (a sparsemax map's few cells: with a
+            softmax map it reads every location, L times the output layer's work).
     """
 
     embed_dim: int = 512
@@ -346,12 +353,16 @@ class DecoderConfig:
     dropout_hidden: bool = True
     arrangement: str = "xu"
     fused: bool = True
+    output: str = "expected"
 
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 1, "embed_dim", f"must be >= 1; got {self.embed_dim}")
         _check(self.hidden_dim >= 1, "hidden_dim", f"must be >= 1; got {self.hidden_dim}")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1); got {self.dropout}")
         _choice(self.arrangement, "arrangement", ("xu", "luong"))
+        _choice(self.output, "output", ("expected", "mixture"))
+        _check(self.output != "mixture" or self.arrangement == "luong", "output",
+               "mixture reads Luong's output layer at each location: set model.decoder.arrangement: luong")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ At every step t, with the previous word y_{t-1} and the previous state (h_{t-1},
 with h_0, c_0 = tanh(f_init(mean_i a_i)) (Section 3.1.2). With ``arrangement="luong"`` it is
 Luong et al.'s (2015) decoder instead: the LSTM steps first, on [E y_{t-1}, h~_{t-1}] (input
 feeding), attention reads h_t, h~_t = tanh(W_c [z_t; h_t]) is the attentional hidden state,
-and p(y_t) = softmax(W_s h~_t). The decoder never looks at the
+and p(y_t) = softmax(W_s h~_t); with ``output="mixture"`` the map is a latent alignment
+instead, p(y_t) = sum_l alpha_l softmax(W_s tanh(W_c [a_l; h_t])) (:meth:`Decoder.mixture`).
+The decoder never looks at the
 attention's name: it calls ``precompute`` once per image and ``forward`` once per step, and
 passes on ``log_prob``/``entropy`` when the attention returns them.
 
@@ -204,6 +206,8 @@ class Decoder(nn.Module):
             The same function either way.
         score_mask: (C,) 1 for the channels the attention's scores read, 0 for those only the
             context vector and h_0 read (None: all). ``model.encoder.context_in_scores``.
+        output: "expected" (the word from the expected context z_t) or "mixture" (from each
+            location the map is on, weighted by the map: :meth:`mixture`; Luong only).
     """
 
     def __init__(
@@ -221,6 +225,7 @@ class Decoder(nn.Module):
         arrangement: str = "xu",
         fused: bool = True,
         score_mask: Tensor | None = None,
+        output: str = "expected",
     ) -> None:
         super().__init__()
         self.register_buffer("score_mask", score_mask, persistent=False)  # (C,) or None
@@ -250,6 +255,11 @@ class Decoder(nn.Module):
         if self.anchor_on_word and not self.luong:
             raise ConfigError("model.attention.anchor_on_word reads Luong's output layer at each location: "
                               "set model.decoder.arrangement: luong (or anchor_on_word: false)")
+        self.mixture_output = output == "mixture"
+        if self.mixture_output and not self.luong:
+            raise ConfigError("model.decoder.output: mixture reads Luong's output layer at each location: "
+                              "set model.decoder.arrangement: luong (or output: expected)")
+        self.per_cell = self.anchor_on_word or self.mixture_output  # reads W_c's share of each location
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -266,7 +276,7 @@ class Decoder(nn.Module):
         return cls(vocab_size=vocab_size, feature_dim=feature_dim, attention=attention,
                    embed_dim=d.embed_dim, hidden_dim=d.hidden_dim, dropout=d.dropout, beta_gate=d.beta_gate,
                    deep_output=d.deep_output, dropout_hidden=d.dropout_hidden, arrangement=d.arrangement,
-                   fused=d.fused, score_mask=score_mask)
+                   fused=d.fused, score_mask=score_mask, output=d.output)
 
     # -- pieces shared by training and decoding
 
@@ -282,14 +292,40 @@ class Decoder(nn.Module):
 
     def precompute(self, features: Tensor):
         """The attention's per-image work (W_a a_i), once before the time loop (opaque here);
-        with ``anchor_on_word``, with the locations' share of the output layer (:meth:`cells`)."""
+        with ``anchor_on_word`` or the mixture output, with the locations' share of the output
+        layer (:meth:`cells`)."""
         projected = self.attention.precompute(self._scored(features))
-        return (projected, self.cells(features)) if self.anchor_on_word else projected
+        return (projected, self.cells(features)) if self.per_cell else projected
 
     def cells(self, features: Tensor) -> Tensor:
-        """``anchor_on_word``: W_c's feature columns applied to every location, (B, L, H): what
-        h~ would be made of if the map sat on that location alone."""
+        """``anchor_on_word``, the mixture output: W_c's feature columns applied to every
+        location, (B, L, H): what h~ would be made of if the map sat on that location alone."""
         return features @ self.combine.weight[:, :features.shape[-1]].T.to(features.dtype)
+
+    def mixture(self, cells: Tensor, images: Tensor, h: Tensor, alpha: Tensor) -> Tensor:
+        """``output="mixture"``: the map as a latent alignment. log p(y) = log sum_l alpha_l
+        softmax(W_s drop(tanh(W_c [a_l; h])))_y, for every word y: cells (U, L, H) from
+        :meth:`cells`, images (N,) each row's image in it, h (N, H) the LSTM's h_t, alpha (N, L)
+        -> (N, V) log-probabilities (a log_softmax of them is themselves: the losses and the
+        searches read them as logits).
+
+        Only the map's support is read (every nonzero of each row; all L when that is over
+        half the grid): where alpha_l = 0 the location adds nothing. d log p(y) / d alpha_l =
+        p(y | l) / p(y): the map is pulled onto the locations that explain the word."""
+        U, L, H = cells.shape
+        n = h.shape[0]
+        h_part = (h @ self.combine.weight[:, -H:].T.to(h.dtype)).unsqueeze(1)  # (N, 1, H)
+        support = max(int((alpha > 0).sum(-1).amax()), 1)
+        if 2 * support > L:  # most of the grid: every location
+            weight, picked = alpha, cells.index_select(0, images)  # (N, L), (N, L, H)
+        else:
+            weight, index = alpha.topk(support, dim=-1, sorted=False)  # (N, S): every nonzero of each row
+            picked = cells.flatten(0, 1).index_select(0, (images.unsqueeze(1) * L + index).flatten())
+            picked = picked.view(n, support, H)
+        log_p = torch.log_softmax(self.out(self.dropout(torch.tanh(picked + h_part))).float(), dim=-1)  # (N, S, V)
+        weight = weight.float()
+        log_w = torch.where(weight > 0, weight.clamp_min(1e-30).log(), float("-inf"))  # no 1/0 in the gradient
+        return torch.logsumexp(log_p + log_w.unsqueeze(-1), dim=1)  # (N, V)
 
     def word_fit(self, cells: Tensor | kernels.SummedRows, h: Tensor, words: Tensor,
                  alpha: Tensor | None = None) -> Tensor:
@@ -393,10 +429,16 @@ class Decoder(nn.Module):
         (rows i * K .. i * K + K - 1 belong to image i): beam search then keeps one copy of
         each image's features and keys."""
         emb = self.embed(tokens)  # (B, E)
-        projected, cells = projected if self.anchor_on_word else (projected, None)
+        projected, cells = projected if self.per_cell else (projected, None)
         state, att, z, beta = self._advance(self.gate_embed(emb), state, features, projected, mask,
                                             words=tokens, cells=cells)
-        return StepOutput(self._logits(emb, self._readout(state), z), state, att, beta)
+        if self.mixture_output:
+            n, B = tokens.shape[0], features.shape[0]
+            images = torch.arange(B, device=tokens.device).repeat_interleave(n // B)  # K rows per image
+            logits = self.mixture(cells, images, state.h, att.alpha)
+        else:
+            logits = self._logits(emb, self._readout(state), z)
+        return StepOutput(logits, state, att, beta)
 
     # -- teacher forcing
 
@@ -444,11 +486,13 @@ class Decoder(nn.Module):
         inputs = captions[:, :-1]  # (B, T)
         pack = _Packing.plan(lengths, *inputs.shape)
         emb, gates_embed = self._embed_steps(inputs, pack)
+        table = self.cells(features) if self.per_cell else None  # (U, L, H): once per image
+        images = rows if rows is not None else torch.arange(inputs.shape[0], device=inputs.device)  # input order
         if rows is not None:  # captions share images: the keys once per image, then a row per caption
             rows = rows.index_select(0, pack.order) if pack.order is not None else rows  # longest caption first
             projected = self.attention.precompute(self._scored(features), rows=rows)
             state = self.init_state(features).index_select(rows)
-            cells = self.cells(features).index_select(0, rows) if self.anchor_on_word else None  # once per image
+            cells = table.index_select(0, rows) if self.anchor_on_word else None
             features = features.index_select(0, rows)  # (B, L, C)
             mask = mask.index_select(0, rows) if mask is not None else None
         else:  # one caption an image: sort the features, then precompute (rows=pack.order would
@@ -457,7 +501,9 @@ class Decoder(nn.Module):
                 features = features.index_select(0, pack.order)  # longest caption first
                 mask = mask.index_select(0, pack.order) if mask is not None else None
             projected, state = self.attention.precompute(self._scored(features)), self.init_state(features)
-            cells = self.cells(features) if self.anchor_on_word else None
+            cells = None
+            if self.anchor_on_word:
+                cells = table.index_select(0, pack.order) if pack.order is not None else table
         gates = self._step_weights()
         words = None
         if self.anchor_on_word:  # the words each step reads, in the loop's row order
@@ -466,7 +512,8 @@ class Decoder(nn.Module):
             # gradients summed in place
         gates_embed = gates_embed.unbind(1)  # T views; their backward stacks the T gradients once (a slice
         # [:, t] per step would write each step's gradient into a zeroed (B, T, 4H) tensor: T full passes)
-        steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs")}
+        steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs",
+                                                                "lstm_h")}
         sampled = None
         for t, n in enumerate(pack.active):
             if n == 0:
@@ -478,18 +525,32 @@ class Decoder(nn.Module):
             state, att, z, beta = self._advance(gates_embed[t][:n], state, features, projected, mask, gates,
                                                 words=words[:n, t] if words is not None else None, cells=cells)
             sampled = att.sampled if t == 0 else sampled
-            for key, x in (("h", self._readout(state)), ("z", z), ("alpha", att.alpha), ("beta", beta),
+            expected = not self.mixture_output  # the mixture reads h_t and the map, not h~_t or z_t
+            for key, x in (("h", self._readout(state) if expected else None), ("z", z if expected else None),
+                           ("alpha", att.alpha), ("beta", beta),
                            ("log_prob", att.log_prob), ("entropy", att.entropy),
-                           ("probs", None if att.probs is att.alpha else att.probs)):
+                           ("probs", None if att.probs is att.alpha else att.probs),
+                           ("lstm_h", state.h if self.mixture_output else None)):
                 if x is not None:
                     steps[key].append(x)
-        h, z = pack.gather(steps["h"]), pack.gather(steps["z"])
-        if pack.token_mask is not None:
-            h, z = h[pack.token_mask], z[pack.token_mask]  # (N, H), (N, C)
+        alphas = pack.gather(steps["alpha"])  # (B, T, L)
         if sampled is not None and pack.order is not None:
             sampled = sampled[torch.argsort(pack.order)]  # back to the input order
+        if self.mixture_output:  # every real step at once, on its map's support
+            h, alpha = pack.gather(steps["lstm_h"]), alphas
+            images = images.unsqueeze(1).expand(alpha.shape[:2])  # (B, T): each step's image
+            if pack.token_mask is not None:
+                logits = self.mixture(table, images[pack.token_mask], h[pack.token_mask], alpha[pack.token_mask])
+            else:
+                logits = self.mixture(table, images.flatten(), h.flatten(0, 1), alpha.flatten(0, 1))
+                logits = logits.view(*alpha.shape[:2], -1)
+        else:
+            h, z = pack.gather(steps["h"]), pack.gather(steps["z"])
+            if pack.token_mask is not None:
+                h, z = h[pack.token_mask], z[pack.token_mask]  # (N, H), (N, C)
+            logits = self._logits(emb, h, z)  # one matmul: (B, T, V), or (N, V) packed
         return DecoderOutput(
-            logits=self._logits(emb, h, z),  # one matmul: (B, T, V), or (N, V) packed
-            alphas=pack.gather(steps["alpha"]), betas=pack.gather(steps["beta"]),  # (B, T, L), (B, T)
+            logits=logits,
+            alphas=alphas, betas=pack.gather(steps["beta"]),  # (B, T, L), (B, T)
             log_probs=pack.gather(steps["log_prob"]), entropies=pack.gather(steps["entropy"]),
             token_mask=pack.token_mask, probs=pack.gather(steps["probs"]), sampled=sampled, samples=k)

@@ -281,6 +281,98 @@ def test_anchor_on_word_needs_luong_and_the_anchor():
         make_decoder("model.decoder.arrangement=luong", "model.attention.anchor_on_word=true")
 
 
+def mixture_decoder(normalizer, *overrides):
+    cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
+                             "model.decoder.dropout=0.0", "model.decoder.arrangement=luong",
+                             "model.decoder.output=mixture", f"model.attention.normalizer={normalizer}",
+                             *overrides]).model
+    torch.manual_seed(0)
+    return Decoder.from_config(cfg, vocab_size=V, feature_dim=C, grid=(4, 6)).eval()  # L = 24
+
+
+def mixture_by_hand(dec, feats, h, alpha):
+    """log sum_l alpha_l softmax(W_s tanh(W_c [a_l; h])): every location, the layers as written.
+    feats (N, L, C), h (N, H), alpha (N, L) -> (N, V)."""
+    both = torch.cat([feats, h.unsqueeze(1).expand(-1, feats.shape[1], -1)], -1)  # (N, L, C + H)
+    p = torch.softmax(dec.out(torch.tanh(dec.combine(both))), -1)  # (N, L, V)
+    return (alpha.unsqueeze(-1) * p).sum(1).log()
+
+
+@pytest.mark.parametrize("normalizer, extra", [("softmax", []), ("sparsemax", []),
+                                                ("sparsemax", ["model.attention.relative=true",
+                                                               "model.attention.anchor_on_word=true"])])
+def test_mixture_output_is_the_maps_weighted_sum_of_each_locations_words(normalizer, extra):
+    """output: mixture. Each step's log-probabilities are log sum_l alpha_l p(y | a_l, h_t), on
+    every location (the support path drops only the zeros); one step at a time, K rows per
+    image (beam search) and the packed teacher-forced pass with shared images all agree."""
+    dec = mixture_decoder(normalizer, *extra)
+    feats = 3 * torch.randn(B, 24, C)  # sharp maps: sparsemax keeps a few cells
+    caps = torch.randint(4, V, (B, 6))
+    state, projected = dec.init_state(feats), dec.precompute(feats)
+    steps = []
+    for t in range(5):
+        out = dec.step(caps[:, t], state, feats, projected)
+        torch.testing.assert_close(out.logits, mixture_by_hand(dec, feats, out.state.h, out.attention.alpha))
+        torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(B))
+        steps.append(out)
+        state = out.state
+    if normalizer == "sparsemax":
+        assert max(int((s.attention.alpha > 0).sum(-1).max()) for s in steps) < 24 / 2  # the support path ran
+    lengths = torch.tensor([5, 3, 4, 5])
+    packed = dec(feats, torch.cat([caps, caps[:1]]), lengths=lengths, image_index=torch.tensor([0, 1, 2, 0]))
+    by_step = torch.stack([s.logits for s in steps], 1)  # (B, 5, V)
+    mask = torch.arange(5) < lengths.unsqueeze(1)
+    torch.testing.assert_close(packed.logits, torch.cat([by_step, by_step[:1]])[mask])
+    K = 2  # beams: K adjacent rows per image read the image's cells once
+    grouped_state = dec.init_state(feats).index_select(torch.arange(B).repeat_interleave(K))
+    copies = feats.repeat_interleave(K, 0)
+    flat_state, flat_projected = dec.init_state(copies), dec.precompute(copies)
+    for t in range(3):
+        words = caps[:, t].repeat_interleave(K)
+        grouped = dec.step(words, grouped_state, feats, projected)
+        flat = dec.step(words, flat_state, copies, flat_projected)
+        torch.testing.assert_close(grouped.logits, flat.logits)
+        grouped_state, flat_state = grouped.state, flat.state
+
+
+def test_mixture_output_does_not_read_a_blend_of_two_objects_as_a_third():
+    """A map split between two locations, one of which alone writes word 4 and the other word
+    5; the blend of the two (the expected context) writes word 6. The mixture output gives 6
+    almost nothing and 4 and 5 half each, where the expected output picks 6; and its gradient
+    moves the map onto the location that explains the word."""
+    dec = mixture_decoder("softmax")
+    H = dec.hidden_dim
+    with torch.no_grad():
+        dec.combine.weight.zero_()
+        dec.combine.weight[0, 0] = dec.combine.weight[1, 1] = 20.0  # h~ = tanh(20 a[:2]): one unit per location
+        dec.out.weight.zero_(), dec.out.bias.zero_()
+        dec.out.weight[4, 0] = dec.out.weight[5, 1] = 10.0
+        dec.out.weight[6, :2] = 10.0
+        dec.out.bias[6] = -5.0  # 6 needs both units on: the blend
+    feats = torch.zeros(1, 24, C)
+    feats[0, 3, 0] = feats[0, 17, 1] = 1.0  # location 3 says 4, location 17 says 5
+    alpha = torch.zeros(1, 24)
+    alpha[0, 3] = alpha[0, 17] = 0.5
+    alpha.requires_grad_(True)
+    h = torch.zeros(1, H)
+    log_p = dec.mixture(dec.cells(feats), torch.tensor([0]), h, alpha)[0]
+    assert log_p[6].exp() < 0.01 and log_p[4].exp().item() == pytest.approx(0.5, abs=0.01)
+    assert log_p[5].exp().item() == pytest.approx(0.5, abs=0.01)
+    expected = dec.out(torch.tanh(dec.combine(torch.cat([(alpha.unsqueeze(-1) * feats).sum(1), h], -1))))
+    assert expected.argmax().item() == 6  # the expected context reads the blend
+    log_p[4].backward()
+    assert alpha.grad[0, 3] > 1.5 and alpha.grad[0, 17] < 0.1  # p(4 | l) / p(4): onto location 3
+
+
+def test_mixture_output_needs_luong():
+    from captioner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="output.*arrangement: luong"):
+        load_config(None, ["model.decoder.output=mixture"])
+    with pytest.raises(ConfigError, match="output.*one of expected, mixture"):
+        load_config(None, ["model.decoder.output=mixed"])
+
+
 @pytest.mark.parametrize("attention", ["soft", "hard", "local", "none"])
 def test_packed_pass_with_lengths_equals_the_full_pass_on_real_steps(attention):
     """With lengths the decoder runs no step past a caption's end and the output layer only on
