@@ -339,7 +339,7 @@ def test_mixture_output_does_not_read_a_blend_of_two_objects_as_a_third():
     """A map split between two locations, one of which alone writes word 4 and the other word
     5; the blend of the two (the expected context) writes word 6. The mixture output gives 6
     almost nothing and 4 and 5 half each, where the expected output picks 6; and its gradient
-    moves the map onto the location that explains the word."""
+    moves the map onto the location that explains the word. Locations off the map are not read."""
     dec = mixture_decoder("softmax")
     H = dec.hidden_dim
     with torch.no_grad():
@@ -358,6 +358,9 @@ def test_mixture_output_does_not_read_a_blend_of_two_objects_as_a_third():
     log_p = dec.mixture(dec.cells(feats), torch.tensor([0]), h, alpha)[0]
     assert log_p[6].exp() < 0.01 and log_p[4].exp().item() == pytest.approx(0.5, abs=0.01)
     assert log_p[5].exp().item() == pytest.approx(0.5, abs=0.01)
+    cells = dec.cells(feats)
+    cells[0, 9] = float("nan")  # a location off the map is never read: the support's cells only
+    torch.testing.assert_close(dec.mixture(cells, torch.tensor([0]), h, alpha)[0], log_p)
     expected = dec.out(torch.tanh(dec.combine(torch.cat([(alpha.unsqueeze(-1) * feats).sum(1), h], -1))))
     assert expected.argmax().item() == 6  # the expected context reads the blend
     log_p[4].backward()
