@@ -342,7 +342,8 @@ class DecoderConfig:
             al., 2018): each word must be explained by the locations its map is on, one at a time,
             so a map split between a triangle and a square cannot read as a circle. Luong's
             arrangement only; computed on the map's support (a sparsemax map's few cells: with a
-            softmax map it reads every location, L times the output layer's work).
+            softmax map it reads every location, L times the output layer's work). ``product``:
+            both, as a product of experts, log_softmax(expected) + log mixture, normalised again.
     """
 
     embed_dim: int = 512
@@ -360,9 +361,9 @@ class DecoderConfig:
         _check(self.hidden_dim >= 1, "hidden_dim", f"must be >= 1; got {self.hidden_dim}")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1); got {self.dropout}")
         _choice(self.arrangement, "arrangement", ("xu", "luong"))
-        _choice(self.output, "output", ("expected", "mixture"))
-        _check(self.output != "mixture" or self.arrangement == "luong", "output",
-               "mixture reads Luong's output layer at each location: set model.decoder.arrangement: luong")
+        _choice(self.output, "output", ("expected", "mixture", "product"))
+        _check(self.output == "expected" or self.arrangement == "luong", "output",
+               f"{self.output} reads Luong's output layer at each location: set model.decoder.arrangement: luong")
 
 
 @dataclass(frozen=True)

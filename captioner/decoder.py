@@ -206,8 +206,9 @@ class Decoder(nn.Module):
             The same function either way.
         score_mask: (C,) 1 for the channels the attention's scores read, 0 for those only the
             context vector and h_0 read (None: all). ``model.encoder.context_in_scores``.
-        output: "expected" (the word from the expected context z_t) or "mixture" (from each
-            location the map is on, weighted by the map: :meth:`mixture`; Luong only).
+        output: "expected" (the word from the expected context z_t), "mixture" (from each
+            location the map is on, weighted by the map: :meth:`mixture`; Luong only) or
+            "product" (both, as a product of experts: log_softmax(expected) + mixture).
     """
 
     def __init__(
@@ -255,9 +256,9 @@ class Decoder(nn.Module):
         if self.anchor_on_word and not self.luong:
             raise ConfigError("model.attention.anchor_on_word reads Luong's output layer at each location: "
                               "set model.decoder.arrangement: luong (or anchor_on_word: false)")
-        self.mixture_output = output == "mixture"
+        self.mixture_output, self.expected_output = output in ("mixture", "product"), output != "mixture"
         if self.mixture_output and not self.luong:
-            raise ConfigError("model.decoder.output: mixture reads Luong's output layer at each location: "
+            raise ConfigError(f"model.decoder.output: {output} reads Luong's output layer at each location: "
                               "set model.decoder.arrangement: luong (or output: expected)")
         self.per_cell = self.anchor_on_word or self.mixture_output  # reads W_c's share of each location
         self.reset_parameters()
@@ -432,13 +433,19 @@ class Decoder(nn.Module):
         projected, cells = projected if self.per_cell else (projected, None)
         state, att, z, beta = self._advance(self.gate_embed(emb), state, features, projected, mask,
                                             words=tokens, cells=cells)
+        logits = self._logits(emb, self._readout(state), z) if self.expected_output else None
         if self.mixture_output:
             n, B = tokens.shape[0], features.shape[0]
             images = torch.arange(B, device=tokens.device).repeat_interleave(n // B)  # K rows per image
-            logits = self.mixture(cells, images, state.h, att.alpha)
-        else:
-            logits = self._logits(emb, self._readout(state), z)
+            logits = self._combined(logits, self.mixture(cells, images, state.h, att.alpha))
         return StepOutput(logits, state, att, beta)
+
+    @staticmethod
+    def _combined(expected: Tensor | None, mixture: Tensor) -> Tensor:
+        """The mixture's log-probabilities, times the expected output's (``output="product"``):
+        a product of experts, normalised by whatever reads them (the loss's and the searches'
+        log_softmax)."""
+        return mixture if expected is None else torch.log_softmax(expected.float(), dim=-1) + mixture
 
     # -- teacher forcing
 
@@ -525,7 +532,7 @@ class Decoder(nn.Module):
             state, att, z, beta = self._advance(gates_embed[t][:n], state, features, projected, mask, gates,
                                                 words=words[:n, t] if words is not None else None, cells=cells)
             sampled = att.sampled if t == 0 else sampled
-            expected = not self.mixture_output  # the mixture reads h_t and the map, not h~_t or z_t
+            expected = self.expected_output  # the mixture alone reads h_t and the map, not h~_t or z_t
             for key, x in (("h", self._readout(state) if expected else None), ("z", z if expected else None),
                            ("alpha", att.alpha), ("beta", beta),
                            ("log_prob", att.log_prob), ("entropy", att.entropy),
@@ -536,19 +543,21 @@ class Decoder(nn.Module):
         alphas = pack.gather(steps["alpha"])  # (B, T, L)
         if sampled is not None and pack.order is not None:
             sampled = sampled[torch.argsort(pack.order)]  # back to the input order
-        if self.mixture_output:  # every real step at once, on its map's support
-            h, alpha = pack.gather(steps["lstm_h"]), alphas
-            images = images.unsqueeze(1).expand(alpha.shape[:2])  # (B, T): each step's image
-            if pack.token_mask is not None:
-                logits = self.mixture(table, images[pack.token_mask], h[pack.token_mask], alpha[pack.token_mask])
-            else:
-                logits = self.mixture(table, images.flatten(), h.flatten(0, 1), alpha.flatten(0, 1))
-                logits = logits.view(*alpha.shape[:2], -1)
-        else:
+        logits = None
+        if self.expected_output:
             h, z = pack.gather(steps["h"]), pack.gather(steps["z"])
             if pack.token_mask is not None:
                 h, z = h[pack.token_mask], z[pack.token_mask]  # (N, H), (N, C)
             logits = self._logits(emb, h, z)  # one matmul: (B, T, V), or (N, V) packed
+        if self.mixture_output:  # every real step at once, on its map's support
+            h, alpha = pack.gather(steps["lstm_h"]), alphas
+            images = images.unsqueeze(1).expand(alpha.shape[:2])  # (B, T): each step's image
+            if pack.token_mask is not None:
+                mixed = self.mixture(table, images[pack.token_mask], h[pack.token_mask], alpha[pack.token_mask])
+            else:
+                mixed = self.mixture(table, images.flatten(), h.flatten(0, 1), alpha.flatten(0, 1))
+                mixed = mixed.view(*alpha.shape[:2], -1)
+            logits = self._combined(logits, mixed)
         return DecoderOutput(
             logits=logits,
             alphas=alphas, betas=pack.gather(steps["beta"]),  # (B, T, L), (B, T)

@@ -281,10 +281,10 @@ def test_anchor_on_word_needs_luong_and_the_anchor():
         make_decoder("model.decoder.arrangement=luong", "model.attention.anchor_on_word=true")
 
 
-def mixture_decoder(normalizer, *overrides):
+def mixture_decoder(normalizer, *overrides, output="mixture"):
     cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
                              "model.decoder.dropout=0.0", "model.decoder.arrangement=luong",
-                             "model.decoder.output=mixture", f"model.attention.normalizer={normalizer}",
+                             f"model.decoder.output={output}", f"model.attention.normalizer={normalizer}",
                              *overrides]).model
     torch.manual_seed(0)
     return Decoder.from_config(cfg, vocab_size=V, feature_dim=C, grid=(4, 6)).eval()  # L = 24
@@ -298,22 +298,29 @@ def mixture_by_hand(dec, feats, h, alpha):
     return (alpha.unsqueeze(-1) * p).sum(1).log()
 
 
-@pytest.mark.parametrize("normalizer, extra", [("softmax", []), ("sparsemax", []),
-                                                ("sparsemax", ["model.attention.relative=true",
-                                                               "model.attention.anchor_on_word=true"])])
-def test_mixture_output_is_the_maps_weighted_sum_of_each_locations_words(normalizer, extra):
+@pytest.mark.parametrize("normalizer, extra, output", [
+    ("softmax", [], "mixture"), ("sparsemax", [], "mixture"),
+    ("sparsemax", ["model.attention.relative=true", "model.attention.anchor_on_word=true"], "mixture"),
+    ("sparsemax", [], "product")])
+def test_mixture_output_is_the_maps_weighted_sum_of_each_locations_words(normalizer, extra, output):
     """output: mixture. Each step's log-probabilities are log sum_l alpha_l p(y | a_l, h_t), on
     every location (the support path drops only the zeros); one step at a time, K rows per
-    image (beam search) and the packed teacher-forced pass with shared images all agree."""
-    dec = mixture_decoder(normalizer, *extra)
+    image (beam search) and the packed teacher-forced pass with shared images all agree.
+    output: product adds the expected output's log-probabilities, log p(y | z_t, h_t)."""
+    dec = mixture_decoder(normalizer, *extra, output=output)
     feats = 3 * torch.randn(B, 24, C)  # sharp maps: sparsemax keeps a few cells
     caps = torch.randint(4, V, (B, 6))
     state, projected = dec.init_state(feats), dec.precompute(feats)
     steps = []
     for t in range(5):
         out = dec.step(caps[:, t], state, feats, projected)
-        torch.testing.assert_close(out.logits, mixture_by_hand(dec, feats, out.state.h, out.attention.alpha))
-        torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(B))
+        want = mixture_by_hand(dec, feats, out.state.h, out.attention.alpha)
+        if output == "product":
+            read = torch.tanh(dec.combine(torch.cat([out.attention.context, out.state.h], -1)))  # h~_t
+            want = want + torch.log_softmax(dec.out(read), -1)
+        else:
+            torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(B))
+        torch.testing.assert_close(out.logits, want)
         steps.append(out)
         state = out.state
     if normalizer == "sparsemax":
@@ -372,7 +379,9 @@ def test_mixture_output_needs_luong():
 
     with pytest.raises(ConfigError, match="output.*arrangement: luong"):
         load_config(None, ["model.decoder.output=mixture"])
-    with pytest.raises(ConfigError, match="output.*one of expected, mixture"):
+    with pytest.raises(ConfigError, match="output product.*arrangement: luong"):
+        load_config(None, ["model.decoder.output=product"])
+    with pytest.raises(ConfigError, match="output.*one of expected, mixture, product"):
         load_config(None, ["model.decoder.output=mixed"])
 
 
