@@ -344,6 +344,10 @@ class DecoderConfig:
             arrangement only; computed on the map's support (a sparsemax map's few cells: with a
             softmax map it reads every location, L times the output layer's work). ``product``:
             both, as a product of experts, log_softmax(expected) + log mixture, normalised again.
+        decode_output: what decoding one step at a time reads the word from (greedy, beam search,
+            SCST's samples): ``expected``, ``mixture`` or ``product``; empty: as ``output``.
+            ``output: expected`` with ``decode_output: product`` trains the plain model and lets
+            decoding veto a word that no single location of the map says (the same weights).
     """
 
     embed_dim: int = 512
@@ -355,6 +359,7 @@ class DecoderConfig:
     arrangement: str = "xu"
     fused: bool = True
     output: str = "expected"
+    decode_output: str = ""
 
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 1, "embed_dim", f"must be >= 1; got {self.embed_dim}")
@@ -364,6 +369,10 @@ class DecoderConfig:
         _choice(self.output, "output", ("expected", "mixture", "product"))
         _check(self.output == "expected" or self.arrangement == "luong", "output",
                f"{self.output} reads Luong's output layer at each location: set model.decoder.arrangement: luong")
+        _choice(self.decode_output, "decode_output", ("", "expected", "mixture", "product"))
+        _check(self.decode_output in ("", "expected") or self.arrangement == "luong", "decode_output",
+               f"{self.decode_output} reads Luong's output layer at each location: "
+               "set model.decoder.arrangement: luong")
 
 
 @dataclass(frozen=True)

@@ -209,6 +209,8 @@ class Decoder(nn.Module):
         output: "expected" (the word from the expected context z_t), "mixture" (from each
             location the map is on, weighted by the map: :meth:`mixture`; Luong only) or
             "product" (both, as a product of experts: log_softmax(expected) + mixture).
+        decode_output: the same choice for :meth:`step`, decoding one step at a time ("": as
+            ``output``); the teacher-forced pass reads ``output``.
     """
 
     def __init__(
@@ -227,6 +229,7 @@ class Decoder(nn.Module):
         fused: bool = True,
         score_mask: Tensor | None = None,
         output: str = "expected",
+        decode_output: str = "",
     ) -> None:
         super().__init__()
         self.register_buffer("score_mask", score_mask, persistent=False)  # (C,) or None
@@ -256,11 +259,15 @@ class Decoder(nn.Module):
         if self.anchor_on_word and not self.luong:
             raise ConfigError("model.attention.anchor_on_word reads Luong's output layer at each location: "
                               "set model.decoder.arrangement: luong (or anchor_on_word: false)")
+        decode_output = decode_output or output
         self.mixture_output, self.expected_output = output in ("mixture", "product"), output != "mixture"
-        if self.mixture_output and not self.luong:
-            raise ConfigError(f"model.decoder.output: {output} reads Luong's output layer at each location: "
-                              "set model.decoder.arrangement: luong (or output: expected)")
-        self.per_cell = self.anchor_on_word or self.mixture_output  # reads W_c's share of each location
+        self.step_mixture, self.step_expected = decode_output in ("mixture", "product"), decode_output != "mixture"
+        for key, value, mixed in (("output", output, self.mixture_output),
+                                  ("decode_output", decode_output, self.step_mixture)):
+            if mixed and not self.luong:
+                raise ConfigError(f"model.decoder.{key}: {value} reads Luong's output layer at each location: "
+                                  f"set model.decoder.arrangement: luong (or {key}: expected)")
+        self.per_cell = self.anchor_on_word or self.mixture_output or self.step_mixture  # W_c's share of each location
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -277,7 +284,7 @@ class Decoder(nn.Module):
         return cls(vocab_size=vocab_size, feature_dim=feature_dim, attention=attention,
                    embed_dim=d.embed_dim, hidden_dim=d.hidden_dim, dropout=d.dropout, beta_gate=d.beta_gate,
                    deep_output=d.deep_output, dropout_hidden=d.dropout_hidden, arrangement=d.arrangement,
-                   fused=d.fused, score_mask=score_mask, output=d.output)
+                   fused=d.fused, score_mask=score_mask, output=d.output, decode_output=d.decode_output)
 
     # -- pieces shared by training and decoding
 
@@ -433,8 +440,8 @@ class Decoder(nn.Module):
         projected, cells = projected if self.per_cell else (projected, None)
         state, att, z, beta = self._advance(self.gate_embed(emb), state, features, projected, mask,
                                             words=tokens, cells=cells)
-        logits = self._logits(emb, self._readout(state), z) if self.expected_output else None
-        if self.mixture_output:
+        logits = self._logits(emb, self._readout(state), z) if self.step_expected else None
+        if self.step_mixture:
             n, B = tokens.shape[0], features.shape[0]
             images = torch.arange(B, device=tokens.device).repeat_interleave(n // B)  # K rows per image
             logits = self._combined(logits, self.mixture(cells, images, state.h, att.alpha))
@@ -493,7 +500,7 @@ class Decoder(nn.Module):
         inputs = captions[:, :-1]  # (B, T)
         pack = _Packing.plan(lengths, *inputs.shape)
         emb, gates_embed = self._embed_steps(inputs, pack)
-        table = self.cells(features) if self.per_cell else None  # (U, L, H): once per image
+        table = self.cells(features) if self.anchor_on_word or self.mixture_output else None  # (U, L, H): once per image
         images = rows if rows is not None else torch.arange(inputs.shape[0], device=inputs.device)  # input order
         if rows is not None:  # captions share images: the keys once per image, then a row per caption
             rows = rows.index_select(0, pack.order) if pack.order is not None else rows  # longest caption first

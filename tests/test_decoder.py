@@ -374,6 +374,31 @@ def test_mixture_output_does_not_read_a_blend_of_two_objects_as_a_third():
     assert alpha.grad[0, 3] > 1.5 and alpha.grad[0, 17] < 0.1  # p(4 | l) / p(4): onto location 3
 
 
+def test_decode_output_product_vetoes_at_decoding_and_trains_the_plain_model():
+    """output: expected, decode_output: product. The teacher-forced pass is the plain model's
+    (the same weights, the same logits); decoding one step at a time reads the product of the
+    expected output and the mixture over the map."""
+    plain = mixture_decoder("sparsemax", output="expected")
+    vetoed = mixture_decoder("sparsemax", "model.decoder.decode_output=product", output="expected")
+    feats, caps = 3 * torch.randn(B, 24, C), torch.randint(4, V, (B, 6))
+    torch.testing.assert_close(vetoed(feats, caps).logits, plain(feats, caps).logits)
+    states = [dec.init_state(feats) for dec in (plain, vetoed)]
+    for t in range(4):
+        ref = plain.step(caps[:, t], states[0], feats, plain.precompute(feats))
+        out = vetoed.step(caps[:, t], states[1], feats, vetoed.precompute(feats))
+        torch.testing.assert_close(out.attention.alpha, ref.attention.alpha)  # the same model, step by step
+        want = torch.log_softmax(ref.logits, -1) + mixture_by_hand(vetoed, feats, out.state.h, out.attention.alpha)
+        torch.testing.assert_close(out.logits, want)
+        states = [ref.state, out.state]
+    back = mixture_decoder("sparsemax", "model.decoder.decode_output=expected", output="mixture")
+    state, ref_state = back.init_state(feats), plain.init_state(feats)
+    for t in range(3):  # trained as a mixture, decoded from the expected context: the plain step
+        out = back.step(caps[:, t], state, feats, back.precompute(feats))
+        ref = plain.step(caps[:, t], ref_state, feats, plain.precompute(feats))
+        torch.testing.assert_close(out.logits, ref.logits)
+        state, ref_state = out.state, ref.state
+
+
 def test_mixture_output_needs_luong():
     from captioner.errors import ConfigError
 
@@ -381,6 +406,8 @@ def test_mixture_output_needs_luong():
         load_config(None, ["model.decoder.output=mixture"])
     with pytest.raises(ConfigError, match="output product.*arrangement: luong"):
         load_config(None, ["model.decoder.output=product"])
+    with pytest.raises(ConfigError, match="decode_output product.*arrangement: luong"):
+        load_config(None, ["model.decoder.decode_output=product"])
     with pytest.raises(ConfigError, match="output.*one of expected, mixture, product"):
         load_config(None, ["model.decoder.output=mixed"])
 
