@@ -142,6 +142,23 @@ def test_doubly_stochastic_by_hand_and_only_over_real_steps():
     torch.testing.assert_close(doubly_stochastic(alphas, torch.tensor([[1.0, 1.0, 1.0]])), torch.tensor([1.0]))
 
 
+def beams_equal_copies(dec, feats, caps, steps, K=2):
+    """K rows per image (beam search: the image's features, keys and cells read once) step as K
+    copies of the image would: the same logits and the same attention memory."""
+    B = feats.shape[0]
+    state, projected = dec.init_state(feats).index_select(torch.arange(B).repeat_interleave(K)), dec.precompute(feats)
+    copies = feats.repeat_interleave(K, 0)
+    flat_state, flat_projected = dec.init_state(copies), dec.precompute(copies)
+    for t in range(steps):
+        words = caps[:, t].repeat_interleave(K)
+        grouped = dec.step(words, state, feats, projected)
+        flat = dec.step(words, flat_state, copies, flat_projected)
+        torch.testing.assert_close(grouped.logits, flat.logits)
+        if grouped.state.memory is not None:
+            torch.testing.assert_close(grouped.state.memory, flat.state.memory)
+        state, flat_state = grouped.state, flat.state
+
+
 def word_anchored(relative_read=False):
     cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
                              "model.decoder.dropout=0.0", "model.decoder.arrangement=luong",
@@ -172,17 +189,7 @@ def test_anchor_on_word_steps_match_teacher_forcing_and_beams(relative_read):
         torch.testing.assert_close(out.attention.alpha, full.alphas[:, t])
         torch.testing.assert_close(out.state.memory[:, 3:], out.attention.alpha)  # the map waits for its word
         state = out.state
-    K = 2
-    state, copies = dec.init_state(feats).index_select(torch.arange(B).repeat_interleave(K)), \
-        feats.repeat_interleave(K, 0)
-    flat_state, flat_projected = dec.init_state(copies), dec.precompute(copies)
-    for t in range(4):
-        words = caps[:, t].repeat_interleave(K)
-        grouped = dec.step(words, state, feats, projected)
-        flat = dec.step(words, flat_state, copies, flat_projected)
-        torch.testing.assert_close(grouped.logits, flat.logits)
-        torch.testing.assert_close(grouped.state.memory, flat.state.memory)
-        state, flat_state = grouped.state, flat.state
+    beams_equal_copies(dec, feats, caps, steps=4)
 
 
 def test_anchor_on_word_settles_on_the_location_that_explains_the_word():
@@ -330,16 +337,7 @@ def test_mixture_output_is_the_maps_weighted_sum_of_each_locations_words(normali
     by_step = torch.stack([s.logits for s in steps], 1)  # (B, 5, V)
     mask = torch.arange(5) < lengths.unsqueeze(1)
     torch.testing.assert_close(packed.logits, torch.cat([by_step, by_step[:1]])[mask])
-    K = 2  # beams: K adjacent rows per image read the image's cells once
-    grouped_state = dec.init_state(feats).index_select(torch.arange(B).repeat_interleave(K))
-    copies = feats.repeat_interleave(K, 0)
-    flat_state, flat_projected = dec.init_state(copies), dec.precompute(copies)
-    for t in range(3):
-        words = caps[:, t].repeat_interleave(K)
-        grouped = dec.step(words, grouped_state, feats, projected)
-        flat = dec.step(words, flat_state, copies, flat_projected)
-        torch.testing.assert_close(grouped.logits, flat.logits)
-        grouped_state, flat_state = grouped.state, flat.state
+    beams_equal_copies(dec, feats, caps, steps=3)  # K rows per image read the image's cells once
 
 
 def test_mixture_output_does_not_read_a_blend_of_two_objects_as_a_third():
