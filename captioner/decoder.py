@@ -467,6 +467,29 @@ class Decoder(nn.Module):
             rows = torch.arange(captions.shape[0], device=captions.device)
         return k, *(None if x is None else x.repeat_interleave(k, 0) for x in (captions, lengths, rows))
 
+    def _pass_logits(self, emb: Tensor, steps: dict[str, list[Tensor]], alphas: Tensor, pack: _Packing,
+                     table: Tensor | None, images: Tensor) -> Tensor:
+        """The teacher-forced pass's output layer, for every real step at once: (B, T, V), or
+        (N, V) packed. emb: the words read; steps: the loop's per-step rows; alphas (B, T, L);
+        table (U, L, H) from :meth:`cells` and images (B,) each caption's row of it (the mixture)."""
+        logits = None
+        if self.expected_output:
+            h, z = pack.gather(steps["h"]), pack.gather(steps["z"])
+            if pack.token_mask is not None:
+                h, z = h[pack.token_mask], z[pack.token_mask]  # (N, H), (N, C)
+            logits = self._logits(emb, h, z)  # one matmul
+        if self.mixture_output:  # on each step's map's support
+            h = pack.gather(steps["lstm_h"])
+            images = images.unsqueeze(1).expand(alphas.shape[:2])  # (B, T): each step's image
+            if pack.token_mask is not None:
+                m = pack.token_mask
+                mixed = self.mixture(table, images[m], h[m], alphas[m])
+            else:
+                mixed = self.mixture(table, images.flatten(), h.flatten(0, 1), alphas.flatten(0, 1))
+                mixed = mixed.view(*alphas.shape[:2], -1)
+            logits = self._combined(logits, mixed)
+        return logits
+
     def _embed_steps(self, inputs: Tensor, pack: _Packing) -> tuple[Tensor, Tensor]:
         """E y and its gate share for all steps at once: (B, T, E) and (B, T, 4H); packed, the
         embeddings of the real steps only (N, E) and the gates sorted longest caption first."""
@@ -550,23 +573,8 @@ class Decoder(nn.Module):
         alphas = pack.gather(steps["alpha"])  # (B, T, L)
         if sampled is not None and pack.order is not None:
             sampled = sampled[torch.argsort(pack.order)]  # back to the input order
-        logits = None
-        if self.expected_output:
-            h, z = pack.gather(steps["h"]), pack.gather(steps["z"])
-            if pack.token_mask is not None:
-                h, z = h[pack.token_mask], z[pack.token_mask]  # (N, H), (N, C)
-            logits = self._logits(emb, h, z)  # one matmul: (B, T, V), or (N, V) packed
-        if self.mixture_output:  # every real step at once, on its map's support
-            h, alpha = pack.gather(steps["lstm_h"]), alphas
-            images = images.unsqueeze(1).expand(alpha.shape[:2])  # (B, T): each step's image
-            if pack.token_mask is not None:
-                mixed = self.mixture(table, images[pack.token_mask], h[pack.token_mask], alpha[pack.token_mask])
-            else:
-                mixed = self.mixture(table, images.flatten(), h.flatten(0, 1), alpha.flatten(0, 1))
-                mixed = mixed.view(*alpha.shape[:2], -1)
-            logits = self._combined(logits, mixed)
         return DecoderOutput(
-            logits=logits,
+            logits=self._pass_logits(emb, steps, alphas, pack, table, images),
             alphas=alphas, betas=pack.gather(steps["beta"]),  # (B, T, L), (B, T)
             log_probs=pack.gather(steps["log_prob"]), entropies=pack.gather(steps["entropy"]),
             token_mask=pack.token_mask, probs=pack.gather(steps["probs"]), sampled=sampled, samples=k)
