@@ -179,6 +179,14 @@ def mean_over_locations(features: Tensor) -> Tensor:
     return torch.bmm(features.new_full((B, 1, L), 1.0 / L), features).squeeze(1)
 
 
+def _support(alpha: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The nonzeros of each row of maps alpha (N, L): (values, indices), (N, S) each, S the
+    largest row's count (a shorter row's last entries are zeros); None when S is over half
+    the grid (a softmax map's is): the dense form is then cheaper than gathering."""
+    support = max(int((alpha > 0).sum(-1).amax()), 1)
+    return None if 2 * support > alpha.shape[-1] else alpha.topk(support, dim=-1, sorted=False)
+
+
 def _lstm(pre: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """The LSTM cell from its gate pre-activations (B, 4H) and c_{t-1} (B, H) -> h_t, c_t.
 
@@ -321,15 +329,13 @@ class Decoder(nn.Module):
         half the grid): where alpha_l = 0 the location adds nothing. d log p(y) / d alpha_l =
         p(y | l) / p(y): the map is pulled onto the locations that explain the word."""
         U, L, H = cells.shape
-        n = h.shape[0]
         h_part = (h @ self.combine.weight[:, -H:].T.to(h.dtype)).unsqueeze(1)  # (N, 1, H)
-        support = max(int((alpha > 0).sum(-1).amax()), 1)
-        if 2 * support > L:  # most of the grid: every location
+        top = _support(alpha)
+        if top is None:  # most of the grid: every location
             weight, picked = alpha, cells.index_select(0, images)  # (N, L), (N, L, H)
         else:
-            weight, index = alpha.topk(support, dim=-1, sorted=False)  # (N, S): every nonzero of each row
-            picked = cells.flatten(0, 1).index_select(0, (images.unsqueeze(1) * L + index).flatten())
-            picked = picked.view(n, support, H)
+            weight, index = top  # (N, S): every nonzero of each row
+            picked = kernels.gather_rows(cells, (images.unsqueeze(1) * L + index).flatten()).view(*index.shape, H)
         log_p = torch.log_softmax(self.out(self.dropout(torch.tanh(picked + h_part))).float(), dim=-1)  # (N, S, V)
         weight = weight.float()
         log_w = torch.where(weight > 0, weight.clamp_min(1e-30).log(), float("-inf"))  # no 1/0 in the gradient
@@ -353,13 +359,13 @@ class Decoder(nn.Module):
         k = n // B
         h_part = (h @ self.combine.weight[:, -H:].T.to(h.dtype)).view(B, k, 1, H)
         w = self.out.weight[words].to(h_part.dtype).view(B, k, H, 1)
-        support = max(int((alpha > 0).sum(-1).amax()), 1) if alpha is not None else L
-        if 2 * support > L:  # most of the grid: the dense form is cheaper than gathering
+        top = _support(alpha) if alpha is not None else None
+        if top is None:  # everywhere, or most of the grid: the dense form
             return (torch.tanh(table.unsqueeze(1) + h_part) @ w).view(n, L)
-        index = alpha.topk(support, dim=-1, sorted=False).indices  # (N, S): every nonzero of each row
+        index = top.indices  # (N, S): every nonzero of each row
         rows = torch.arange(B, device=index.device).repeat_interleave(k).unsqueeze(1)  # (N, 1): image of each row
-        picked = kernels.gather_rows(cells, (rows * L + index).flatten()).view(B, k, support, H)
-        fit = (torch.tanh(picked + h_part) @ w).view(n, support)
+        picked = kernels.gather_rows(cells, (rows * L + index).flatten()).view(B, k, -1, H)
+        fit = (torch.tanh(picked + h_part) @ w).view(n, -1)
         return fit.detach().amin(-1, keepdim=True).expand(n, L).scatter(-1, index, fit)
 
     def _scored(self, features: Tensor) -> Tensor:
@@ -552,6 +558,7 @@ class Decoder(nn.Module):
         steps: dict[str, list[Tensor]] = {name: [] for name in ("h", "z", "alpha", "beta", "log_prob", "entropy", "probs",
                                                                 "lstm_h")}
         sampled = None
+        expected = self.expected_output  # the mixture alone reads h_t and the map, not h~_t or z_t
         for t, n in enumerate(pack.active):
             if n == 0:
                 break
@@ -562,7 +569,6 @@ class Decoder(nn.Module):
             state, att, z, beta = self._advance(gates_embed[t][:n], state, features, projected, mask, gates,
                                                 words=words[:n, t] if words is not None else None, cells=cells)
             sampled = att.sampled if t == 0 else sampled
-            expected = self.expected_output  # the mixture alone reads h_t and the map, not h~_t or z_t
             for key, x in (("h", self._readout(state) if expected else None), ("z", z if expected else None),
                            ("alpha", att.alpha), ("beta", beta),
                            ("log_prob", att.log_prob), ("entropy", att.entropy),
