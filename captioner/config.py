@@ -30,7 +30,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 
 def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+    _check(value in choices, key, f"must be one of {', '.join(c or repr(c) for c in choices)}; got {value!r}")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -368,11 +368,12 @@ class DecoderConfig:
         _choice(self.arrangement, "arrangement", ("xu", "luong"))
         _choice(self.output, "output", ("expected", "mixture", "product"))
         _check(self.output == "expected" or self.arrangement == "luong", "output",
-               f"{self.output} reads Luong's output layer at each location: set model.decoder.arrangement: luong")
+               f"{self.output} reads Luong's output layer at each location: set model.decoder.arrangement: luong "
+               "(or output: expected)")
         _choice(self.decode_output, "decode_output", ("", "expected", "mixture", "product"))
         _check(self.decode_output in ("", "expected") or self.arrangement == "luong", "decode_output",
                f"{self.decode_output} reads Luong's output layer at each location: "
-               "set model.decoder.arrangement: luong")
+               "set model.decoder.arrangement: luong (or decode_output: expected)")
 
 
 @dataclass(frozen=True)

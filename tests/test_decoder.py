@@ -408,6 +408,8 @@ def test_mixture_output_needs_luong():
         load_config(None, ["model.decoder.decode_output=product"])
     with pytest.raises(ConfigError, match="output.*one of expected, mixture, product"):
         load_config(None, ["model.decoder.output=mixed"])
+    with pytest.raises(ConfigError, match="decode_output must be one of '', expected, mixture, product; got 'prodct'"):
+        load_config(None, ["model.decoder.decode_output=prodct"])
 
 
 @pytest.mark.parametrize("attention", ["soft", "hard", "local", "none"])
