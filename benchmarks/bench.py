@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from captioner import native
 from captioner.config import (
     AttentionConfig,
     DecoderConfig,
@@ -313,6 +314,7 @@ def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu,
         "cpu_bf16": cpu_bf16_support(),
+        "score_kernel": "C (captioner.native)" if native.library() is not None else "PyTorch ops",
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
@@ -631,7 +633,7 @@ def format_table(results: dict) -> str:
     lines = [
         (f"machine: {m['cpu']}, {m['cpus_usable']}/{m['cpu_count']} cores usable, load {m['load_average']}, "
          f"torch {m['torch']}, {m['threads']} threads, device {m['device']}{gpu}; "
-         f"RSS after imports {m['rss_after_imports_mib']} MiB"),
+         f"RSS after imports {m['rss_after_imports_mib']} MiB; additive score kernel: {m['score_kernel']}"),
         f"float32 matmul peak (best of {len(p['times_s'])} mm {p['n']}x{p['n']}, GFLOP/s) before each section: {peaks}",
         (f"bfloat16 matmul peak (CPU bf16: {m['cpu_bf16']}; the bf16 rows' share is of this peak), GFLOP/s: "
          f"{peaks16}"),

@@ -122,13 +122,16 @@ class AdditiveScore(nn.Module):
         return self.fused and self.activation == "tanh"
 
     def precompute(self, keys: Tensor, rows: Tensor | None = None) -> Tensor | kernels.SummedKeys:
-        projected = per_row(self.key(keys), rows)  # (B, L, A): W_a a_i + b
-        return kernels.summed_keys(projected, self.out.weight.view(-1)) if self.uses_kernel else projected
+        projected = self.key(keys)  # (U, L, A): W_a a_i + b
+        if not self.uses_kernel:
+            return per_row(projected, rows)
+        projected = per_row(projected.to(kernels.score_dtype(projected)), rows)  # cast once per pass, not per step
+        return kernels.summed_keys(projected, self.out.weight.view(-1))
 
     def forward(self, projected: Tensor | kernels.SummedKeys, query: Tensor) -> Tensor:
         q = _grouped(self.query(query))  # (B, K, A): W_h h
-        if self.uses_kernel:
-            scores = kernels.tanh_score(projected, q, self.out.weight.view(-1))  # (B, K, L)
+        if self.uses_kernel:  # (B, K, L), in the pass's dtype (the kernel's elementwise work may run in float32)
+            scores = kernels.tanh_score(projected, q, self.out.weight.view(-1)).to(q.dtype)
         else:
             hidden = self.act(projected.unsqueeze(1) + q.unsqueeze(2))  # (B, K, L, A)
             scores = self.out(hidden).squeeze(-1)  # (B, K, L)

@@ -56,6 +56,7 @@ def test_quick_run_writes_every_section(tmp_path):
     assert {r["case"] for r in results["sections"]["train"]} == {"soft", "hard", "soft bf16", "soft bf16-autocast",
                                                                    "soft, 5 captions an image"}
     assert results["machine"]["cpu_bf16"] in ("AMX", "AVX512-BF16", "none")
+    assert results["machine"]["score_kernel"] in ("C (captioner.native)", "PyTorch ops")
     for section, peak in results["section_peaks"].items():  # the bf16 rows are measured against the bf16 peak
         assert peak["bf16"]["dtype"] == "bfloat16" and peak["bf16"]["gflops"] > 0, section
     for row in results["sections"]["train"] + results["sections"]["beam"]:

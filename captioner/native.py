@@ -1,0 +1,183 @@
+"""The additive score's elementwise work in C, compiled on first use (the CPU's fused kernel).
+
+:class:`captioner.kernels.TanhScore` computes w^T tanh(keys + query) at every word with a
+handful of PyTorch ops, each a full pass over a (B, K, L, A) tensor: 12.8 MB at the bench's
+sizes, so the score is bound by memory traffic (about seven passes forward and backward).
+The two C functions below do it in one pass each way: the forward reads the keys once,
+computes sigmoid(2x) with the vectorised ``expf`` of glibc's libmvec (tanh(x) = 2 sigmoid(2x)
+- 1), writes s for the backward (or nothing, when decoding) and reduces over A in registers;
+the backward reads s once and adds into the query's gradient, the keys' running gradient
+buffer (:class:`captioner.kernels.StepSum`) and w's partial sums in the same pass.
+
+The source is compiled with the C compiler on the PATH (``$CC``, else ``cc``) for this CPU
+(``-march=native``) into ``$CAPTIONER_NATIVE_CACHE`` (default ``~/.cache/captioner/native``),
+keyed by the source, the flags and the CPU's flags; about 0.2 s, once. Without a compiler,
+or with ``CAPTIONER_NATIVE=0``, :func:`library` returns None and the kernels run their
+PyTorch ops (the same function; ``tests/test_native.py`` checks all three agree).
+Float32, contiguous, CPU tensors only; the caller checks (:func:`usable`).
+
+Letters: B images, K queries per image, L locations, A attention dim.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <math.h>
+
+/* sigmoid(2x), x clamped where it has saturated in float32 (keeps expf finite) */
+static inline float sig2(float x) {
+    x = x > 40.f ? 40.f : (x < -40.f ? -40.f : x);
+    return 1.f / (1.f + expf(-2.f * x));
+}
+
+/* scores[b,k,l] = 2 sum_a w[a] s[b,k,l,a] - sum_a w[a], s = sigmoid(2 (keys[b,l,a] + query[b,k,a]));
+   s saved to s_out when it is not NULL. */
+void score_forward(const float *keys, const float *query, const float *w, float *s_out, float *scores,
+                   long B, long K, long L, long A, int threads) {
+    float wsum = 0.f;
+    for (long a = 0; a < A; a++) wsum += w[a];
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (long b = 0; b < B; b++) {
+        for (long k = 0; k < K; k++) {
+            const float *q = query + (b * K + k) * A;
+            for (long l = 0; l < L; l++) {
+                const float *key = keys + (b * L + l) * A;
+                float acc = 0.f;
+                if (s_out) {
+                    float *s = s_out + ((b * K + k) * L + l) * A;
+                    #pragma omp simd reduction(+:acc)
+                    for (long a = 0; a < A; a++) {
+                        float v = sig2(key[a] + q[a]);
+                        s[a] = v;
+                        acc += w[a] * v;
+                    }
+                } else {
+                    #pragma omp simd reduction(+:acc)
+                    for (long a = 0; a < A; a++) acc += w[a] * sig2(key[a] + q[a]);
+                }
+                scores[(b * K + k) * L + l] = 2.f * acc - wsum;
+            }
+        }
+    }
+}
+
+/* With d = s (1 - s) and g = grad[b,k,l], adds (the caller zeroes or keeps them):
+   query_grad[b,k,a] += sum_l g d        (times 4 w[a] afterwards: d tanh(x)/dx = 4 d)
+   keys_grad[b,l,a]  += sum_k g d        (the same)
+   w_part[b,a]       += sum_{k,l} g s    (dL/dw = 2 sum_b w_part - sum g) */
+void score_backward(const float *s, const float *grad, float *query_grad, float *keys_grad, float *w_part,
+                    long B, long K, long L, long A, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long b = 0; b < B; b++) {
+        float *wp = w_part + b * A;
+        for (long k = 0; k < K; k++) {
+            float *gq = query_grad + (b * K + k) * A;
+            for (long l = 0; l < L; l++) {
+                const float g = grad[(b * K + k) * L + l];
+                const float *sv = s + ((b * K + k) * L + l) * A;
+                float *kg = keys_grad + (b * L + l) * A;
+                #pragma omp simd
+                for (long a = 0; a < A; a++) {
+                    float v = sv[a];
+                    float gd = g * v * (1.f - v);
+                    gq[a] += gd;
+                    kg[a] += gd;
+                    wp[a] += g * v;
+                }
+            }
+        }
+    }
+}
+"""
+
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CAPTIONER_NATIVE_CACHE") or Path.home() / ".cache" / "captioner" / "native")
+
+
+def _compile(target: Path) -> None:
+    cc = os.environ.get("CC", "cc")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "score.c", Path(tmp) / target.name
+        src.write_text(SOURCE)
+        subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True, text=True,
+                       timeout=120)
+        os.replace(out, target)  # whole or not at all: another process may be loading it
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled score (ctypes), compiling it on first use; None where it cannot be had
+    (no compiler, not Linux/x86 or ARM, ``CAPTIONER_NATIVE=0``): the PyTorch ops run then."""
+    if os.environ.get("CAPTIONER_NATIVE", "1") == "0":
+        return None
+    key = hashlib.sha256("\n".join([SOURCE, *FLAGS, _cpu_flags(), os.environ.get("CC", "cc")]).encode()).hexdigest()
+    target = _cache_dir() / f"score-{key[:16]}.so"
+    try:
+        if not target.exists():
+            _compile(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        log.warning("the C score kernel is not available (%s); the PyTorch ops run instead", str(detail).strip()[:300])
+        return None
+    p, n = ctypes.c_void_p, ctypes.c_long
+    lib.score_forward.argtypes = [p, p, p, p, p, n, n, n, n, ctypes.c_int]
+    lib.score_backward.argtypes = [p, p, p, p, p, n, n, n, n, ctypes.c_int]
+    lib.score_forward.restype = lib.score_backward.restype = None
+    return lib
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the C kernel can take these: float32 CPU tensors laid out contiguously, and it compiled."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and library() is not None)
+
+
+def score_forward(keys: Tensor, query: Tensor, w: Tensor, save: bool) -> tuple[Tensor, Tensor | None]:
+    """keys (B, L, A), query (B, K, A), w (A,) -> scores (B, K, L) and, with ``save``, s (B, K, L, A)."""
+    B, L, A = keys.shape
+    K = query.shape[1]
+    scores = keys.new_empty(B, K, L)
+    s = keys.new_empty(B, K, L, A) if save else None
+    library().score_forward(keys.data_ptr(), query.data_ptr(), w.data_ptr(), s.data_ptr() if save else None,
+                            scores.data_ptr(), B, K, L, A, torch.get_num_threads())
+    return scores, s
+
+
+def score_backward(s: Tensor, grad: Tensor, keys_grad: Tensor) -> tuple[Tensor, Tensor]:
+    """s (B, K, L, A), grad (B, K, L) contiguous float32; adds sum_k g d into ``keys_grad`` (B, L, A).
+    Returns the query's sum_l g d (B, K, A) and w's partial sums sum_{k,l} g s (B, A)."""
+    B, K, L, A = s.shape
+    query_grad = s.new_zeros(B, K, A)
+    w_part = s.new_zeros(B, A)
+    library().score_backward(s.data_ptr(), grad.data_ptr(), query_grad.data_ptr(), keys_grad.data_ptr(),
+                             w_part.data_ptr(), B, K, L, A, torch.get_num_threads())
+    return query_grad, w_part
