@@ -184,10 +184,10 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
         out = decoder.step(prev, state, features, projected, mask)
         logp = _next_log_probs(out.logits, banned=(pad_id, start_id), end_id=end_id, force_end=t == max_len)
         V = logp.shape[1]
-        # a finished hypothesis continues only with <pad> at no cost
-        logp = torch.where(finished.unsqueeze(1), torch.full_like(logp, float("-inf")), logp)
+        # a finished hypothesis continues only with <pad> at no cost (in place: logp is this step's own)
+        logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
         logp[:, pad_id] = torch.where(finished, 0.0, float("-inf"))
-        cand = (beam_logp.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V)
+        cand = logp.add_(beam_logp.view(B * K, 1)).view(B, K * V)  # (B, K*V)
         top, idx = cand.topk(K, dim=1)  # (B, K)
         origin = (idx // V + offsets).view(-1)  # (B*K,) flat index of the parent hypothesis
         word = (idx % V).view(-1)  # (B*K,)
