@@ -420,6 +420,11 @@ class Decoder(nn.Module):
             return None
         return StepWeight(self.gate_context.weight), StepWeight(self.gate_hidden.weight)
 
+    def _embedded(self, tokens: Tensor) -> Tensor:
+        """E y, in the dtype the layers run in: a bf16 pass leaves the table float32
+        (``captioner.precision.cast_parameters``) and casts the rows it reads."""
+        return self.embed(tokens).to(self.gate_embed.weight.dtype)
+
     def _readout(self, state: DecoderState) -> Tensor:
         """What the output layer reads: h_t, or Luong's h~_t."""
         return state.out if self.luong else state.h
@@ -442,7 +447,7 @@ class Decoder(nn.Module):
         :meth:`precompute` on them), or K * B for K hypotheses per image, image-major
         (rows i * K .. i * K + K - 1 belong to image i): beam search then keeps one copy of
         each image's features and keys."""
-        emb = self.embed(tokens)  # (B, E)
+        emb = self._embedded(tokens)  # (B, E)
         projected, cells = projected if self.per_cell else (projected, None)
         state, att, z, beta = self._advance(self.gate_embed(emb), state, features, projected, mask,
                                             words=tokens, cells=cells)
@@ -500,9 +505,9 @@ class Decoder(nn.Module):
         """E y and its gate share for all steps at once: (B, T, E) and (B, T, 4H); packed, the
         embeddings of the real steps only (N, E) and the gates sorted longest caption first."""
         if pack.token_mask is None:
-            emb = self.embed(inputs)  # (B, T, E)
+            emb = self._embedded(inputs)  # (B, T, E)
             return emb, self.gate_embed(emb)  # (B, T, 4H)
-        emb = self.embed(inputs[pack.token_mask])  # (N, E): the real steps, row-major in the input order
+        emb = self._embedded(inputs[pack.token_mask])  # (N, E): the real steps, row-major in the input order
         real_gates = self.gate_embed(emb)  # (N, 4H)
         gates_embed = real_gates.new_zeros(*inputs.shape, real_gates.shape[-1])
         gates_embed[pack.token_mask] = real_gates

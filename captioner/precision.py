@@ -41,6 +41,10 @@ def cast_parameters(module: nn.Module, dtype: torch.dtype | None) -> Iterator[nn
     back, in their order (the state dict and the optimizer see no change). ``dtype`` None,
     or parameters already in ``dtype``: nothing changes.
 
+    An ``nn.Embedding`` keeps its table: a pass reads a few hundred of its rows, and casting
+    all of them (and the table's gradient back) costs more than the rows it reads; the
+    caller casts the rows (the decoder's ``_embedded``).
+
     Args:
         module: e.g. the decoder.
         dtype: the compute dtype, e.g. ``torch.bfloat16``.
@@ -49,6 +53,8 @@ def cast_parameters(module: nn.Module, dtype: torch.dtype | None) -> Iterator[nn
     try:
         if dtype is not None:
             for mod in module.modules():
+                if isinstance(mod, nn.Embedding):
+                    continue
                 params = mod._parameters
                 names = [n for n, p in params.items() if p is not None and p.is_floating_point() and p.dtype != dtype]
                 if not names:
