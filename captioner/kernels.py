@@ -172,11 +172,10 @@ class TanhScore(torch.autograd.Function):
     def forward(ctx, keys: Tensor, query: Tensor, w: Tensor, keys_sum: StepSum | None = None) -> Tensor:
         ctx.w_dtype, ctx.keys_sum = w.dtype, keys_sum
         ctx.native = native.usable(keys, query, w.to(keys.dtype))
-        if ctx.native:  # one pass in C (captioner.native)
+        if ctx.native:  # one pass in C (captioner.native); the backward recomputes s from the keys
             w = w.to(keys.dtype)
-            scores, s = native.score_forward(keys, query, w, save=True)
-            ctx.save_for_backward(s, w)
-            return scores
+            ctx.save_for_backward(keys, query, w)
+            return native.score_forward(keys, query, w)
         x = torch.add(keys.unsqueeze(1), query.unsqueeze(2))  # (B, K, L, A)
         s = x.mul_(2.0).sigmoid_()  # sigmoid(2x), in place
         w = w.to(s.dtype)
@@ -186,12 +185,12 @@ class TanhScore(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        if ctx.native:
+            return TanhScore._native_backward(ctx, *ctx.saved_tensors, grad.float().contiguous())
         s, w = ctx.saved_tensors
         grad_keys = grad_query = grad_w = None
         B, K, L, A = s.shape
         grad = grad.to(s.dtype)
-        if ctx.native:
-            return TanhScore._native_backward(ctx, s, w, grad.contiguous())
         if ctx.needs_input_grad[2]:  # d/dw of w^T (2s - 1) = 2 sum g s - sum g: one matrix-vector product
             grad_w = (2.0 * torch.mv(s.reshape(-1, A).t(), grad.reshape(-1)) - grad.sum()).to(ctx.w_dtype)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
@@ -212,13 +211,14 @@ class TanhScore(torch.autograd.Function):
         return grad_keys, grad_query, grad_w, None
 
     @staticmethod
-    def _native_backward(ctx, s: Tensor, w: Tensor, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        """The backward in one C pass over s: the keys' share goes into the pass's buffer (or a
-        fresh one), scaled by 4w once (here, or by the :class:`StepSum` at the end)."""
-        B, K, L, A = s.shape
+    def _native_backward(ctx, keys: Tensor, query: Tensor, w: Tensor, grad: Tensor,
+                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        """The backward in one C pass over the keys: the keys' share goes into the pass's buffer
+        (or a fresh one), scaled by 4w once (here, or by the :class:`StepSum` at the end)."""
+        B, L, A = keys.shape
         in_place = ctx.keys_sum is not None and ctx.needs_input_grad[0]
-        keys_grad = ctx.keys_sum.buffer(B) if in_place else s.new_zeros(B, L, A)
-        query_grad, w_part = native.score_backward(s, grad, keys_grad)
+        keys_grad = ctx.keys_sum.buffer(B) if in_place else keys.new_zeros(B, L, A)
+        query_grad, w_part = native.score_backward(keys, query, grad, keys_grad)
         w4 = 4.0 * w
         grad_keys = keys_grad.mul_(w4) if ctx.needs_input_grad[0] and not in_place else None
         grad_query = query_grad.mul_(w4) if ctx.needs_input_grad[1] else None
@@ -257,7 +257,7 @@ def tanh_score_no_grad(keys: Tensor, query: Tensor, w: Tensor) -> Tensor:
     L, A = keys.shape[1:]
     w = w.to(keys.dtype)
     if native.usable(keys, query, w):  # one pass in C, nothing written but the scores
-        return native.score_forward(keys, query, w, save=False)[0]
+        return native.score_forward(keys, query, w)
     w2 = 2.0 * w
     scores = keys.new_empty(K, B * L)
     buffer = torch.empty_like(keys)

@@ -5,9 +5,11 @@ handful of PyTorch ops, each a full pass over a (B, K, L, A) tensor: 12.8 MB at 
 sizes, so the score is bound by memory traffic (about seven passes forward and backward).
 The two C functions below do it in one pass each way: the forward reads the keys once,
 computes sigmoid(2x) with the vectorised ``expf`` of glibc's libmvec (tanh(x) = 2 sigmoid(2x)
-- 1), writes s for the backward (or nothing, when decoding) and reduces over A in registers;
-the backward reads s once and adds into the query's gradient, the keys' running gradient
-buffer (:class:`captioner.kernels.StepSum`) and w's partial sums in the same pass.
+- 1) and reduces over A in registers, writing only the (B, K, L) scores; the backward reads
+the keys once more, recomputes s (cheaper than writing the (B, K, L, A) s in the forward and
+reading it back: no 12.8 MB tensor a step kept for the backward) and adds into the query's
+gradient, the keys' running gradient buffer (:class:`captioner.kernels.StepSum`) and w's
+partial sums in the same pass.
 
 The source is compiled with the C compiler on the PATH (``$CC``, else ``cc``) for this CPU
 (``-march=native``) into ``$CAPTIONER_NATIVE_CACHE`` (default ``~/.cache/captioner/native``),
@@ -44,9 +46,8 @@ static inline float sig2(float x) {
     return 1.f / (1.f + expf(-2.f * x));
 }
 
-/* scores[b,k,l] = 2 sum_a w[a] s[b,k,l,a] - sum_a w[a], s = sigmoid(2 (keys[b,l,a] + query[b,k,a]));
-   s saved to s_out when it is not NULL. */
-void score_forward(const float *keys, const float *query, const float *w, float *s_out, float *scores,
+/* scores[b,k,l] = 2 sum_a w[a] s[b,k,l,a] - sum_a w[a], s = sigmoid(2 (keys[b,l,a] + query[b,k,a])) */
+void score_forward(const float *keys, const float *query, const float *w, float *scores,
                    long B, long K, long L, long A, int threads) {
     float wsum = 0.f;
     for (long a = 0; a < A; a++) wsum += w[a];
@@ -57,42 +58,34 @@ void score_forward(const float *keys, const float *query, const float *w, float 
             for (long l = 0; l < L; l++) {
                 const float *key = keys + (b * L + l) * A;
                 float acc = 0.f;
-                if (s_out) {
-                    float *s = s_out + ((b * K + k) * L + l) * A;
-                    #pragma omp simd reduction(+:acc)
-                    for (long a = 0; a < A; a++) {
-                        float v = sig2(key[a] + q[a]);
-                        s[a] = v;
-                        acc += w[a] * v;
-                    }
-                } else {
-                    #pragma omp simd reduction(+:acc)
-                    for (long a = 0; a < A; a++) acc += w[a] * sig2(key[a] + q[a]);
-                }
+                #pragma omp simd reduction(+:acc)
+                for (long a = 0; a < A; a++) acc += w[a] * sig2(key[a] + q[a]);
                 scores[(b * K + k) * L + l] = 2.f * acc - wsum;
             }
         }
     }
 }
 
-/* With d = s (1 - s) and g = grad[b,k,l], adds (the caller zeroes or keeps them):
+/* With s recomputed as above (cheaper than writing it in the forward and reading it back),
+   d = s (1 - s) and g = grad[b,k,l], adds (the caller zeroes or keeps them):
    query_grad[b,k,a] += sum_l g d        (times 4 w[a] afterwards: d tanh(x)/dx = 4 d)
    keys_grad[b,l,a]  += sum_k g d        (the same)
    w_part[b,a]       += sum_{k,l} g s    (dL/dw = 2 sum_b w_part - sum g) */
-void score_backward(const float *s, const float *grad, float *query_grad, float *keys_grad, float *w_part,
-                    long B, long K, long L, long A, int threads) {
+void score_backward(const float *keys, const float *query, const float *grad, float *query_grad, float *keys_grad,
+                    float *w_part, long B, long K, long L, long A, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long b = 0; b < B; b++) {
         float *wp = w_part + b * A;
         for (long k = 0; k < K; k++) {
+            const float *q = query + (b * K + k) * A;
             float *gq = query_grad + (b * K + k) * A;
             for (long l = 0; l < L; l++) {
                 const float g = grad[(b * K + k) * L + l];
-                const float *sv = s + ((b * K + k) * L + l) * A;
+                const float *key = keys + (b * L + l) * A;
                 float *kg = keys_grad + (b * L + l) * A;
                 #pragma omp simd
                 for (long a = 0; a < A; a++) {
-                    float v = sv[a];
+                    float v = sig2(key[a] + q[a]);
                     float gd = g * v * (1.f - v);
                     gq[a] += gd;
                     kg[a] += gd;
@@ -149,8 +142,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("the C score kernel is not available (%s); the PyTorch ops run instead", str(detail).strip()[:300])
         return None
     p, n = ctypes.c_void_p, ctypes.c_long
-    lib.score_forward.argtypes = [p, p, p, p, p, n, n, n, n, ctypes.c_int]
-    lib.score_backward.argtypes = [p, p, p, p, p, n, n, n, n, ctypes.c_int]
+    lib.score_forward.argtypes = [p, p, p, p, n, n, n, n, ctypes.c_int]
+    lib.score_backward.argtypes = [p, p, p, p, p, p, n, n, n, n, ctypes.c_int]
     lib.score_forward.restype = lib.score_backward.restype = None
     return lib
 
@@ -161,23 +154,24 @@ def usable(*tensors: Tensor) -> bool:
             and library() is not None)
 
 
-def score_forward(keys: Tensor, query: Tensor, w: Tensor, save: bool) -> tuple[Tensor, Tensor | None]:
-    """keys (B, L, A), query (B, K, A), w (A,) -> scores (B, K, L) and, with ``save``, s (B, K, L, A)."""
+def score_forward(keys: Tensor, query: Tensor, w: Tensor) -> Tensor:
+    """keys (B, L, A), query (B, K, A), w (A,) -> scores (B, K, L)."""
     B, L, A = keys.shape
     K = query.shape[1]
     scores = keys.new_empty(B, K, L)
-    s = keys.new_empty(B, K, L, A) if save else None
-    library().score_forward(keys.data_ptr(), query.data_ptr(), w.data_ptr(), s.data_ptr() if save else None,
-                            scores.data_ptr(), B, K, L, A, torch.get_num_threads())
-    return scores, s
+    library().score_forward(keys.data_ptr(), query.data_ptr(), w.data_ptr(), scores.data_ptr(), B, K, L, A,
+                            torch.get_num_threads())
+    return scores
 
 
-def score_backward(s: Tensor, grad: Tensor, keys_grad: Tensor) -> tuple[Tensor, Tensor]:
-    """s (B, K, L, A), grad (B, K, L) contiguous float32; adds sum_k g d into ``keys_grad`` (B, L, A).
-    Returns the query's sum_l g d (B, K, A) and w's partial sums sum_{k,l} g s (B, A)."""
-    B, K, L, A = s.shape
-    query_grad = s.new_zeros(B, K, A)
-    w_part = s.new_zeros(B, A)
-    library().score_backward(s.data_ptr(), grad.data_ptr(), query_grad.data_ptr(), keys_grad.data_ptr(),
-                             w_part.data_ptr(), B, K, L, A, torch.get_num_threads())
+def score_backward(keys: Tensor, query: Tensor, grad: Tensor, keys_grad: Tensor) -> tuple[Tensor, Tensor]:
+    """keys (B, L, A), query (B, K, A), grad (B, K, L) contiguous float32; adds sum_k g d into
+    ``keys_grad`` (B, L, A). Returns the query's sum_l g d (B, K, A) and w's partial sums
+    sum_{k,l} g s (B, A)."""
+    B, L, A = keys.shape
+    K = query.shape[1]
+    query_grad = keys.new_zeros(B, K, A)
+    w_part = keys.new_zeros(B, A)
+    library().score_backward(keys.data_ptr(), query.data_ptr(), grad.data_ptr(), query_grad.data_ptr(),
+                             keys_grad.data_ptr(), w_part.data_ptr(), B, K, L, A, torch.get_num_threads())
     return query_grad, w_part
