@@ -7,7 +7,9 @@ expressions quoted in the docstrings); ``tests/test_kernels.py`` checks that eac
 agrees in value and gradient. ``model.attention.fused: false`` runs the plain score.
 
 - :func:`tanh_score` / :class:`TanhScore`: the additive score's w^T tanh(keys + query),
-  with the tanh never materialised and the backward written out.
+  with the tanh never materialised and the backward written out: on float32 CPU tensors one
+  pass each way in C (:mod:`captioner.native`), else a few PyTorch ops (also the path where
+  no C compiler is found, or with ``CAPTIONER_NATIVE=0``).
 - :class:`StepWeight`: ``x_t @ W^T`` at every step of a time loop, the weight's gradient
   made in one matmul instead of one per step.
 - :class:`StepSum`: a tensor read at every step whose per-step gradients the steps add
