@@ -173,11 +173,11 @@ class TanhScore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keys: Tensor, query: Tensor, w: Tensor, keys_sum: StepSum | None = None) -> Tensor:
         ctx.w_dtype, ctx.keys_sum = w.dtype, keys_sum
-        ctx.native = native.usable(keys, query, w.to(keys.dtype))
+        w_keys = w.to(keys.dtype)
+        ctx.native = native.usable(keys, query, w_keys)
         if ctx.native:  # one pass in C (captioner.native); the backward recomputes s from the keys
-            w = w.to(keys.dtype)
-            ctx.save_for_backward(keys, query, w)
-            return native.score_forward(keys, query, w)
+            ctx.save_for_backward(keys, query, w_keys)
+            return native.score_forward(keys, query, w_keys)
         x = torch.add(keys.unsqueeze(1), query.unsqueeze(2))  # (B, K, L, A)
         s = x.mul_(2.0).sigmoid_()  # sigmoid(2x), in place
         w = w.to(s.dtype)
