@@ -98,9 +98,15 @@ void score_backward(const float *keys, const float *query, const float *grad, fl
 }
 """
 
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC",
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC",
+         # no peeling of a loop's first elements to reach an aligned address: the order of each sum
+         # then depends on A alone, so equal inputs give equal bits wherever they lie in memory
+         "--param=vect-max-peeling-for-alignment=0",
          # AVX-512's full width where the CPU has it (gcc otherwise keeps to 256 bits): 2.5x here
          *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
+# Linked without -ffast-math: with it, gcc adds startup code that sets flush-to-zero and
+# denormals-are-zero for the whole process (Python's floats, torch's ops) when the library loads.
+LINK = ("-shared", "-fopenmp", "-lm")
 
 
 def _cpu_flags() -> str:
@@ -123,8 +129,9 @@ def _compile(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, out = Path(tmp) / "score.c", Path(tmp) / target.name
         src.write_text(SOURCE)
-        subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True, text=True,
-                       timeout=120)
+        obj = Path(tmp) / "score.o"
+        for args in ([*FLAGS, "-c", str(src), "-o", str(obj)], [str(obj), "-o", str(out), *LINK]):
+            subprocess.run([cc, *args], check=True, capture_output=True, text=True, timeout=120)
         os.replace(out, target)  # whole or not at all: another process may be loading it
 
 
@@ -134,7 +141,7 @@ def library() -> ctypes.CDLL | None:
     (no compiler, not Linux/x86 or ARM, ``CAPTIONER_NATIVE=0``): the PyTorch ops run then."""
     if os.environ.get("CAPTIONER_NATIVE", "1") == "0":
         return None
-    key = hashlib.sha256("\n".join([SOURCE, *FLAGS, _cpu_flags(), os.environ.get("CC", "cc")]).encode()).hexdigest()
+    key = hashlib.sha256("\n".join([SOURCE, *FLAGS, *LINK, _cpu_flags(), os.environ.get("CC", "cc")]).encode()).hexdigest()
     target = _cache_dir() / f"score-{key[:16]}.so"
     try:
         if not target.exists():

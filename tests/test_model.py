@@ -168,7 +168,9 @@ def test_appended_context_can_stay_out_of_the_scores(in_scores):
     captions = torch.randint(4, len(model.vocab), (2, 5))
     with torch.no_grad():
         a, b = model.teacher_forced(feats, captions), model.teacher_forced(other, captions)
-    assert torch.equal(a.alphas[:, 0], b.alphas[:, 0]) != in_scores  # step 0: the same query; maps move only with them
+    # step 0: the same query (h_0 from the same mean, up to the sum's rounding); the maps move only with them
+    moved = (a.alphas[:, 0] - b.alphas[:, 0]).abs().max().item()
+    assert moved > 1e-3 if in_scores else moved < 1e-6, moved
     assert not torch.allclose(a.logits, b.logits)  # the decoder reads them either way
     assert "score_mask" not in model.decoder.state_dict()
 

@@ -164,3 +164,24 @@ def test_a_compiler_that_fails_leaves_the_ops_and_says_why(fresh_library, monkey
     out.sum().backward()
     assert keys.grad is not None and torch.isfinite(keys.grad).all()
     assert not list(fresh_library.glob("*.so"))
+
+
+@needs_cc
+def test_loading_it_leaves_subnormal_floats_alone():
+    """Linked with -ffast-math, gcc's startup code would set flush-to-zero for the whole process."""
+    assert native.library() is not None
+    tiny = 5e-324  # the smallest double: a subnormal
+    assert tiny * 1.0 > 0.0
+    assert (torch.tensor([1e-40]) * 1.0).item() > 0.0  # a float32 subnormal, through torch
+
+
+@needs_cc
+def test_equal_inputs_anywhere_in_memory_give_equal_bits():
+    """No loop peeled to an aligned address: the sums' order depends on A alone."""
+    keys, query, w = (t.detach() for t in inputs(B=2, L=5, A=37))
+    outs = []
+    for offset in range(16):  # 4-byte steps through a 64-byte line
+        moved = torch.empty(keys.numel() + offset)[offset:].view_as(keys)
+        moved.copy_(keys)
+        outs.append(native.score_forward(moved, query, w))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
