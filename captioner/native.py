@@ -99,8 +99,9 @@ void score_backward(const float *keys, const float *query, const float *grad, fl
 """
 
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC",
-         # no peeling of a loop's first elements to reach an aligned address: the order of each sum
-         # then depends on A alone, so equal inputs give equal bits wherever they lie in memory
+         # no peeling of a loop's first elements to reach an aligned address, so that the order of
+         # each sum depends on A alone and equal inputs give equal bits wherever they lie in memory
+         # (gcc 12 does not peel these loops for AVX-512 anyway; a cost model that would is held off)
          "--param=vect-max-peeling-for-alignment=0",
          # AVX-512's full width where the CPU has it (gcc otherwise keeps to 256 bits): 2.5x here
          *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
