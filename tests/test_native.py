@@ -185,3 +185,18 @@ def test_equal_inputs_anywhere_in_memory_give_equal_bits():
         moved.copy_(keys)
         outs.append(native.score_forward(moved, query, w))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+
+@needs_cc
+def test_a_nan_in_the_features_still_reaches_the_logits():
+    """Built with -ffast-math, the C score may turn a NaN key into a finite score (the PyTorch ops
+    give NaN); the context sum reads the same features, so a NaN still reaches the logits and the
+    trainer's non-finite-loss check."""
+    cfg = load_config(None, ["model.attention.dim=8", "model.decoder.embed_dim=8", "model.decoder.hidden_dim=8"]).model
+    dec = Decoder.from_config(cfg, vocab_size=20, feature_dim=6, grid=(2, 2)).eval()
+    feats = torch.randn(2, 4, 6)
+    feats[1, 2, 3] = float("nan")
+    with torch.no_grad():
+        logits = dec(feats, torch.randint(3, 20, (2, 4))).logits
+    assert torch.isnan(logits[1]).all() and torch.isfinite(logits[0]).all()
