@@ -17,8 +17,9 @@ keyed by the source, the flags and the CPU's flags; about 0.2 s, once. Without a
 or with ``CAPTIONER_NATIVE=0``, :func:`library` returns None and the kernels run their
 PyTorch ops (the same function; ``tests/test_native.py`` checks all three agree).
 Float32, contiguous, CPU tensors only; the caller checks (:func:`usable`). Built with
-``-ffast-math``, it may turn a NaN key into a finite score where the PyTorch ops give NaN; the
-context sum reads the same features, so a NaN still reaches the logits (a test checks).
+``-ffast-math``, it may turn a NaN key into a finite score where the PyTorch ops give NaN; h_0
+(the features' mean) and the context sum read the same features, so a NaN still reaches the
+logits (a test checks; it fails only when both paths drop the NaN).
 
 Letters: B images, K queries per image, L locations, A attention dim.
 """

@@ -191,8 +191,8 @@ def test_equal_inputs_anywhere_in_memory_give_equal_bits():
 @needs_cc
 def test_a_nan_in_the_features_still_reaches_the_logits():
     """Built with -ffast-math, the C score may turn a NaN key into a finite score (the PyTorch ops
-    give NaN); the context sum reads the same features, so a NaN still reaches the logits and the
-    trainer's non-finite-loss check."""
+    give NaN); h_0 (the features' mean) and the context sum read the same features, so a NaN still
+    reaches the logits and the trainer's non-finite-loss check."""
     cfg = load_config(None, ["model.attention.dim=8", "model.decoder.embed_dim=8", "model.decoder.hidden_dim=8"]).model
     dec = Decoder.from_config(cfg, vocab_size=20, feature_dim=6, grid=(2, 2)).eval()
     feats = torch.randn(2, 4, 6)
