@@ -10,6 +10,8 @@ agrees in value and gradient. ``model.attention.fused: false`` runs the plain sc
   with the tanh never materialised and the backward written out: on float32 CPU tensors one
   pass each way in C (:mod:`captioner.native`), else a few PyTorch ops (also the path where
   no C compiler is found, or with ``CAPTIONER_NATIVE=0``).
+- :func:`context`: sum_l alpha_l a_l, the soft attention's read of the features, in C over
+  bf16 features on the CPU (one pass each way, float32 accumulation); else the plain ``bmm``.
 - :class:`StepWeight`: ``x_t @ W^T`` at every step of a time loop, the weight's gradient
   made in one matmul instead of one per step.
 - :class:`StepSum`: a tensor read at every step whose per-step gradients the steps add
@@ -290,6 +292,44 @@ def tanh_score(keys: Tensor | SummedKeys, query: Tensor, w: Tensor) -> Tensor:
     if torch.is_grad_enabled() and (keys.requires_grad or query.requires_grad or w.requires_grad):
         return TanhScore.apply(keys, query, w, keys_sum)
     return tanh_score_no_grad(keys, query, w)
+
+
+# ----------------------------------------------------------------------------- the context
+
+
+def context_plain(alpha: Tensor, features: Tensor) -> Tensor:
+    """sum_l alpha_l a_l as one bmm (K maps of one image read its features once):
+    alpha (B, L) or (B, K, L), features (B, L, C) -> (B, C) or (B, K, C)."""
+    B, L, C = features.shape
+    return torch.bmm(alpha.reshape(B, -1, L).to(features.dtype), features).view(*alpha.shape[:-1], C)
+
+
+class Context(torch.autograd.Function):
+    """:func:`context_plain` over bf16 features in C (:mod:`captioner.native`): alpha (B, L),
+    features (B, L, C) that want no gradient -> (B, C) in the features' dtype, accumulated in
+    float32. The backward gives the map's gradient only."""
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, features: Tensor) -> Tensor:
+        ctx.save_for_backward(features)
+        return native.context_forward(alpha.float().contiguous(), features).to(features.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (features,) = ctx.saved_tensors
+        return native.context_backward(grad.float().contiguous(), features), None  # autograd casts it to alpha's dtype
+
+
+def context(alpha: Tensor, features: Tensor, fused: bool = True) -> Tensor:
+    """:func:`context_plain`; with ``fused``, :class:`Context` where it applies: bf16 CPU
+    features that want no gradient (a frozen encoder, the feature cache) and one map per
+    image. Elsewhere (float32, where the ``bmm`` already runs at the memory's speed; K maps
+    per image, a beam; a fine-tuned encoder) the ``bmm``."""
+    if (fused and alpha.dim() == 2 and not (features.requires_grad and torch.is_grad_enabled())
+            and native.context_usable(features)):
+        return Context.apply(alpha, features)
+    return context_plain(alpha, features)
 
 
 # ----------------------------------------------------------------------------- rows read at every step

@@ -200,3 +200,116 @@ def test_a_nan_in_the_features_still_reaches_the_logits():
     with torch.no_grad():
         logits = dec(feats, torch.randint(3, 20, (2, 4))).logits
     assert torch.isnan(logits[1]).all() and torch.isfinite(logits[0]).all()
+
+
+def bf16_features(B=3, L=7, C=37, seed=0):
+    """bf16 features (B, L, C), ReLU-like (non-negative, some zeros) as a CNN's; C = 37 leaves a remainder."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, L, C, generator=g).relu_().to(torch.bfloat16)
+
+
+@needs_cc
+@pytest.mark.parametrize("alpha_dtype", [torch.float32, torch.bfloat16])
+def test_the_bf16_context_is_the_double_precision_sum_in_value_and_map_gradient(alpha_dtype):
+    feats = bf16_features()
+    g = torch.Generator().manual_seed(1)
+    alpha = torch.softmax(torch.randn(3, 7, generator=g), -1).to(alpha_dtype).requires_grad_()
+    upstream = torch.randn(3, 37, generator=g).to(torch.bfloat16)
+    out = kernels.Context.apply(alpha, feats)
+    (grad,) = torch.autograd.grad(out, alpha, upstream)
+    assert out.dtype == torch.bfloat16 and grad.dtype == alpha_dtype
+    exact = torch.bmm(alpha.detach().double().unsqueeze(1), feats.double()).squeeze(1)
+    # summed in float32, rounded once to bf16: the exact sum's own bf16 rounding, at most one bf16 step off
+    torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=0)
+    exact_grad = torch.bmm(feats.double(), upstream.double().unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=2 ** -8 if alpha_dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-6)
+
+
+@needs_cc
+def test_the_bf16_context_reads_every_location_and_channel():
+    """One non-zero feature at a time, at every (image, location, channel): it moves exactly its
+    own image's entry of that channel, by its own location's weight (powers of two: exact)."""
+    B, L, C = 2, 5, 19
+    alpha = (2.0 ** -torch.arange(1, L + 1, dtype=torch.float32)).expand(B, L).contiguous().requires_grad_()
+    for b in range(B):
+        for loc in range(L):
+            for c in range(C):
+                feats = torch.zeros(B, L, C, dtype=torch.bfloat16)
+                feats[b, loc, c] = 4.0
+                out = kernels.Context.apply(alpha, feats)
+                expected = torch.zeros(B, C)
+                expected[b, c] = 4.0 * 2.0 ** -(loc + 1)
+                assert torch.equal(out.float(), expected), (b, loc, c)
+                (grad,) = torch.autograd.grad(out, alpha, torch.ones(B, C, dtype=torch.bfloat16))
+                expected_grad = torch.zeros(B, L)
+                expected_grad[b, loc] = 4.0
+                assert torch.equal(grad, expected_grad), (b, loc, c)
+
+
+@needs_cc
+def test_the_c_context_is_taken_for_bf16_cpu_features_with_one_map_and_no_feature_gradient(monkeypatch):
+    calls = []
+    real = native.context_forward
+    monkeypatch.setattr(native, "context_forward", lambda *a: calls.append(1) or real(*a))
+    feats, alpha = bf16_features(), torch.softmax(torch.randn(3, 7), -1)
+    cases = {"bf16": (alpha, feats, True), "float32": (alpha, feats.float(), True),
+             "two maps an image": (alpha.unsqueeze(1).expand(3, 2, 7), feats, True),
+             "features that want a gradient": (alpha, feats.clone().requires_grad_(), True),
+             "not contiguous": (alpha, feats.transpose(1, 2).contiguous().transpose(1, 2), True),
+             "fused: false": (alpha, feats, False)}
+    taken = {}
+    for name, (a, f, fused) in cases.items():
+        calls.clear()
+        out = kernels.context(a, f, fused)
+        taken[name] = bool(calls)
+        torch.testing.assert_close(out.float(), kernels.context_plain(a, f).float(), rtol=2 ** -7, atol=1e-6)
+    assert taken == {"bf16": True, "float32": False, "two maps an image": False,
+                     "features that want a gradient": False, "not contiguous": False, "fused: false": False}
+
+
+@needs_cc
+def test_fused_false_in_the_config_keeps_the_attention_on_the_plain_context(monkeypatch):
+    from captioner.attention import build_attention
+    from captioner.config import AttentionConfig
+
+    calls = []
+    monkeypatch.setattr(kernels.Context, "apply", lambda *a: calls.append(1) or kernels.context_plain(*a))
+    feats = bf16_features()
+    for fused in (True, False):
+        calls.clear()
+        att = build_attention(AttentionConfig(fused=fused), feature_dim=37, hidden_dim=8, grid=(7, 1)).to(torch.bfloat16)
+        with torch.no_grad():
+            att(feats, att.precompute(feats), torch.randn(3, 8, dtype=torch.bfloat16))
+        assert bool(calls) is fused
+
+
+@needs_cc
+def test_a_bf16_decoder_trains_the_same_with_the_c_context(monkeypatch):
+    from captioner.precision import cast_parameters
+
+    cfg = load_config(None, ["model.attention.dim=24", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=20",
+                             "model.decoder.dropout=0.0"]).model
+    feats = bf16_features(B=3, L=9, C=40)
+    captions = torch.randint(3, 30, (3, 6), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = native.context_forward
+    monkeypatch.setattr(native, "context_forward", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        torch.manual_seed(0)
+        dec = Decoder.from_config(cfg, vocab_size=30, feature_dim=40, grid=(3, 3)).train()
+        with cast_parameters(dec, torch.bfloat16):
+            out = dec(feats, captions, lengths=torch.tensor([5, 3, 4]))
+        out.logits.float().pow(2).mean().backward()
+        return out.logits.detach().float(), {n: p.grad for n, p in dec.named_parameters()}
+
+    logits, grads = run()
+    assert len(calls) == 5  # one per step of the longest caption
+    monkeypatch.setattr(native, "context_usable", lambda features: False)
+    logits_plain, grads_plain = run()
+    assert len(calls) == 5
+    torch.testing.assert_close(logits, logits_plain, atol=0.05, rtol=0.02)  # bf16's rounding, in another order
+    for name, g in grads.items():
+        cos = torch.nn.functional.cosine_similarity(g.flatten().double(), grads_plain[name].flatten().double(), dim=0)
+        assert cos > 0.99, (name, cos.item())

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from captioner import native
 from captioner.config import load_config
 from captioner.decoder import Decoder
 from captioner.losses import CaptionLoss
@@ -151,9 +152,12 @@ def test_no_weight_or_feature_is_cast_inside_the_time_loop():
     # all that is cast at every step (forward, and the gradient back): the LSTM cell's (B, H) values
     # where the float32 cell state meets the bf16 gates; and, on a CPU, the additive score's query
     # (B, 1, A), its scores (B, 1, L) and w (A,), whose elementwise work runs in float32 there
-    # (kernels.score_dtype): vectors of a step's rows, never a weight, the features or the keys
+    # (kernels.score_dtype); and where the C kernel reads the bf16 features (kernels.context), the
+    # map (B, L) it takes in float32 and the context (B, C) it gives back, each with its gradient:
+    # vectors of a step's rows, never a weight, the features or the keys
     A = H  # make_decoder's attention dim
-    assert set(grown) == {(B, H), (B, 1, A), (B, 1, L), (A,)}, grown
+    expected = {(B, H), (B, 1, A), (B, 1, L), (A,)} | ({(B, L), (B, C)} if native.library() else set())
+    assert set(grown) == expected, grown
     # what has T in its shape (the logits (B, T, V) for the loss, say) is cast once, and its gradient once
     assert all(n <= 2 for shape, n in (long - short).items() if shape not in short), long - short
     weights = {tuple(p.shape) for p in make_decoder().parameters()} - {(A,)}  # w: above
