@@ -56,6 +56,7 @@ from captioner.device import cpu_bf16_support
 from captioner.encoder import Encoder
 from captioner.losses import CaptionLoss
 from captioner.precision import cast_parameters
+from captioner.train import clip_grad_norm
 from captioner.vocab import Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -387,7 +388,7 @@ def train_step_fn(decoder: Decoder, criterion: CaptionLoss, opt: torch.optim.Opt
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
         if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(decoder.parameters(), grad_clip)
+            clip_grad_norm(decoder.parameters(), grad_clip)
         opt.step()
         loss.total.item(), loss.xent.item()  # fit reads these every step
 

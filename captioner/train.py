@@ -138,6 +138,21 @@ def build_optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
 
 
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, bit for bit, without its pass over every gradient
+    when nothing is clipped. It multiplies each gradient by min(1, max_norm / (norm + 1e-6))
+    at every step, a factor of 1 included (on a GPU that spares a host sync); on a CPU the
+    multiply by 1 is a pass over every gradient (4.6 ms of a bench training step) that
+    changes no bit, so it is skipped there. Returns the total norm."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if total.device.type != "cpu" or bool(max_norm / (total + 1e-6) < 1.0):  # torch's factor, before its clamp at 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 class BudgetDecay:
     """``train.scheduler: linear``: the learning rates fall linearly, step by step, from their
     starting values to ``final`` times those as the run spends its budget (the Trainer says
@@ -642,7 +657,7 @@ class Trainer:
         self.scaler.scale(loss.total).backward()
         if self.t.grad_clip > 0:
             self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+            clip_grad_norm(self.model.parameters(), self.t.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.step += 1

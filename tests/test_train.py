@@ -179,3 +179,30 @@ def test_train_amp_setting_reaches_the_training_step(tiny_config, monkeypatch):
     fit(tiny_config("train.epochs=1", "train.max_steps=2", "train.out_dir=" + str(tiny_config().train.out_dir) + "_fp32"),
         quiet=True)
     assert seen and all(not enabled for _, _, enabled in seen)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.1232, 0.12324, 0.1233, 1.0, 1e3])  # the norm is 40.571 x scale: 5 at 0.12324
+def test_clip_grad_norm_is_torch_s_bit_for_bit_and_writes_the_gradients_only_when_it_clips(scale):
+    from captioner.train import clip_grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(50, 30), (7,), (3, 4, 5)]
+    grads = [torch.randn(*s, generator=g) * scale for s in shapes]
+
+    def params():
+        ps = [torch.nn.Parameter(torch.zeros(*s)) for s in shapes] + [torch.nn.Parameter(torch.zeros(2))]  # no grad
+        for p, grad in zip(ps, grads):
+            p.grad = grad.clone()
+        return ps
+
+    ours, theirs = params(), params()
+    versions = [p.grad._version for p in ours[:3]]
+    total = clip_grad_norm(ours, 5.0)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 5.0)
+    assert torch.equal(total, expected)
+    for p, q in zip(ours, theirs):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+    written = [p.grad._version != v for p, v in zip(ours[:3], versions)]
+    assert written == [float(expected) + 1e-6 > 5.0] * 3, (float(expected), written)
+    if float(expected) > 5.0:
+        assert abs(float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours[:3]]))) - 5.0) < 1e-4
