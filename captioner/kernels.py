@@ -12,6 +12,7 @@ agrees in value and gradient. ``model.attention.fused: false`` runs the plain sc
   no C compiler is found, or with ``CAPTIONER_NATIVE=0``).
 - :func:`context`: sum_l alpha_l a_l, the soft attention's read of the features, in C over
   bf16 features on the CPU (one pass each way, float32 accumulation); else the plain ``bmm``.
+- :func:`cross_entropy`: each row's cross-entropy, in C for bf16 logits on the CPU.
 - :class:`StepWeight`: ``x_t @ W^T`` at every step of a time loop, the weight's gradient
   made in one matmul instead of one per step.
 - :class:`StepSum`: a tensor read at every step whose per-step gradients the steps add
@@ -330,6 +331,41 @@ def context(alpha: Tensor, features: Tensor, fused: bool = True) -> Tensor:
             and native.context_usable(features)):
         return Context.apply(alpha, features)
     return context_plain(alpha, features)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Each row's cross-entropy of bf16 logits (N, V) in C (:mod:`captioner.native`), float32
+    inside: no float32 copy of the logits, no (N, V) log-probabilities; the gradient is
+    written in bf16 directly. target (N,) -> nll (N,) float32."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:
+        nll, lse = native.xent_forward(logits, target)
+        ctx.save_for_backward(logits, target, lse)
+        return nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, target, lse = ctx.saved_tensors
+        return native.xent_backward(logits, target, lse, grad.float().contiguous()), None
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """``F.cross_entropy(logits.float(), target, reduction="none")``: logits (N, V), target (N,)
+    -> (N,) float32. For bf16 logits on a CPU, :class:`CrossEntropy` (in C: the float32 copy of
+    the logits, the log-softmax and its backward were 10 ms of a 265 ms bench step)."""
+    if native.xent_usable(logits):
+        target = target.contiguous()
+        V = logits.shape[1]
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= V):
+            raise IndexError(f"cross_entropy: target ids must lie in [0, {V}) (the logits' width); "
+                             f"got {int(target.min())}..{int(target.max())}")
+        return CrossEntropy.apply(logits, target.long())
+    return torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
 
 
 # ----------------------------------------------------------------------------- rows read at every step

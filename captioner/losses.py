@@ -27,9 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captioner import kernels
 from captioner.config import TrainConfig
 from captioner.decoder import DecoderOutput
 from captioner.supervised_attention import attention_supervision_loss
@@ -70,10 +70,10 @@ def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor,
     """
     if token_mask is None:
         B, T, V = logits.shape
-        flat = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T), reduction="none")
+        flat = kernels.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T))
         nll = flat.view(B, T) * mask  # (B, T); flat logits: ~3x faster than (B, V, T) on the CPU
     else:
-        flat = F.cross_entropy(logits.float(), targets[token_mask], reduction="none")  # (N,)
+        flat = kernels.cross_entropy(logits, targets[token_mask])  # (N,)
         nll = flat.new_zeros(token_mask.shape).masked_scatter(token_mask, flat) * mask  # (B, T)
     return nll.sum() / mask.sum().clamp(min=1), nll.sum(dim=1)
 

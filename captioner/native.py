@@ -15,7 +15,10 @@ In a CPU bf16 pass, the context sum_l alpha_l a_l over bf16 features runs here t
 per image: a teacher-forced step, greedy decoding): oneDNN's bf16 ``bmm`` with one row per
 image runs at under half the memory bandwidth (1.16 ms a step at the bench's sizes, against
 0.51 ms for one pass here, which widens each value to float32 in registers and accumulates
-in float32, as the ``bmm`` does).
+in float32, as the ``bmm`` does). And the loss over bf16 logits (N, V): each row's
+cross-entropy in float32 without a float32 copy of the logits or the (N, V) log-probabilities,
+the gradient written in bf16 directly (10.4 against 2.4 ms forward and backward at N = 399,
+V = 10,000).
 
 The source is compiled with the C compiler on the PATH (``$CC``, else ``cc``) for this CPU
 (``-march=native``) into ``$CAPTIONER_NATIVE_CACHE`` (default ``~/.cache/captioner/native``),
@@ -147,6 +150,47 @@ void context_backward_bf16(const uint16_t *features, const float *grad, float *a
         }
     }
 }
+
+/* float32 to bf16, rounded to nearest even (a NaN stays a NaN) */
+static inline uint16_t narrow(float x) {
+    union { float f; uint32_t u; } v;
+    v.f = x;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* Cross-entropy of each row of bf16 logits (N, V), in float32: lse[n] = log sum_v exp(x[n,v]),
+   nll[n] = lse[n] - x[n, target[n]]. Two passes over the row (its max, then the sum). */
+void xent_forward_bf16(const uint16_t *logits, const long *target, float *nll, float *lse,
+                       long N, long V, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long n = 0; n < N; n++) {
+        const uint16_t *x = logits + n * V;
+        float m = -INFINITY;
+        #pragma omp simd reduction(max:m)
+        for (long v = 0; v < V; v++) m = fmaxf(m, widen(x[v]));
+        float sum = 0.f;
+        #pragma omp simd reduction(+:sum)
+        for (long v = 0; v < V; v++) sum += expf(widen(x[v]) - m);
+        lse[n] = m + logf(sum);
+        nll[n] = lse[n] - widen(x[target[n]]);
+    }
+}
+
+/* Its gradient, in bf16: grad[n,v] = g[n] (exp(x[n,v] - lse[n]) - [v == target[n]]). */
+void xent_backward_bf16(const uint16_t *logits, const long *target, const float *lse, const float *g,
+                        uint16_t *grad, long N, long V, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long n = 0; n < N; n++) {
+        const uint16_t *x = logits + n * V;
+        uint16_t *out = grad + n * V;
+        const float gn = g[n], l = lse[n];
+        #pragma omp simd
+        for (long v = 0; v < V; v++) out[v] = narrow(gn * expf(widen(x[v]) - l));
+        const long t = target[n];
+        out[t] = narrow(gn * (expf(widen(x[t]) - l) - 1.f));
+    }
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC",
@@ -207,6 +251,9 @@ def library() -> ctypes.CDLL | None:
     lib.score_forward.argtypes = [p, p, p, p, n, n, n, n, ctypes.c_int]
     lib.score_backward.argtypes = [p, p, p, p, p, p, n, n, n, n, ctypes.c_int]
     lib.context_forward_bf16.argtypes = lib.context_backward_bf16.argtypes = [p, p, p, n, n, n, ctypes.c_int]
+    lib.xent_forward_bf16.argtypes = [p, p, p, p, n, n, ctypes.c_int]
+    lib.xent_backward_bf16.argtypes = [p, p, p, p, p, n, n, ctypes.c_int]
+    lib.xent_forward_bf16.restype = lib.xent_backward_bf16.restype = None
     lib.score_forward.restype = lib.score_backward.restype = None
     lib.context_forward_bf16.restype = lib.context_backward_bf16.restype = None
     return lib
@@ -264,3 +311,28 @@ def context_backward(grad: Tensor, features: Tensor) -> Tensor:
     library().context_backward_bf16(features.data_ptr(), grad.data_ptr(), alpha_grad.data_ptr(), B, L, C,
                                     torch.get_num_threads())
     return alpha_grad
+
+
+def xent_usable(logits: Tensor) -> bool:
+    """Whether :func:`xent_forward` can take these logits: bf16 (N, V) laid out contiguously on
+    the CPU, and the library compiled."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and logits.dim() == 2
+            and logits.is_contiguous() and library() is not None)
+
+
+def xent_forward(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """logits (N, V) bf16, target (N,) int64 in [0, V), both contiguous -> (nll, lse), each (N,) float32."""
+    N, V = logits.shape
+    nll, lse = logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
+    library().xent_forward_bf16(logits.data_ptr(), target.data_ptr(), nll.data_ptr(), lse.data_ptr(), N, V,
+                                torch.get_num_threads())
+    return nll, lse
+
+
+def xent_backward(logits: Tensor, target: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
+    """The logits' gradient (N, V) bf16 for the nll's gradient ``grad`` (N,) float32 contiguous."""
+    N, V = logits.shape
+    out = torch.empty_like(logits)
+    library().xent_backward_bf16(logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(),
+                                 out.data_ptr(), N, V, torch.get_num_threads())
+    return out

@@ -313,3 +313,73 @@ def test_a_bf16_decoder_trains_the_same_with_the_c_context(monkeypatch):
     for name, g in grads.items():
         cos = torch.nn.functional.cosine_similarity(g.flatten().double(), grads_plain[name].flatten().double(), dim=0)
         assert cos > 0.99, (name, cos.item())
+
+
+def bf16_logits(N=5, V=37, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(N, V, generator=g) * scale).to(torch.bfloat16)
+    return logits, torch.randint(0, V, (N,), generator=g)
+
+
+@needs_cc
+@pytest.mark.parametrize("V", [37, 10000])
+def test_the_bf16_cross_entropy_is_the_double_precision_one_in_value_and_gradient(V):
+    logits, target = bf16_logits(N=6, V=V)
+    logits.requires_grad_()
+    upstream = torch.rand(6, generator=torch.Generator().manual_seed(3))
+    nll = kernels.CrossEntropy.apply(logits, target)
+    (grad,) = torch.autograd.grad(nll, logits, upstream)
+    assert nll.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    x = logits.detach().double().requires_grad_()
+    exact = torch.nn.functional.cross_entropy(x, target, reduction="none")
+    (exact_grad,) = torch.autograd.grad(exact, x, upstream.double())
+    torch.testing.assert_close(nll.double(), exact, rtol=1e-6, atol=1e-5)
+    # computed in float32 and rounded once to bf16: within one bf16 step of the exact gradient
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=2 ** -8, atol=1e-9)
+    assert torch.all(grad[torch.arange(6), target] < 0)  # the target's own share, pushed up
+
+
+@needs_cc
+def test_cross_entropy_takes_c_for_bf16_cpu_logits_only_and_matches_torch_elsewhere(monkeypatch):
+    calls = []
+    real = native.xent_forward
+    monkeypatch.setattr(native, "xent_forward", lambda *a: calls.append(1) or real(*a))
+    logits, target = bf16_logits()
+    for x, taken in [(logits, True), (logits.float(), False), (logits.t().contiguous().t(), False)]:
+        calls.clear()
+        out = kernels.cross_entropy(x, target)
+        assert bool(calls) is taken
+        torch.testing.assert_close(out, torch.nn.functional.cross_entropy(x.float(), target, reduction="none"))
+    assert torch.equal(kernels.cross_entropy(logits.float(), target),
+                       torch.nn.functional.cross_entropy(logits.float(), target, reduction="none"))
+
+
+@needs_cc
+def test_the_bf16_cross_entropy_keeps_a_nan_and_huge_logits_finite():
+    logits, target = bf16_logits(N=3, scale=1e4)
+    assert torch.isfinite(kernels.cross_entropy(logits, target)).all()
+    torch.testing.assert_close(kernels.cross_entropy(logits, target),
+                               torch.nn.functional.cross_entropy(logits.double(), target, reduction="none").float())
+    logits[1, 4] = float("nan")
+    out = kernels.cross_entropy(logits, target)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+
+
+@needs_cc
+def test_a_bf16_cross_entropy_target_outside_the_vocabulary_is_refused_with_the_range():
+    logits, _ = bf16_logits(V=37)
+    with pytest.raises(IndexError, match=r"\[0, 37\).*got 0\.\.37"):
+        kernels.cross_entropy(logits, torch.tensor([0, 1, 2, 3, 37]))
+    with pytest.raises(IndexError, match=r"got -1\.\.3"):
+        kernels.cross_entropy(logits, torch.tensor([0, 1, -1, 3, 2]))
+
+
+@needs_cc
+def test_a_nan_gradient_stays_nan_when_rounded_to_bf16():
+    """A NaN whose low bits would carry over when rounded (payload 0x7fffffff) stays a NaN, not -0 or inf."""
+    logits, target = bf16_logits(N=2)
+    logits.requires_grad_()
+    upstream = torch.tensor([1.0, 0.0])
+    upstream.view(torch.int32)[1] = 0x7FFFFFFF
+    (grad,) = torch.autograd.grad(kernels.CrossEntropy.apply(logits, target), logits, upstream)
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all()
