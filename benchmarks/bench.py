@@ -634,7 +634,8 @@ def format_table(results: dict) -> str:
     lines = [
         (f"machine: {m['cpu']}, {m['cpus_usable']}/{m['cpu_count']} cores usable, load {m['load_average']}, "
          f"torch {m['torch']}, {m['threads']} threads, device {m['device']}{gpu}; "
-         f"RSS after imports {m['rss_after_imports_mib']} MiB; additive score kernel: {m['score_kernel']}"),
+         f"RSS after imports {m['rss_after_imports_mib']} MiB; kernels (additive score; bf16 context and loss): "
+         f"{m['score_kernel']}"),
         f"float32 matmul peak (best of {len(p['times_s'])} mm {p['n']}x{p['n']}, GFLOP/s) before each section: {peaks}",
         (f"bfloat16 matmul peak (CPU bf16: {m['cpu_bf16']}; the bf16 rows' share is of this peak), GFLOP/s: "
          f"{peaks16}"),

@@ -273,8 +273,9 @@ class AttentionConfig:
     none), ``score`` from the score registry (additive is the paper's MLP; dot, general,
     scaled_dot, additive_dot: the MLP plus a scaled dot product), ``dim`` the attention space,
     ``activation`` of the additive score;
-    ``fused``: the additive tanh score runs as a fused kernel (captioner/kernels.py), the
-    same function as the plain expression, faster (false: the plain expression);
+    ``fused``: the additive tanh score, and over bf16 features on a CPU the context read, run
+    as fused kernels (captioner/kernels.py), the same functions as the plain expressions,
+    faster (false: the plain expressions);
     ``normalizer``: how soft, hard and local attention turn scores into weights, ``softmax``
     (the paper's) or ``sparsemax`` (Martins and Astudillo, 2016: the Euclidean projection
     onto the simplex; locations far below the best get exactly zero); ``hops``: soft
