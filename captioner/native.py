@@ -314,22 +314,24 @@ def context_usable(features: Tensor) -> bool:
             and library() is not None)
 
 
+def _over_features(function: str, rows: Tensor, features: Tensor, width: int) -> Tensor:
+    """Runs the C ``function`` over bf16 features (B, L, C) and one float32 row per image
+    (B, *), writing (B, ``width``) float32."""
+    B, L, C = features.shape
+    out = rows.new_empty(B, width)
+    getattr(library(), function)(features.data_ptr(), rows.data_ptr(), out.data_ptr(), B, L, C,
+                                 torch.get_num_threads())
+    return out
+
+
 def context_forward(alpha: Tensor, features: Tensor) -> Tensor:
     """alpha (B, L) float32 contiguous, features (B, L, C) bf16 contiguous -> (B, C) float32."""
-    B, L, C = features.shape
-    context = alpha.new_empty(B, C)
-    library().context_forward_bf16(features.data_ptr(), alpha.data_ptr(), context.data_ptr(), B, L, C,
-                                   torch.get_num_threads())
-    return context
+    return _over_features("context_forward_bf16", alpha, features, features.shape[2])
 
 
 def context_backward(grad: Tensor, features: Tensor) -> Tensor:
     """grad (B, C) float32 contiguous, features (B, L, C) bf16 contiguous -> the map's gradient (B, L) float32."""
-    B, L, C = features.shape
-    alpha_grad = grad.new_empty(B, L)
-    library().context_backward_bf16(features.data_ptr(), grad.data_ptr(), alpha_grad.data_ptr(), B, L, C,
-                                    torch.get_num_threads())
-    return alpha_grad
+    return _over_features("context_backward_bf16", grad, features, features.shape[1])
 
 
 def xent_usable(logits: Tensor) -> bool:
