@@ -173,6 +173,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.evaluate import evaluate
 
     _checked_beam(args.beam)
+    if args.no_repeat_ngram is not None and args.no_repeat_ngram < 0:
+        raise CaptionerError(f"--no-repeat-ngram must be >= 0 (0: off); got {args.no_repeat_ngram}")
     model = _load_model(args)
     data = _data_with_root(model, args.data_root)
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
@@ -180,7 +182,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(model, data, split=args.split, beam_size=args.beam, length_penalty=args.length_penalty,
                       max_len=args.max_len or model.config.decode.max_len, max_images=args.max_images,
                       out_dir=out_dir, use_java=False if args.no_java else None, spice=not args.no_spice,
-                      progress=True, on_bad_image=bad)
+                      progress=True, on_bad_image=bad, no_repeat_ngram=args.no_repeat_ngram)
     print(f"{args.split} split, {len(result.captions)} images, beam {args.beam}")
     print(result.table())
     print("wrote " + ", ".join(str(f) for f in result.files))
@@ -338,6 +340,8 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
     _add_inference_options(ev, beam_default=5)
     ev.add_argument("--length-penalty", type=float, default=0.0, help="rank beams by log p / (words + 1) ** this")
+    ev.add_argument("--no-repeat-ngram", type=int, default=None, metavar="N",
+                    help="no caption repeats an n-gram (0: off; default: the checkpoint's decode.no_repeat_ngram)")
     ev.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (default: all)")
     ev.add_argument("--data-root", default=None, help="where the data set is, if not where it was for training")
     ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")

@@ -585,16 +585,22 @@ class TrainConfig:
 class DecodeConfig:
     """Decoding for captioning and evaluation: at most ``max_len`` words; ``beam_size`` 1 is
     greedy; beam captions are ranked by log p / (words + 1) ** ``length_penalty``.
-    Validation during training always decodes greedily (fast, and comparable across runs)."""
+    Validation during training always decodes greedily (fast, and comparable across runs).
+    ``no_repeat_ngram`` n > 0: no caption repeats an n-gram (fairseq's and Hugging Face's
+    ``no_repeat_ngram_size``), in greedy decoding, beam search and validation; 0: off.
+    With 3, "a blue circle to the right of a blue circle" (one object related to itself: the
+    map went back to the first circle at the second "circle") cannot be written (README)."""
 
     max_len: int = 20
     beam_size: int = 1
     length_penalty: float = 0.0
+    no_repeat_ngram: int = 0
 
     def __post_init__(self) -> None:
         _check(self.max_len >= 1, "max_len", f"must be >= 1; got {self.max_len}")
         _check(self.beam_size >= 1, "beam_size", f"must be >= 1; got {self.beam_size}")
         _check(self.length_penalty >= 0, "length_penalty", f"must be >= 0; got {self.length_penalty}")
+        _check(self.no_repeat_ngram >= 0, "no_repeat_ngram", f"must be >= 0 (0: off); got {self.no_repeat_ngram}")
 
 
 @dataclass(frozen=True)

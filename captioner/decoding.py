@@ -83,17 +83,32 @@ def _next_log_probs(logits: Tensor, *, banned: tuple[int, ...], end_id: int, for
     return logp
 
 
+def block_repeats(logp: Tensor, tokens: Tensor, n: int) -> Tensor:
+    """``decode.no_repeat_ngram``: in place, -inf for every word that would make an n-gram its
+    row of ``tokens`` (N, T) already holds ("a blue circle to the right of a blue" cannot go on
+    with "circle" for n = 3); logp (N, V). n = 0 leaves ``logp`` as it is."""
+    T = tokens.shape[1]
+    if n < 1 or T < n:
+        return logp
+    windows = tokens.unfold(1, n, 1)  # (N, P, n): every n-gram so far, P = T - n + 1
+    match = (windows[..., :-1] == tokens[:, T - n + 1:].unsqueeze(1)).all(-1)  # its first n-1 = the last n-1
+    inf = torch.full(match.shape, float("inf"), dtype=logp.dtype, device=logp.device)
+    # amin: -inf where an n-gram would repeat, the value itself elsewhere (one word may be both)
+    return logp.scatter_reduce_(1, windows[..., -1], torch.where(match, -inf, inf), reduce="amin")
+
+
 @torch.no_grad()
 def greedy(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end_id: int,
-           pad_id: int = 0, mask: Tensor | None = None) -> Decoded:
+           pad_id: int = 0, mask: Tensor | None = None, no_repeat_ngram: int = 0) -> Decoded:
     """The most likely word at every step, for up to ``max_len`` words plus ``<end>``.
 
     Args:
         decoder: the trained decoder (in eval mode).
         features: (B, L, C) annotation vectors.
+        no_repeat_ngram: n > 0: never a word that repeats an n-gram of the caption (:func:`block_repeats`).
     """
     return _run(decoder, features, max_len=max_len, start_id=start_id, end_id=end_id, pad_id=pad_id, mask=mask,
-                choose=lambda logp: logp.argmax(dim=-1))
+                choose=lambda logp: logp.argmax(dim=-1), no_repeat_ngram=no_repeat_ngram)
 
 
 @torch.no_grad()
@@ -117,7 +132,7 @@ def sample(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, e
 
 
 def _run(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end_id: int, pad_id: int,
-         mask: Tensor | None, choose) -> Decoded:
+         mask: Tensor | None, choose, no_repeat_ngram: int = 0) -> Decoded:
     """One word per step chosen by ``choose(log_probs (B, V)) -> (B,)``."""
     B, device = features.shape[0], features.device
     projected = decoder.precompute(features)  # once per image
@@ -131,6 +146,8 @@ def _run(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end
     for t in range(max_len + 1):
         out = decoder.step(prev, state, features, projected, mask)
         logp = _next_log_probs(out.logits, banned=(pad_id, start_id), end_id=end_id, force_end=t == max_len)
+        if no_repeat_ngram and t >= no_repeat_ngram:
+            block_repeats(logp, torch.stack(tokens, 1), no_repeat_ngram)
         word = choose(logp)
         scores = scores + torch.where(finished, 0.0, logp.gather(1, word.unsqueeze(1)).squeeze(1))
         ended = (word == end_id) & ~finished
@@ -148,7 +165,7 @@ def _run(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end
 @torch.no_grad()
 def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: int, start_id: int, end_id: int,
                 pad_id: int = 0, length_penalty: float = 0.0, n_best: int = 1,
-                mask: Tensor | None = None) -> BeamDecoded:
+                mask: Tensor | None = None, no_repeat_ngram: int = 0) -> BeamDecoded:
     """Beam search batched over images and beams: one decoder step for all B * K hypotheses.
 
     Hypotheses are extended by their summed log-probability; a finished hypothesis keeps its
@@ -161,6 +178,7 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
         features: (B, L, C) annotation vectors.
         beam_size: K >= 1 (may exceed the vocabulary: surplus beams stay empty and are never returned).
         n_best: how many captions per image (<= K).
+        no_repeat_ngram: n > 0: no hypothesis repeats an n-gram of its own (:func:`block_repeats`).
     """
     if beam_size < 1:
         raise ValueError(f"beam size must be >= 1; got {beam_size}")
@@ -184,6 +202,8 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
         out = decoder.step(prev, state, features, projected, mask)
         logp = _next_log_probs(out.logits, banned=(pad_id, start_id), end_id=end_id, force_end=t == max_len)
         V = logp.shape[1]
+        if no_repeat_ngram:
+            block_repeats(logp, tokens, no_repeat_ngram)
         # a finished hypothesis continues only with <pad> at no cost (in place: logp is this step's own)
         logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
         logp[:, pad_id] = torch.where(finished, 0.0, float("-inf"))

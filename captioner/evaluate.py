@@ -89,8 +89,10 @@ def encode_records(model: Captioner, records: Sequence[ImageRecord], *, batch_si
 @torch.no_grad()
 def decode_records(model: Captioner, records: Sequence[ImageRecord], *, max_len: int, beam_size: int = 1,
                    length_penalty: float = 0.0, features: Tensor | None = None, batch_size: int = 64,
-                   num_workers: int = 0, progress: bool = False) -> list[DecodedCaption]:
-    """Decode every record (greedy for beam 1), from cached raw features when given."""
+                   num_workers: int = 0, progress: bool = False,
+                   no_repeat_ngram: int | None = None) -> list[DecodedCaption]:
+    """Decode every record (greedy for beam 1), from cached raw features when given;
+    ``no_repeat_ngram`` None: the model's ``decode.no_repeat_ngram``."""
     was = model.training
     model.eval()
     if features is not None:
@@ -103,7 +105,8 @@ def decode_records(model: Captioner, records: Sequence[ImageRecord], *, max_len:
                               total=math.ceil(len(records) / batch_size)):
         dec = model.generate(images=None if images is None else images.to(model.device),
                              raw_features=None if feats is None else feats.to(model.device),
-                             max_len=max_len, beam_size=beam_size, length_penalty=length_penalty)
+                             max_len=max_len, beam_size=beam_size, length_penalty=length_penalty,
+                             no_repeat_ngram=no_repeat_ngram)
         for i in range(len(dec.tokens)):
             n = int(dec.lengths[i])
             out.append(DecodedCaption(model.vocab.decode(dec.tokens[i, :n].tolist()),
@@ -120,7 +123,8 @@ def references(records: Sequence[ImageRecord]) -> dict[int, list[str]]:
 def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_size: int = 5,
              length_penalty: float = 0.0, max_len: int = 20, max_images: int = 0, out_dir: str | Path | None = None,
              use_java: bool | None = None, spice: bool = True, progress: bool = False,
-             on_bad_image: Callable[[Path, str], None] | None = None, align_maps: bool = True) -> EvalResult:
+             on_bad_image: Callable[[Path, str], None] | None = None, align_maps: bool = True,
+             no_repeat_ngram: int | None = None) -> EvalResult:
     """Decode ``split`` with beam search and score it.
 
     Args:
@@ -135,7 +139,11 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
         align_maps: score attention correctness with each cell's weight at the centre of its
             feature's receptive field (``model.encoder.cell_origin``), where the feature
             looked; False: at the cell's centre.
+        no_repeat_ngram: no caption repeats an n-gram (0: off); None: the model's
+            ``decode.no_repeat_ngram``.
     """
+    if no_repeat_ngram is None:
+        no_repeat_ngram = model.config.decode.no_repeat_ngram if model.config else 0
     records = load_split(data, split, progress=progress)
     if max_images:
         records = records[:max_images]
@@ -146,7 +154,7 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
             on_bad_image(path, reason)
     records = found.good
     decoded = decode_records(model, records, max_len=max_len, beam_size=beam_size, length_penalty=length_penalty,
-                             num_workers=data.num_workers, progress=progress)
+                             num_workers=data.num_workers, progress=progress, no_repeat_ngram=no_repeat_ngram)
     captions = {r.image_id: " ".join(d.words) for r, d in zip(records, decoded)}
     metrics = caption_metrics(captions, references(records), use_java=use_java, spice=spice)
 
@@ -168,7 +176,8 @@ def evaluate(model: Captioner, data: DataConfig, *, split: str = "test", beam_si
         files.append(out / f"captions_{split}.json")
         files[-1].write_text(json.dumps(results, indent=1), encoding="utf-8")
         summary = {"split": split, "images": len(records), "beam_size": beam_size, "length_penalty": length_penalty,
-                   "scores": metrics.scores, "unavailable": metrics.unavailable, "tokenizer": metrics.tokenizer,
+                   "no_repeat_ngram": no_repeat_ngram, "scores": metrics.scores, "unavailable": metrics.unavailable,
+                   "tokenizer": metrics.tokenizer,
                    "attention_correctness": correctness.as_dict() if correctness is not None else None,
                    "skipped_images": [{"file": str(p), "reason": r} for p, r in found.bad],
                    "chair": hallucination.as_dict() if hallucination is not None else None}

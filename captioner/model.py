@@ -244,12 +244,16 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, *, images: Tensor | None = None, raw_features: Tensor | None = None,
-                 max_len: int = 20, beam_size: int = 1, length_penalty: float = 0.0) -> Decoded:
+                 max_len: int = 20, beam_size: int = 1, length_penalty: float = 0.0,
+                 no_repeat_ngram: int | None = None) -> Decoded:
         """Captions for a batch of pixels or cached raw features: greedy for ``beam_size`` 1,
-        else the best of a batched beam search."""
+        else the best of a batched beam search. ``no_repeat_ngram``: None takes the config's
+        ``decode.no_repeat_ngram``."""
         feats = self.features(raw_features) if raw_features is not None else self.encode(images)
         v = self.vocab
-        ids = dict(start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id)
+        if no_repeat_ngram is None:
+            no_repeat_ngram = self.config.decode.no_repeat_ngram if self.config else 0
+        ids = dict(start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id, no_repeat_ngram=no_repeat_ngram)
         if beam_size == 1:
             return greedy(self.decoder, feats, max_len=max_len, **ids)
         return beam_search(self.decoder, feats, beam_size=beam_size, max_len=max_len,

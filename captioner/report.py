@@ -76,7 +76,8 @@ def nbest_captions(model: Captioner, images: Sequence[Image.Image], *, beam_size
     for k in tqdm(range(0, len(images), batch_size), desc="beam search", unit="batch", disable=not progress):
         pixels = torch.stack([tf(as_rgb(im)) for im in images[k:k + batch_size]]).to(model.device)  # (B, 3, S, S)
         dec = beam_search(model.decoder, model.encode(pixels), beam_size=beam_size, n_best=n_best,
-                          max_len=max_len or decode.max_len, length_penalty=decode.length_penalty, **ids)
+                          max_len=max_len or decode.max_len, length_penalty=decode.length_penalty,
+                          no_repeat_ngram=decode.no_repeat_ngram, **ids)
         T = dec.tokens.shape[2]
         for i in range(dec.tokens.shape[0]):
             captions = []

@@ -252,3 +252,97 @@ def test_checking_for_the_end_less_often_changes_nothing(monkeypatch):
         assert torch.equal(a.tokens, b.tokens[:, :T]) and (b.tokens[:, T:] == 0).all()
         assert torch.equal(a.lengths, b.lengths)
         torch.testing.assert_close(a.scores, b.scores)
+
+
+# ----------------------------------------------------------------------------- no_repeat_ngram
+
+from captioner.decoding import block_repeats  # noqa: E402
+
+
+def repeats(words, n):
+    """Whether ``words`` holds some n-gram twice."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def test_block_repeats_bans_exactly_the_words_that_complete_a_repeated_ngram():
+    torch.manual_seed(0)
+    logp = torch.randn(3, V)
+    tokens = torch.tensor([[5, 6, 7, 1, 5, 6],   # (5, 6) came before, then 7: 7 only
+                           [5, 6, 7, 5, 6, 8],   # both 7 and 8 followed (5, 6)... but the prefix is (6, 8)
+                           [5, 6, 9, 6, 9, 5]])  # (9, 5) never came before
+    banned = {0: {7}, 1: set(), 2: set()}
+    for n, expect in ((3, banned), (2, {0: {7}, 1: set(), 2: {6}}),
+                      (1, {0: {1, 5, 6, 7}, 1: {5, 6, 7, 8}, 2: {5, 6, 9}})):
+        out = block_repeats(logp.clone(), tokens, n)
+        for r in range(3):
+            inf = {int(w) for w in torch.nonzero(torch.isinf(out[r])).flatten()}
+            assert inf == expect[r], (n, r)
+            keep = ~torch.isinf(out[r])
+            assert torch.equal(out[r][keep], logp[r][keep])  # every other word untouched, bit for bit
+    # two earlier (5, 6): both continuations banned; a word banned by one window and free by another stays banned
+    out = block_repeats(logp[:1].clone(), torch.tensor([[5, 6, 7, 5, 6, 8, 7, 5, 6]]), 3)
+    assert {int(w) for w in torch.nonzero(torch.isinf(out[0])).flatten()} == {7, 8}
+    out = block_repeats(logp[:1].clone(), torch.tensor([[5, 6, 9, 6, 9, 5, 6]]), 3)  # (6, 9, 6): 6 free there
+    assert {int(w) for w in torch.nonzero(torch.isinf(out[0])).flatten()} == {9}
+    for n, tok in ((0, tokens), (3, tokens[:, :2]), (4, tokens[:, :3])):  # off, or too short to repeat
+        assert torch.equal(block_repeats(logp.clone(), tok, n), logp)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_greedy_with_no_repeat_ngram_never_repeats_and_otherwise_follows_the_model(n):
+    dec = decoder_that_says([], nxt={1: 5, 5: 6, 6: 5})  # 5 6 5 6 5 6 ... until max_len
+    feats = torch.randn(2, L, C)
+    free = greedy(dec, feats, max_len=9, start_id=1, end_id=2)
+    assert free.tokens[0, :9].tolist() == [5, 6] * 4 + [5]
+    out = greedy(dec, feats, max_len=9, start_id=1, end_id=2, no_repeat_ngram=n)
+    for i in range(2):
+        words = out.tokens[i, : int(out.lengths[i])].tolist()
+        assert not repeats(words, n)
+        assert words[:n + 1] == free.tokens[i, : n + 1].tolist()[: len(words[:n + 1])]  # the same until a repeat
+    # on a random model: the captions are the unblocked ones up to the first step that would repeat
+    dec = random_decoder(4)
+    with torch.no_grad():
+        dec.out.weight.div_(20)  # flat: long captions that repeat themselves
+    feats = torch.randn(16, L, C)
+    free = greedy(dec, feats, max_len=12, start_id=1, end_id=2)
+    out = greedy(dec, feats, max_len=12, start_id=1, end_id=2, no_repeat_ngram=n)
+    changed = 0
+    for i in range(16):
+        a = free.tokens[i, : int(free.lengths[i])].tolist()
+        b = out.tokens[i, : int(out.lengths[i])].tolist()
+        assert not repeats(b, n)
+        first = next((t for t in range(n, len(a) + 1) if repeats(a[:t], n)), None)
+        if first is None:
+            assert a == b
+        else:
+            changed += 1
+            assert b[:first - 1] == a[:first - 1] and b[first - 1] != a[first - 1]
+    assert changed > 0
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_beam_with_no_repeat_ngram_never_repeats(n):
+    dec = random_decoder(5)
+    with torch.no_grad():
+        dec.out.weight.div_(20)
+    feats = torch.randn(6, L, C)
+    free = beam_search(dec, feats, beam_size=3, max_len=12, start_id=1, end_id=2, n_best=3)
+    assert any(repeats(free.tokens[i, k, : int(free.lengths[i, k])].tolist(), n) for i in range(6) for k in range(3))
+    out = beam_search(dec, feats, beam_size=3, max_len=12, start_id=1, end_id=2, n_best=3, no_repeat_ngram=n)
+    for i in range(6):
+        for k in range(3):
+            assert not repeats(out.tokens[i, k, : int(out.lengths[i, k])].tolist(), n)
+    one = beam_search(dec, feats, beam_size=1, max_len=12, start_id=1, end_id=2, no_repeat_ngram=n).best()
+    g = greedy(dec, feats, max_len=12, start_id=1, end_id=2, no_repeat_ngram=n)
+    assert torch.equal(one.tokens, g.tokens) and torch.equal(one.lengths, g.lengths)
+    torch.testing.assert_close(one.scores, g.scores)
+
+
+def test_no_repeat_ngram_is_checked_in_the_config():
+    from captioner.errors import ConfigError
+
+    assert load_config(None, []).decode.no_repeat_ngram == 0  # off unless a config asks
+    assert load_config("configs/shapes_soft.yaml", []).decode.no_repeat_ngram == 3
+    with pytest.raises(ConfigError, match="no_repeat_ngram"):
+        load_config(None, ["decode.no_repeat_ngram=-1"])

@@ -157,3 +157,34 @@ def test_heatmaps_are_drawn_where_the_features_looked(trained, tmp_path, monkeyp
     image = load_split(model.config.data, "test")[0].path
     visualize.visualize_images(model, [image], tmp_path, beam_size=1)
     assert seen == [model.encoder.cell_origin] and (tmp_path / f"{image.stem}.png").is_file()
+
+
+def test_no_repeat_ngram_comes_from_the_checkpoint_unless_given(trained, tmp_path):
+    from captioner.config import replace
+
+    model = Captioner.from_checkpoint(trained)
+    records = load_split(model.config.data, "val")
+    assert model.config.decode.no_repeat_ngram == 0
+    free = [d.words for d in decode_records(model, records, max_len=12)]
+    once = [d.words for d in decode_records(model, records, max_len=12, no_repeat_ngram=1)]
+    assert any(len(set(w)) < len(w) for w in free)  # the tiny model repeats words...
+    assert all(len(set(w)) == len(w) for w in once)  # ...and with 1 no word comes twice
+    model.config = replace(model.config, decode=replace(model.config.decode, no_repeat_ngram=1))
+    assert [d.words for d in decode_records(model, records, max_len=12)] == once
+    assert [d.words for d in decode_records(model, records, max_len=12, no_repeat_ngram=0)] == free
+    result = evaluate(model, model.config.data, split="val", beam_size=2, max_len=12, out_dir=tmp_path, use_java=False)
+    assert all(len(set(c.split())) == len(c.split()) for c in result.captions.values())
+    assert json.loads((tmp_path / "metrics_val.json").read_text())["no_repeat_ngram"] == 1
+
+
+def test_cli_evaluate_no_repeat_ngram(trained, tmp_path, capsys):
+    code = main(["evaluate", str(trained), "--split", "val", "--beam", "2", "--no-java", "--max-images", "4",
+                 "--no-repeat-ngram", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert json.loads((tmp_path / "metrics_val.json").read_text())["no_repeat_ngram"] == 1
+    captions = json.loads((tmp_path / "captions_val.json").read_text())
+    assert all(len(set(c["caption"].split())) == len(c["caption"].split()) for c in captions)
+    capsys.readouterr()
+    assert main(["evaluate", str(trained), "--no-repeat-ngram", "-1"]) == 2
+    assert "--no-repeat-ngram must be >= 0" in capsys.readouterr().err
+
