@@ -157,12 +157,19 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _data_with_root(model, data_root: str | None):
-    """The checkpoint's data section, at ``--data-root`` when given; a missing root says so."""
+    """The checkpoint's data section, at ``--data-root`` when given; a missing root says so.
+    A shapes set there is taken as it was made (its ``shapes.json``): a set generated with
+    another seed (``captioner data shapes --seed 7``) holds images the model never saw."""
     from captioner.config import replace
+    from captioner.data.shapes import shapes_manifest
 
     data = model.config.data
     if data_root:
         data = replace(data, root=data_root)
+        made = shapes_manifest(data_root) if data.format == "shapes" else None
+        if made is not None:
+            data = replace(data, shapes=replace(data.shapes, n=made["n"], seed=made["seed"],
+                                                image_size=made["image_size"]))
     if data.format != "shapes" and not Path(data.root).exists():
         raise CaptionerError(f"data not found at {data.root} (the checkpoint's data.root); "
                              "pass --data-root DIR where the data set is now")

@@ -188,3 +188,21 @@ def test_cli_evaluate_no_repeat_ngram(trained, tmp_path, capsys):
     assert main(["evaluate", str(trained), "--no-repeat-ngram", "-1"]) == 2
     assert "--no-repeat-ngram must be >= 0" in capsys.readouterr().err
 
+
+def test_cli_evaluate_on_a_shapes_set_made_with_another_seed(trained, tmp_path, capsys):
+    """Held-out images: ``captioner data shapes --seed 5``, then evaluate there; the set is taken
+    as its manifest says, not regenerated or refused for the checkpoint's seed."""
+    fresh = tmp_path / "shapes_seed5"
+    assert main(["data", "shapes", "--out", str(fresh), "--n", "20", "--seed", "5", "--image-size", "64"]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (fresh / "train").iterdir()}
+    code = main(["evaluate", str(trained), "--data-root", str(fresh), "--split", "train", "--beam", "1", "--no-java",
+                 "--out", str(tmp_path / "eval")])
+    assert code == 0
+    captions = json.loads((tmp_path / "eval" / "captions_train.json").read_text())
+    truth = json.loads((fresh / "annotations" / "captions_train.json").read_text())
+    assert sorted(c["image_id"] for c in captions) == sorted(i["id"] for i in truth["images"])
+    assert {p.name: p.stat().st_mtime_ns for p in (fresh / "train").iterdir()} == before  # read, not remade
+    (fresh / "shapes.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["evaluate", str(trained), "--data-root", str(fresh), "--no-java"]) == 2
+    assert "shapes.json is not a shapes manifest" in capsys.readouterr().err

@@ -426,6 +426,23 @@ def generate_shapes(out_dir: str | Path, *, n: int, seed: int = 0, image_size: i
     return {"n": n, "splits": counts, "seconds": round(time.perf_counter() - start, 3)}
 
 
+def shapes_manifest(out_dir: str | Path) -> dict | None:
+    """What the shapes set in ``out_dir`` was made with: ``n``, ``seed``, ``image_size``,
+    ``version`` from its ``shapes.json``; None when there is no manifest (no finished set).
+
+    Raises:
+        DataError: the manifest is unreadable or lacks one of those keys.
+    """
+    path = Path(out_dir) / "shapes.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        return {key: manifest[key] for key in ("n", "seed", "image_size", "version")}
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path} is not a shapes manifest; choose another folder") from None
+
+
 def ensure_shapes(out_dir: str | Path, *, n: int, seed: int = 0, image_size: int = 128,
                   progress: bool = False) -> Path:
     """Generate a shapes set in ``out_dir`` unless one with the same parameters is there.
@@ -446,13 +463,8 @@ def ensure_shapes(out_dir: str | Path, *, n: int, seed: int = 0, image_size: int
             manifest, or files that are not part of a shapes set.
     """
     out = Path(out_dir)
-    manifest_path = out / "shapes.json"
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            made = {key: manifest[key] for key in ("n", "seed", "image_size", "version")}
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{manifest_path} is not a shapes manifest; choose another folder") from None
+    made = shapes_manifest(out)
+    if made is not None:
         wanted = {"n": n, "seed": seed, "image_size": image_size, "version": VERSION}
         differs = [f"{key}={made[key]!r} (wanted {value!r})" for key, value in wanted.items() if made[key] != value]
         if differs:
