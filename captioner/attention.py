@@ -393,6 +393,10 @@ class SoftAttention(nn.Module):
             anchor (:meth:`AnchorTerm.offset`: 4 more values; ``context_dim`` = C + 4): with its
             map on B, the decoder reads B's offset from A, from which the direction word
             follows ("to the left of": dx > 0, |dx| >= |dy|).
+        persist: with ``anchor_on_word``, the scores gain k(h_t) alpha_{t-1,l} / max_l
+            alpha_{t-1,l}, k a linear gate of the query (zero at the start): the last step's
+            map, from the memory, drawing this step's map back (k > 0: the rest of a noun
+            phrase on the object its first word found) or away (k < 0).
     """
 
     fused = True  # the context read's kernel (attend); use_fused_kernels switches it
@@ -400,7 +404,7 @@ class SoftAttention(nn.Module):
     def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
                  activation: str = "tanh", normalizer: str = "softmax", hops: int = 1,
                  relative: bool = False, grid: tuple[int, int] = (1, 1), relative_read: bool = False,
-                 anchor_on_word: bool = False) -> None:
+                 anchor_on_word: bool = False, persist: bool = False) -> None:
         super().__init__()
         if hops < 1:
             raise ValueError(f"hops must be >= 1; got {hops}")
@@ -417,6 +421,12 @@ class SoftAttention(nn.Module):
         self.context_dim = hops * feature_dim + 4 * relative_read
         self.anchor = AnchorTerm(hidden_dim=hidden_dim, grid=grid) if relative else None  # after the scores: a seed
         # builds the same scores with and without it
+        if persist and not anchor_on_word:
+            raise ValueError("persist reads the last map, which anchor_on_word keeps in the memory")
+        self.persist = nn.Linear(hidden_dim, 1) if persist else None  # k(h_t)
+        if self.persist is not None:
+            nn.init.zeros_(self.persist.weight)
+            nn.init.zeros_(self.persist.bias)
 
     @classmethod
     def from_config(cls, cfg: AttentionConfig, *, feature_dim: int, hidden_dim: int,
@@ -424,7 +434,7 @@ class SoftAttention(nn.Module):
         return cls(feature_dim=feature_dim, hidden_dim=hidden_dim, dim=cfg.dim, score=cfg.score,
                    activation=cfg.activation, normalizer=cfg.normalizer, hops=cfg.hops,
                    relative=cfg.relative, grid=grid, relative_read=cfg.relative_read,
-                   anchor_on_word=cfg.anchor_on_word)
+                   anchor_on_word=cfg.anchor_on_word, persist=cfg.persist)
 
     def init_memory(self, features: Tensor) -> Tensor | None:
         """The anchor before the first step (B, 3): x, y, s, with ``relative``; else None.
@@ -446,7 +456,10 @@ class SoftAttention(nn.Module):
                 mask: Tensor | None = None, memory: Tensor | None = None) -> AttentionOutput:
         if self.anchor is not None:  # memory: the anchor (B, [K,] 3): x, y, s
             scores = self.score(projected, hidden) + self.anchor(hidden, memory)  # (B, [K,] L), float32: the
-            alpha = self.normalize(scores, mask).to(features.dtype)  # term is; the map in the pass's dtype
+            if self.persist is not None:  # term is
+                last = memory[..., 3:]  # alpha_{t-1}, zeros before the first step
+                scores = scores + self.persist(hidden).float() * (last / last.amax(-1, keepdim=True).clamp_min(1e-12))
+            alpha = self.normalize(scores, mask).to(features.dtype)  # the map in the pass's dtype
             context = attend(alpha, features, self.fused)
             if self.relative_read:
                 context = torch.cat([context, self.anchor.offset(alpha, memory).to(context.dtype)], dim=-1)

@@ -289,7 +289,10 @@ class AttentionConfig:
     ``anchor_on_word``: with ``relative`` (and Luong's arrangement), the anchor takes the map
     re-weighted by how well each location alone explains the word it wrote (the output layer
     read at each location): "an orange diamond" written from a map on the orange square and
-    the orange diamond anchors on the diamond."""
+    the orange diamond anchors on the diamond; ``persist``: with ``anchor_on_word``, the scores
+    also read the last step's map, times a gate of h_t (location-aware attention, Chorowski et
+    al. 2015, with one feature): at "circle" in "a blue circle" the map can stay on the blue
+    object it found at "blue", or at "a" after "left of" leave the one just named."""
 
     name: str = "soft"
     score: str = "additive"
@@ -301,6 +304,7 @@ class AttentionConfig:
     relative: bool = False
     relative_read: bool = False
     anchor_on_word: bool = False
+    persist: bool = False
     hard: HardAttentionConfig = HardAttentionConfig()
     local: LocalAttentionConfig = LocalAttentionConfig()
 
@@ -317,6 +321,8 @@ class AttentionConfig:
                "reads where the map sits from the anchor: it needs relative: true")
         _check(not self.anchor_on_word or self.relative, "anchor_on_word",
                "settles the anchor on the word written: it needs relative: true")
+        _check(not self.persist or self.anchor_on_word, "persist",
+               "reads the last step's map, which anchor_on_word keeps: it needs anchor_on_word: true")
 
 
 @dataclass(frozen=True)

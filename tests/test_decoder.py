@@ -159,23 +159,25 @@ def beams_equal_copies(dec, feats, caps, steps, K=2):
         state, flat_state = grouped.state, flat.state
 
 
-def word_anchored(relative_read=False):
+def word_anchored(relative_read=False, persist=False):
     cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
                              "model.decoder.dropout=0.0", "model.decoder.arrangement=luong",
                              "model.attention.relative=true", "model.attention.anchor_on_word=true",
-                             f"model.attention.relative_read={relative_read}"]).model
+                             f"model.attention.relative_read={relative_read}", f"model.attention.persist={persist}"]).model
     torch.manual_seed(0)
     return Decoder.from_config(cfg, vocab_size=V, feature_dim=C, grid=(2, 5)).eval()  # L = 10
 
 
-@pytest.mark.parametrize("relative_read", [False, True])
-def test_anchor_on_word_steps_match_teacher_forcing_and_beams(relative_read):
+@pytest.mark.parametrize("relative_read, persist", [(False, False), (True, False), (True, True)])
+def test_anchor_on_word_steps_match_teacher_forcing_and_beams(relative_read, persist):
     """The anchor settled on the word read (anchor_on_word): the teacher-forced pass, its
     packed form, and one step at a time agree; K rows per image (beam search) equal copies."""
-    dec = word_anchored(relative_read)
+    dec = word_anchored(relative_read, persist)
     with torch.no_grad():
         dec.attention.anchor.coefficients.bias.copy_(torch.tensor([2.0, -1.0, 1.5, 0.5]))
         dec.attention.anchor.gate.bias.fill_(1.0)
+        if persist:
+            dec.attention.persist.weight.normal_()
     feats, caps = torch.randn(B, L, C), torch.randint(4, V, (B, 6))
     full = dec(feats, caps)
     packed = dec(feats, caps, lengths=torch.tensor([5, 3, 4]))
@@ -190,6 +192,36 @@ def test_anchor_on_word_steps_match_teacher_forcing_and_beams(relative_read):
         torch.testing.assert_close(out.state.memory[:, 3:], out.attention.alpha)  # the map waits for its word
         state = out.state
     beams_equal_copies(dec, feats, caps, steps=4)
+
+
+def test_persist_starts_silent_then_draws_the_map_to_or_from_the_last_one():
+    """persist: zero at the start (the maps of the same decoder without it); a large positive
+    gate keeps each map on the last map's peak, a large negative one off it; its gradient
+    comes from the maps."""
+    plain, dec = word_anchored(), word_anchored(persist=True)
+    missing = dec.load_state_dict(plain.state_dict(), strict=False)
+    assert missing.missing_keys == ["attention.persist.weight", "attention.persist.bias"]
+    feats, caps = 3 * torch.randn(B, L, C), torch.randint(4, V, (B, 6))
+    torch.testing.assert_close(dec(feats, caps).alphas, plain(feats, caps).alphas, rtol=0, atol=0)
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            dec.attention.persist.bias.fill_(sign * 1e4)
+        alphas = dec(feats, caps).alphas  # (B, T, L)
+        peak = alphas[:, :-1].argmax(-1, keepdim=True)  # the last map's best location, each step
+        on_peak = alphas[:, 1:].gather(-1, peak).squeeze(-1)
+        assert torch.allclose(on_peak, torch.ones_like(on_peak)) if sign > 0 else (on_peak == 0).all()
+    with torch.no_grad():
+        dec.attention.persist.bias.zero_()
+    out = dec(feats, caps)
+    (out.alphas[:, 1:] * torch.randn(B, 4, L)).sum().backward()
+    assert dec.attention.persist.weight.grad.abs().sum() > 0 and dec.attention.persist.bias.grad.abs() > 0
+
+
+def test_persist_needs_the_map_that_anchor_on_word_keeps():
+    from captioner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="persist.*needs anchor_on_word"):
+        load_config(None, ["model.attention.relative=true", "model.attention.persist=true"])
 
 
 def test_anchor_on_word_settles_on_the_location_that_explains_the_word():
