@@ -217,6 +217,25 @@ def test_persist_starts_silent_then_draws_the_map_to_or_from_the_last_one():
     assert dec.attention.persist.weight.grad.abs().sum() > 0 and dec.attention.persist.bias.grad.abs() > 0
 
 
+def test_persist_adds_the_gate_times_the_last_map_over_its_peak():
+    """The term itself: k(h_t) alpha_{t-1,l} / max_l alpha_{t-1,l}, on top of the scores (softmax,
+    the anchor not yet set: the anchor term is zero)."""
+    from captioner.attention import SoftAttention
+
+    att = SoftAttention(feature_dim=C, hidden_dim=9, dim=4, normalizer="softmax", relative=True, grid=(2, 5),
+                        anchor_on_word=True, persist=True)
+    torch.manual_seed(1)
+    feats, hidden = torch.randn(B, L, C), torch.randn(B, 9)
+    last = torch.softmax(2 * torch.randn(B, L), -1)
+    with torch.no_grad():
+        att.persist.weight.normal_()
+        out = att(feats, att.precompute(feats), hidden, None, torch.cat([torch.zeros(B, 3), last], -1))
+        k = att.persist(hidden)  # (B, 1)
+        want = torch.softmax(att.score(att.precompute(feats), hidden) + k * last / last.amax(-1, keepdim=True), -1)
+    torch.testing.assert_close(out.alpha, want)
+    assert (k.abs() > 0.1).all()  # the term is there to see
+
+
 def test_persist_needs_the_map_that_anchor_on_word_keeps():
     from captioner.errors import ConfigError
 
