@@ -52,7 +52,7 @@ from captioner.config import (
 )
 from captioner.decoder import Decoder
 from captioner.decoding import beam_search
-from captioner.device import cpu_bf16_support
+from captioner.device import cpu_bf16_support, hold_freed_memory, release_freed_memory
 from captioner.encoder import Encoder
 from captioner.losses import CaptionLoss
 from captioner.precision import cast_parameters
@@ -178,7 +178,9 @@ def measure(fn: Callable[[], object], *, warmup: int, repeat: int, device: torch
 
 def reset_peak_memory(device: torch.device) -> None:
     """Restart the peak counters: the process's peak RSS (Linux: /proc/self/clear_refs, which
-    also resets ru_maxrss) and, on a GPU, torch's peak allocation."""
+    also resets ru_maxrss; the memory the last case freed goes back to the system first, see
+    ``held_memory``) and, on a GPU, torch's peak allocation."""
+    release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -316,6 +318,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu": cpu,
         "cpu_bf16": cpu_bf16_support(),
         "score_kernel": "C (captioner.native)" if native.library() is not None else "PyTorch ops",
+        "held_memory": hold_freed_memory(),  # as captioner.train.fit: freed blocks stay in the process
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
@@ -635,7 +638,7 @@ def format_table(results: dict) -> str:
         (f"machine: {m['cpu']}, {m['cpus_usable']}/{m['cpu_count']} cores usable, load {m['load_average']}, "
          f"torch {m['torch']}, {m['threads']} threads, device {m['device']}{gpu}; "
          f"RSS after imports {m['rss_after_imports_mib']} MiB; kernels (additive score; bf16 context and loss): "
-         f"{m['score_kernel']}"),
+         f"{m['score_kernel']}; freed memory {'held (glibc mallopt)' if m.get('held_memory') else 'given back'}"),
         f"float32 matmul peak (best of {len(p['times_s'])} mm {p['n']}x{p['n']}, GFLOP/s) before each section: {peaks}",
         (f"bfloat16 matmul peak (CPU bf16: {m['cpu_bf16']}; the bf16 rows' share is of this peak), GFLOP/s: "
          f"{peaks16}"),

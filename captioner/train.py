@@ -57,7 +57,7 @@ from captioner.data.cache import default_cache_dir, open_cache
 from captioner.data.dataset import CaptionBatch, CaptionDataset, ImageCaptionsDataset, collate_captions, collate_image_captions
 from captioner.data.images import check_images
 from captioner.data.records import ImageRecord
-from captioner.device import resolve_amp, resolve_device
+from captioner.device import hold_freed_memory, resolve_amp, resolve_device
 from captioner.distributed import finish, init_distributed, max_parameter_difference, shard, wrap
 from captioner.ema import WeightAverage, averaged
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
@@ -320,6 +320,7 @@ class Trainer:
         self.ddp = ddp = init_distributed(t.device)  # rank 0 of 1 unless launched by torchrun
         torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
         random.seed(t.seed)
+        hold_freed_memory()  # no fresh pages for the step's large tensors (captioner.device)
         use_rank_gpu = ddp.enabled and t.device != "cpu" and torch.cuda.is_available()
         self.device = torch.device("cuda", ddp.local_rank) if use_rank_gpu else resolve_device(t.device, key="train.device")
         self.run_dir = run_dir_of(self.cfg)

@@ -181,6 +181,23 @@ def test_train_amp_setting_reaches_the_training_step(tiny_config, monkeypatch):
     assert seen and all(not enabled for _, _, enabled in seen)
 
 
+def test_fit_holds_freed_memory_before_its_first_step(tiny_config, monkeypatch):
+    """captioner.device.hold_freed_memory: no fresh pages for each step's large tensors."""
+    import captioner.train as train_module
+
+    calls = []
+
+    def records(*args, **kwargs):
+        calls.append("records")
+        raise RuntimeError("stop here")  # the rest of the run is not this test's
+
+    monkeypatch.setattr(train_module, "hold_freed_memory", lambda: calls.append("held") or True)
+    monkeypatch.setattr(train_module, "load_split", records)
+    with pytest.raises(RuntimeError, match="stop here"):
+        fit(tiny_config("train.epochs=1"), quiet=True)
+    assert calls == ["held", "records"]
+
+
 @pytest.mark.parametrize("scale", [1e-3, 0.1232, 0.12324, 0.1233, 1.0, 1e3])  # the norm is 40.571 x scale: 5 at 0.12324
 def test_clip_grad_norm_is_torch_s_bit_for_bit_and_writes_the_gradients_only_when_it_clips(scale):
     from captioner.train import clip_grad_norm
