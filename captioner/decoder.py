@@ -125,6 +125,7 @@ class _Packing:
     active: list[int]
     order: Tensor | None = None
     token_mask: Tensor | None = None
+    source: Tensor | None = None  # made by packed(), once per pass
 
     @classmethod
     def plan(cls, lengths: Tensor | None, B: int, T: int) -> _Packing:
@@ -150,6 +151,25 @@ class _Packing:
         x = torch.cat(parts)  # (N, ...), time-major
         full = x.new_zeros(T, B, *x.shape[1:]).masked_scatter_(cells.view(T, B, *[1] * (x.dim() - 1)), x)
         return full.transpose(0, 1).index_select(0, torch.argsort(self.order))  # no host sync
+
+    def packed(self, parts: list[Tensor]) -> Tensor:
+        """Per-step rows -> (N, ...), the real steps row-major in the input order: the same as
+        ``gather(parts)[token_mask]``, as one ``index_select`` of the steps' rows (and one
+        ``index_add`` back), not a zeroed (B, T, ...) tensor scattered, reordered and masked."""
+        if self.token_mask is None:
+            raise ValueError("packed() needs a packing plan with lengths (token_mask)")
+        return torch.cat(parts).index_select(0, self._source_rows())
+
+    def _source_rows(self) -> Tensor:
+        """(N,): for each real step, row-major in the input order, its row in the steps' rows
+        concatenated time-major (step t holds sorted rows 0..n_t-1)."""
+        if self.source is None:
+            B, T = self.token_mask.shape
+            cells = self.token_mask.index_select(0, self.order).t()  # (T, B) sorted, time-major
+            index = torch.zeros(T, B, dtype=torch.long, device=cells.device)
+            index[cells] = torch.arange(sum(self.active), device=cells.device)  # each cell's row
+            self.source = index.t().index_select(0, torch.argsort(self.order))[self.token_mask]  # (N,)
+        return self.source
 
 
 def _narrow(projected, n: int):
@@ -485,17 +505,18 @@ class Decoder(nn.Module):
         table (U, L, H) from :meth:`cells` and images (B,) each caption's row of it (the mixture)."""
         logits = None
         if self.expected_output:
-            h, z = pack.gather(steps["h"]), pack.gather(steps["z"])
             if pack.token_mask is not None:
-                h, z = h[pack.token_mask], z[pack.token_mask]  # (N, H), (N, C)
+                h, z = pack.packed(steps["h"]), pack.packed(steps["z"])  # (N, H), (N, C)
+            else:
+                h, z = pack.gather(steps["h"]), pack.gather(steps["z"])  # (B, T, H), (B, T, C)
             logits = self._logits(emb, h, z)  # one matmul
         if self.mixture_output:  # on each step's map's support
-            h = pack.gather(steps["lstm_h"])
             images = images.unsqueeze(1).expand(alphas.shape[:2])  # (B, T): each step's image
             if pack.token_mask is not None:
                 m = pack.token_mask
-                mixed = self.mixture(table, images[m], h[m], alphas[m])
+                mixed = self.mixture(table, images[m], pack.packed(steps["lstm_h"]), alphas[m])
             else:
+                h = pack.gather(steps["lstm_h"])  # (B, T, H)
                 mixed = self.mixture(table, images.flatten(), h.flatten(0, 1), alphas.flatten(0, 1))
                 mixed = mixed.view(*alphas.shape[:2], -1)
             logits = self._combined(logits, mixed)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from captioner.config import load_config
-from captioner.decoder import Decoder
+from captioner.decoder import Decoder, _Packing
 from captioner.losses import CaptionLoss, doubly_stochastic, masked_cross_entropy
 
 B, L, C, V = 3, 10, 8, 20
@@ -501,6 +501,25 @@ def test_packed_pass_with_equal_lengths_is_the_plain_pass():
     out = dec(feats, caps, lengths=torch.full((B,), 4))
     assert out.token_mask is None and out.logits.shape == (B, 4, V)
     torch.testing.assert_close(out.logits, dec(feats, caps).logits)
+
+
+def test_packing_packs_the_steps_rows_as_the_padded_gather_masked_values_and_gradients():
+    """packed(parts): each real step's row, row-major in the input order, taken straight from the
+    steps' rows (time-major, longest caption first): gather(parts)[token_mask] bit for bit."""
+    lengths = torch.tensor([2, 5, 1, 3, 5, 4])
+    pack = _Packing.plan(lengths, 6, 5)
+    assert pack.active == [6, 5, 4, 3, 2] and pack.order.tolist() == [1, 4, 5, 3, 0, 2]
+    rows = [torch.randn(n, 3, requires_grad=True) for n in pack.active]  # step t: sorted rows 0..n-1
+    packed, padded = pack.packed(rows), pack.gather(rows)[pack.token_mask]
+    assert packed.shape == (int(lengths.sum()), 3) and torch.equal(packed, padded)
+    # by hand: caption 0 (sorted 5th) reads step 0's row 4, then step 1's row 4
+    assert torch.equal(packed[:2], torch.stack([rows[0][4], rows[1][4]]))
+    weight = torch.randn_like(packed)
+    grads = [torch.autograd.grad((x * weight).sum(), rows) for x in (packed, padded)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="lengths"):
+        _Packing.plan(None, 6, 5).packed(rows)
 
 
 def test_hard_attention_trains_through_the_packed_pass():
