@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from captioner import native
 from captioner.decoder import Decoder
 
 
@@ -162,6 +163,41 @@ def _run(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end
     return Decoded(torch.stack(tokens, 1), lengths, torch.stack(alphas, 1), torch.stack(betas, 1), scores)
 
 
+def _best_continuations(logits: Tensor, beam_logp: Tensor, finished: Tensor, tokens: Tensor, *, pad_id: int,
+                        start_id: int, end_id: int, force_end: bool, no_repeat_ngram: int) -> tuple[Tensor, Tensor]:
+    """One beam search step's choice: logits (B * K, V) of the K hypotheses of each of B
+    images -> the K best continuations of each image, (B, K) summed log-probabilities and
+    (B, K) flat indices k * V + v, best first. A finished hypothesis continues only with
+    ``<pad>`` at no cost. The plain expression; :func:`_best_continuations_fused` is the same in C."""
+    B, K = beam_logp.shape
+    logp = _next_log_probs(logits, banned=(pad_id, start_id), end_id=end_id, force_end=force_end)
+    V = logp.shape[1]
+    if no_repeat_ngram:
+        block_repeats(logp, tokens, no_repeat_ngram)
+    # a finished hypothesis continues only with <pad> at no cost (in place: logp is this step's own)
+    logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
+    logp[:, pad_id] = torch.where(finished, 0.0, float("-inf"))
+    cand = logp.add_(beam_logp.view(B * K, 1)).view(B, K * V)  # (B, K*V)
+    return cand.topk(K, dim=1)
+
+
+def _best_continuations_fused(logits: Tensor, beam_logp: Tensor, finished: Tensor, tokens: Tensor, *, pad_id: int,
+                              start_id: int, end_id: int, force_end: bool, no_repeat_ngram: int
+                              ) -> tuple[Tensor, Tensor]:
+    """:func:`_best_continuations` in two passes over the logits (captioner.native): the rows'
+    log-sum-exp, then each image's K best while reading them; no (B * K, V) log-probabilities,
+    no masked copies, no top-k over a written (B, K * V) tensor. Bans go into the logits as
+    -inf (in place: they are this step's own), after the log-sum-exp, as the plain path bans
+    after its log_softmax. Equal scores: the lower index first (``topk`` leaves that open)."""
+    logits = logits.float().contiguous()
+    stats = native.row_logsumexp(logits)  # (B * K, 2), over every word
+    for token in (pad_id, start_id):
+        logits[:, token] = float("-inf")
+    if no_repeat_ngram:
+        block_repeats(logits, tokens, no_repeat_ngram)
+    return native.beam_topk(logits, stats, beam_logp, finished, pad_id=pad_id, end_id=end_id, force_end=force_end)
+
+
 @torch.no_grad()
 def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: int, start_id: int, end_id: int,
                 pad_id: int = 0, length_penalty: float = 0.0, n_best: int = 1,
@@ -198,17 +234,13 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
     betas = features.new_empty(B * K, 0)
     offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
     every = _sync_every(device)
+    fused = decoder.fused and device.type == "cpu" and native.library() is not None  # model.attention.fused
     for t in range(max_len + 1):
         out = decoder.step(prev, state, features, projected, mask)
-        logp = _next_log_probs(out.logits, banned=(pad_id, start_id), end_id=end_id, force_end=t == max_len)
-        V = logp.shape[1]
-        if no_repeat_ngram:
-            block_repeats(logp, tokens, no_repeat_ngram)
-        # a finished hypothesis continues only with <pad> at no cost (in place: logp is this step's own)
-        logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
-        logp[:, pad_id] = torch.where(finished, 0.0, float("-inf"))
-        cand = logp.add_(beam_logp.view(B * K, 1)).view(B, K * V)  # (B, K*V)
-        top, idx = cand.topk(K, dim=1)  # (B, K)
+        V = out.logits.shape[1]
+        step = _best_continuations_fused if fused else _best_continuations
+        top, idx = step(out.logits, beam_logp, finished, tokens, pad_id=pad_id, start_id=start_id, end_id=end_id,
+                        force_end=t == max_len, no_repeat_ngram=no_repeat_ngram)  # (B, K), (B, K)
         origin = (idx // V + offsets).view(-1)  # (B*K,) flat index of the parent hypothesis
         word = (idx % V).view(-1)  # (B*K,)
         was_finished = finished.index_select(0, origin)

@@ -210,6 +210,59 @@ void xent_backward_bf16(const uint16_t *logits, const long *target, const float 
         out[t] = narrow(gn * (expf(widen(x[t]) - l) - 1.f));
     }
 }
+
+/* What log_softmax subtracts from each row of float32 logits (N, V), as it computes it:
+   stats[n] = (m, log sum_v exp(x[n,v] - m)) with m the row's max; log p = (x - m) - stats[n,1]. */
+void row_logsumexp(const float *logits, float *stats, long N, long V, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long n = 0; n < N; n++) {
+        const float *x = logits + n * V;
+        float m = -INFINITY;
+        #pragma omp simd reduction(max:m)
+        for (long v = 0; v < V; v++) m = fmaxf(m, x[v]);
+        float sum = 0.f;
+        #pragma omp simd reduction(+:sum)
+        for (long v = 0; v < V; v++) sum += expf(x[v] - m);
+        stats[2 * n] = m;
+        stats[2 * n + 1] = logf(sum);
+    }
+}
+
+/* One beam search step: for each image b, the K best of its K hypotheses' continuations,
+   scored beam[n] + log p(v) with log p = (x - m) - log sum (row_logsumexp, taken before any word
+   was banned: a banned word is -inf in x). A finished hypothesis continues only with pad, at
+   beam[n]; with force_end an unfinished one only with end. Writes top (B, K), best first, and
+   idx (B, K), flat indices k * V + v; equal scores rank the lower index first. */
+void beam_topk(const float *logits, const float *stats, const float *beam, const uint8_t *finished,
+               float *top, long *idx, long B, long K, long V, long pad, long end, int force_end, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long b = 0; b < B; b++) {
+        float *tv = top + b * K;
+        long *ti = idx + b * K;
+        long filled = 0;
+        for (long k = 0; k < K; k++) {
+            const long n = b * K + k;
+            const float *x = logits + n * V;
+            const float m = stats[2 * n], ls = stats[2 * n + 1], base = beam[n];
+            const int done = finished[n];
+            for (long v = 0; v < V; v++) {
+                float val;
+                if (done) val = v == pad ? base : -INFINITY;
+                else if (force_end && v != end) val = -INFINITY;
+                else val = ((x[v] - m) - ls) + base;
+                if (filled == K && !(val > tv[K - 1])) continue;  /* the common case: not among the best */
+                long j = filled < K ? filled++ : K - 1;  /* the slot it takes, then moves up from */
+                while (j > 0 && val > tv[j - 1]) {
+                    tv[j] = tv[j - 1];
+                    ti[j] = ti[j - 1];
+                    j--;
+                }
+                tv[j] = val;
+                ti[j] = k * V + v;
+            }
+        }
+    }
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC",
@@ -273,6 +326,9 @@ def library() -> ctypes.CDLL | None:
     lib.xent_forward_bf16.argtypes = [p, p, p, p, n, n, ctypes.c_int]
     lib.xent_backward_bf16.argtypes = [p, p, p, p, p, n, n, ctypes.c_int]
     lib.xent_forward_bf16.restype = lib.xent_backward_bf16.restype = None
+    lib.row_logsumexp.argtypes = [p, p, n, n, ctypes.c_int]
+    lib.beam_topk.argtypes = [p, p, p, p, p, p, n, n, n, n, n, ctypes.c_int, ctypes.c_int]
+    lib.row_logsumexp.restype = lib.beam_topk.restype = None
     lib.score_forward.restype = lib.score_backward.restype = None
     lib.context_forward_bf16.restype = lib.context_backward_bf16.restype = None
     return lib
@@ -357,3 +413,28 @@ def xent_backward(logits: Tensor, target: Tensor, lse: Tensor, grad: Tensor) -> 
     library().xent_backward_bf16(logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(),
                                  out.data_ptr(), N, V, torch.get_num_threads())
     return out
+
+
+def row_logsumexp(logits: Tensor) -> Tensor:
+    """logits (N, V) -> (N, 2): each row's max m and log sum exp(x - m), the two terms
+    ``log_softmax`` subtracts."""
+    N, V = logits.shape
+    stats = logits.new_empty(N, 2)
+    library().row_logsumexp(logits.data_ptr(), stats.data_ptr(), N, V, torch.get_num_threads())
+    return stats
+
+
+def beam_topk(logits: Tensor, stats: Tensor, beam_logp: Tensor, finished: Tensor, *, pad_id: int, end_id: int,
+              force_end: bool) -> tuple[Tensor, Tensor]:
+    """One beam search step's K best continuations of each image's K hypotheses (see the C
+    source): logits (B * K, V) with banned words -inf, stats from :func:`row_logsumexp` taken
+    before the bans, beam_logp (B, K) float32, finished (B * K,) bool -> scores (B, K) and flat
+    indices k * V + v (B, K) int64, best first."""
+    B, K = beam_logp.shape
+    V = logits.shape[1]
+    beam_logp, finished = beam_logp.contiguous(), finished.contiguous()
+    top, idx = beam_logp.new_empty(B, K), torch.empty(B, K, dtype=torch.long)
+    library().beam_topk(logits.data_ptr(), stats.data_ptr(), beam_logp.data_ptr(), finished.data_ptr(),
+                        top.data_ptr(), idx.data_ptr(), B, K, V, pad_id, end_id, int(force_end),
+                        torch.get_num_threads())
+    return top, idx

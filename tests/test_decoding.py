@@ -180,6 +180,8 @@ def test_beam_stops_when_its_last_hypothesis_ends():
 
 def test_beam_edge_cases_always_return_a_caption():
     dec = decoder_that_says([], nxt={1: 5, 5: 5})  # never says <end>
+    with torch.no_grad():  # <end> below the other words: not one of the ties a beam may keep at step 0
+        dec.out.bias[2] = -5.0
     out = beam_search(dec, torch.randn(2, L, C), beam_size=3, max_len=4, start_id=1, end_id=2)
     assert out.tokens[:, 0, -1].tolist() == [2, 2] and out.lengths[:, 0].tolist() == [4, 4]
     tiny = random_decoder(4, vocab=5)  # 1 real word: a beam of 20 exceeds the vocabulary
@@ -346,3 +348,70 @@ def test_no_repeat_ngram_is_checked_in_the_config():
     assert load_config("configs/shapes_soft.yaml", []).decode.no_repeat_ngram == 3
     with pytest.raises(ConfigError, match="no_repeat_ngram"):
         load_config(None, ["decode.no_repeat_ngram=-1"])
+
+
+# -- the fused beam step (captioner.native) against its plain expression
+
+from captioner import native  # noqa: E402
+from captioner.decoding import _best_continuations, _best_continuations_fused  # noqa: E402
+
+needs_c = pytest.mark.skipif(native.library() is None, reason="no C compiler: the plain path runs")
+
+
+def _beam_case(seed, B=3, K=4, V=50, finished_rows=(1, 6), dead_beams=((0, 3), (2, 1))):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B * K, V, generator=g) * 4
+    beam_logp = -torch.rand(B, K, generator=g) * 5
+    for b, k in dead_beams:
+        beam_logp[b, k] = float("-inf")  # an empty beam (the first step, a beam wider than the vocabulary)
+    finished = torch.zeros(B * K, dtype=torch.bool)
+    finished[list(finished_rows)] = True
+    tokens = torch.randint(3, V, (B * K, 6), generator=g)
+    return logits, beam_logp, finished, tokens
+
+
+@needs_c
+@pytest.mark.parametrize("force_end", [False, True])
+@pytest.mark.parametrize("no_repeat_ngram", [0, 2])
+def test_fused_beam_step_is_the_plain_one(force_end, no_repeat_ngram):
+    """The same K best continuations (scores to rounding, the same indices) with finished
+    hypotheses, empty beams, the forced <end> and blocked n-grams; the logits' bans land in place."""
+    for seed in range(5):
+        logits, beam_logp, finished, tokens = _beam_case(seed)
+        kw = dict(pad_id=0, start_id=1, end_id=2, force_end=force_end, no_repeat_ngram=no_repeat_ngram)
+        top, idx = _best_continuations(logits.clone(), beam_logp, finished, tokens, **kw)
+        ftop, fidx = _best_continuations_fused(logits.clone(), beam_logp, finished, tokens, **kw)
+        finite = torch.isfinite(top)
+        assert torch.equal(finite, torch.isfinite(ftop))
+        torch.testing.assert_close(ftop[finite], top[finite], rtol=0, atol=1e-5)
+        assert torch.equal(fidx[finite], idx[finite]), seed
+        assert (ftop[:, :-1] >= ftop[:, 1:]).all()  # best first
+    # finished rows continue with <pad> (index k * V + 0) at their own score
+    assert 1 * 50 in fidx[0].tolist() and ftop[0][fidx[0] == 50].item() == beam_logp[0, 1].item()
+
+
+@needs_c
+def test_fused_beam_step_ranks_equal_scores_lower_index_first_and_fills_every_slot():
+    logits = torch.zeros(2, 6)  # every word equally likely
+    beam_logp = torch.tensor([[0.0, float("-inf")]])  # the second beam empty: only -inf beside the first's words
+    top, idx = _best_continuations_fused(logits, beam_logp, torch.zeros(2, dtype=torch.bool), torch.zeros(2, 0),
+                                         pad_id=0, start_id=1, end_id=2, force_end=False, no_repeat_ngram=0)
+    assert idx.tolist() == [[2, 3]] and torch.allclose(top, torch.full((1, 2), -torch.log(torch.tensor(6.0))))
+    top, idx = _best_continuations_fused(torch.zeros(2, 3), torch.tensor([[0.0, float("-inf")]]),
+                                         torch.zeros(2, dtype=torch.bool), torch.zeros(2, 0), pad_id=0, start_id=1,
+                                         end_id=2, force_end=True, no_repeat_ngram=0)
+    assert idx.tolist() == [[2, 0]] and top[0, 1] == float("-inf")  # one finite continuation; the slot is filled
+
+
+@needs_c
+@pytest.mark.parametrize("K", [1, 3, 12])
+def test_beam_search_fused_and_plain_give_the_same_captions(K):
+    for seed in range(4):
+        dec = random_decoder(seed, 11)
+        feats = torch.randn(3, L, C)
+        kw = dict(beam_size=K, max_len=7, start_id=1, end_id=2, n_best=min(K, 2), no_repeat_ngram=2 * (seed % 2))
+        fused = beam_search(dec, feats, **kw)
+        dec.fused = False
+        plain = beam_search(dec, feats, **kw)
+        assert torch.equal(fused.tokens, plain.tokens) and torch.equal(fused.lengths, plain.lengths), seed
+        torch.testing.assert_close(fused.scores, plain.scores)
