@@ -432,7 +432,7 @@ def beam_topk(logits: Tensor, stats: Tensor, beam_logp: Tensor, finished: Tensor
     indices k * V + v (B, K) int64, best first."""
     B, K = beam_logp.shape
     V = logits.shape[1]
-    beam_logp, finished = beam_logp.contiguous(), finished.contiguous()
+    beam_logp, finished = beam_logp.float().contiguous(), finished.contiguous()
     top, idx = beam_logp.new_empty(B, K), torch.empty(B, K, dtype=torch.long)
     library().beam_topk(logits.data_ptr(), stats.data_ptr(), beam_logp.data_ptr(), finished.data_ptr(),
                         top.data_ptr(), idx.data_ptr(), B, K, V, pad_id, end_id, int(force_end),
