@@ -9,12 +9,13 @@ Letters: B batch (images), K beams, T steps, L locations, V vocabulary, N n-best
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from captioner import native
+from captioner import kernels, native
 from captioner.decoder import Decoder
 
 
@@ -144,8 +145,10 @@ def _run(decoder: Decoder, features: Tensor, *, max_len: int, start_id: int, end
     scores = features.new_zeros(B, dtype=torch.float)
     tokens, alphas, betas = [], [], []
     every = _sync_every(device)
+    packed = kernels.PackedLinears(decoder, B) if decoder.fused else contextlib.nullcontext()
     for t in range(max_len + 1):
-        out = decoder.step(prev, state, features, projected, mask)
+        with packed:  # the step's weights packed once for its B rows
+            out = decoder.step(prev, state, features, projected, mask)
         logp = _next_log_probs(out.logits, banned=(pad_id, start_id), end_id=end_id, force_end=t == max_len)
         if no_repeat_ngram and t >= no_repeat_ngram:
             block_repeats(logp, torch.stack(tokens, 1), no_repeat_ngram)
@@ -235,8 +238,10 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
     offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
     every = _sync_every(device)
     fused = decoder.fused and device.type == "cpu" and native.library() is not None  # model.attention.fused
+    packed = kernels.PackedLinears(decoder, B * K) if decoder.fused else contextlib.nullcontext()
     for t in range(max_len + 1):
-        out = decoder.step(prev, state, features, projected, mask)
+        with packed:  # the step's weights packed once for all its B * K rows
+            out = decoder.step(prev, state, features, projected, mask)
         V = out.logits.shape[1]
         step = _best_continuations_fused if fused else _best_continuations
         top, idx = step(out.logits, beam_logp, finished, tokens, pad_id=pad_id, start_id=start_id, end_id=end_id,

@@ -271,3 +271,49 @@ def test_decoder_step_weights_fused_and_plain_agree(arrangement):
     plain = _decoder_loss_and_grads(f"model.decoder.arrangement={arrangement}", "model.decoder.fused=false", train=True)
     assert fused[0].fused and not plain[0].fused
     assert {"gate_context.weight", "gate_hidden.weight"} <= _assert_same(fused, plain).keys()
+
+
+# -- packed weights in decoding
+
+needs_mkl = pytest.mark.skipif(not kernels.packing_available(), reason="no MKL packed GEMM in this torch")
+
+
+@needs_mkl
+def test_packed_linears_pack_each_weight_once_for_calls_of_exactly_rows_rows(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 30, bias=False))
+    packs = []
+    real_pack = torch.ops.mkl._mkl_reorder_linear_weight
+
+    def counting_pack(w, rows):
+        packs.append((tuple(w.shape), rows))
+        return real_pack(w, rows)
+
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight", counting_pack)
+    x, x3, other = torch.randn(6, 64), torch.randn(2, 3, 64), torch.randn(5, 64)
+    packed = kernels.PackedLinears(model, rows=6)
+    with torch.no_grad():
+        expected = [model(x), model(x3), model(other)]
+        for _ in range(3):  # three steps: packed on the first, reused after
+            with packed:
+                got = [model(x), model(x3), model(other)]
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert packs == [((48, 64), 6), ((30, 48), 6)]  # once each; 5 rows ran the plain layer
+    assert all("forward" not in layer.__dict__ for layer in model)  # the class's forward is back
+
+
+@needs_mkl
+def test_packed_linears_leave_gradients_and_other_dtypes_to_the_plain_layer():
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    packed = kernels.PackedLinears(layer, rows=4)
+    with packed:
+        y = layer(x)  # gradients on: the plain layer, differentiable
+        y.sum().backward()
+        with torch.no_grad():
+            layer.to(torch.bfloat16)(x.bfloat16())  # bf16 weights (a bf16 pass): the plain layer
+    assert layer.weight.grad is not None and packed.packed == {}
+    with pytest.raises(RuntimeError, match="boom"), packed:
+        raise RuntimeError("boom")
+    assert "forward" not in layer.__dict__  # restored after an error too
