@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import math
 import os
 import platform
 import resource
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from captioner import native
+from captioner import kernels, native
 from captioner.config import (
     AttentionConfig,
     DecoderConfig,
@@ -128,12 +130,27 @@ def decoder_flops(d: DecoderDims, *, tokens: int, images: int, backward: bool = 
 
 
 def counted_flops(fn: Callable[[], object]) -> int:
-    """The matmul/conv FLOPs ``torch.utils.flop_counter`` sees while ``fn`` runs."""
+    """The matmul/conv FLOPs ``torch.utils.flop_counter`` sees while ``fn`` runs (with MKL's
+    packed linear, which decoding uses: ``captioner.kernels.PackedLinears``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    _count_packed_linear()
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+@functools.cache
+def _count_packed_linear() -> None:
+    """Teaches the flop counter ``torch.ops.mkl._mkl_linear``: x (..., in) times the original
+    weight (out, in), 2 FLOPs a multiply-add, as for ``F.linear``."""
+    if not kernels.packing_available():
+        return
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.mkl._mkl_linear)
+    def _flops(x_shape, packed_shape, weight_shape, *args, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
 
 
 # ----------------------------------------------------------------------------- timing and memory
