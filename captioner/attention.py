@@ -400,6 +400,8 @@ class SoftAttention(nn.Module):
     """
 
     fused = True  # the context read's kernel (attend); use_fused_kernels switches it
+    reads_feature_rows = True  # forward reads features only through attend(), .shape and .dtype: a
+    # teacher-forced pass may hand it a kernels.FeatureRows (no copy of the batch's features)
 
     def __init__(self, *, feature_dim: int, hidden_dim: int, dim: int = 512, score: str = "additive",
                  activation: str = "tanh", normalizer: str = "softmax", hops: int = 1,

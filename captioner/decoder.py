@@ -562,7 +562,9 @@ class Decoder(nn.Module):
             projected = self.attention.precompute(self._scored(features), rows=rows)
             state = self.init_state(features).index_select(rows)
             cells = table.index_select(0, rows) if self.anchor_on_word else None
-            features = features.index_select(0, rows)  # (B, L, C)
+            in_place = kernels.reads_feature_rows(features, self.attention, self.fused)  # the C context reads
+            # each caption's image by its row, no (B, L, C) copy of the images repeated
+            features = kernels.FeatureRows(features, rows.long()) if in_place else features.index_select(0, rows)
             mask = mask.index_select(0, rows) if mask is not None else None
         else:  # one caption an image: sort the features, then precompute (rows=pack.order would
             # precompute first and index after: the same values, not always the same last bits)

@@ -118,57 +118,65 @@ static inline float widen(uint16_t x) {
     return v.f;
 }
 
-/* The context of one map per image over bf16 features, in float32:
-   context[b,c] = sum_l alpha[b,l] features[b,l,c]. One pass over the features. */
-void context_forward_bf16(const uint16_t *features, const float *alpha, float *context,
-                          long B, long L, long C, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long b = 0; b < B; b++) {
-        float *out = context + b * C;
-        memset(out, 0, sizeof(float) * C);
-        for (long l = 0; l < L; l++) {
-            const uint16_t *f = features + (b * L + l) * C;
-            const float a = alpha[b * L + l];
-            #pragma omp simd
-            for (long c = 0; c < C; c++) out[c] += a * widen(f[c]);
-        }
-    }
+/* The context of one map per row, in float32, over float32 or bf16 features (U, L, C), row b
+   reading image rows[b] (rows NULL: image b):
+   context[b,c] = sum_l alpha[b,l] features[rows[b],l,c]. One pass over the image's features.
+   Its gradient for the map: alpha_grad[b,l] = sum_c grad[b,c] features[rows[b],l,c], four
+   locations at a time: four independent sums (one alone waits on its own adds), one read of grad. */
+static inline float same(float x) { return x; }
+
+#define CONTEXT_KERNELS(NAME, T, LOAD)                                                           \
+void context_forward_##NAME(const T *features, const long *rows, const float *alpha, float *context, \
+                            long B, long L, long C, int threads) {                                \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
+    for (long b = 0; b < B; b++) {                                                               \
+        const T *image = features + (rows ? rows[b] : b) * L * C;                                \
+        float *out = context + b * C;                                                            \
+        memset(out, 0, sizeof(float) * C);                                                       \
+        for (long l = 0; l < L; l++) {                                                           \
+            const T *f = image + l * C;                                                          \
+            const float a = alpha[b * L + l];                                                    \
+            _Pragma("omp simd")                                                                  \
+            for (long c = 0; c < C; c++) out[c] += a * LOAD(f[c]);                               \
+        }                                                                                        \
+    }                                                                                            \
+}                                                                                                \
+void context_backward_##NAME(const T *features, const long *rows, const float *grad, float *alpha_grad, \
+                             long B, long L, long C, int threads) {                               \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
+    for (long b = 0; b < B; b++) {                                                               \
+        const T *image = features + (rows ? rows[b] : b) * L * C;                                \
+        const float *g = grad + b * C;                                                           \
+        float *out = alpha_grad + b * L;                                                         \
+        long l = 0;                                                                              \
+        for (; l + 4 <= L; l += 4) {                                                             \
+            const T *f0 = image + l * C, *f1 = f0 + C, *f2 = f1 + C, *f3 = f2 + C;               \
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;                                        \
+            _Pragma("omp simd reduction(+:a0, a1, a2, a3)")                                      \
+            for (long c = 0; c < C; c++) {                                                       \
+                const float gc = g[c];                                                           \
+                a0 += gc * LOAD(f0[c]);                                                          \
+                a1 += gc * LOAD(f1[c]);                                                          \
+                a2 += gc * LOAD(f2[c]);                                                          \
+                a3 += gc * LOAD(f3[c]);                                                          \
+            }                                                                                    \
+            out[l] = a0;                                                                         \
+            out[l + 1] = a1;                                                                     \
+            out[l + 2] = a2;                                                                     \
+            out[l + 3] = a3;                                                                     \
+        }                                                                                        \
+        for (; l < L; l++) {                                                                     \
+            const T *f = image + l * C;                                                          \
+            float acc = 0.f;                                                                     \
+            _Pragma("omp simd reduction(+:acc)")                                                 \
+            for (long c = 0; c < C; c++) acc += g[c] * LOAD(f[c]);                               \
+            out[l] = acc;                                                                        \
+        }                                                                                        \
+    }                                                                                            \
 }
 
-/* Its gradient for the map: alpha_grad[b,l] = sum_c grad[b,c] features[b,l,c]. Four locations
-   at a time: four independent sums (one alone waits on its own adds) and one read of grad. */
-void context_backward_bf16(const uint16_t *features, const float *grad, float *alpha_grad,
-                           long B, long L, long C, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long b = 0; b < B; b++) {
-        const float *g = grad + b * C;
-        float *out = alpha_grad + b * L;
-        long l = 0;
-        for (; l + 4 <= L; l += 4) {
-            const uint16_t *f0 = features + (b * L + l) * C, *f1 = f0 + C, *f2 = f1 + C, *f3 = f2 + C;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            #pragma omp simd reduction(+:a0, a1, a2, a3)
-            for (long c = 0; c < C; c++) {
-                const float gc = g[c];
-                a0 += gc * widen(f0[c]);
-                a1 += gc * widen(f1[c]);
-                a2 += gc * widen(f2[c]);
-                a3 += gc * widen(f3[c]);
-            }
-            out[l] = a0;
-            out[l + 1] = a1;
-            out[l + 2] = a2;
-            out[l + 3] = a3;
-        }
-        for (; l < L; l++) {
-            const uint16_t *f = features + (b * L + l) * C;
-            float acc = 0.f;
-            #pragma omp simd reduction(+:acc)
-            for (long c = 0; c < C; c++) acc += g[c] * widen(f[c]);
-            out[l] = acc;
-        }
-    }
-}
+CONTEXT_KERNELS(f32, float, same)
+CONTEXT_KERNELS(bf16, uint16_t, widen)
 
 /* float32 to bf16, rounded to nearest even (a NaN stays a NaN) */
 static inline uint16_t narrow(float x) {
@@ -322,7 +330,10 @@ def library() -> ctypes.CDLL | None:
     p, n = ctypes.c_void_p, ctypes.c_long
     lib.score_forward.argtypes = [p, p, p, p, n, n, n, n, ctypes.c_int]
     lib.score_backward.argtypes = [p, p, p, p, p, p, n, n, n, n, ctypes.c_int]
-    lib.context_forward_bf16.argtypes = lib.context_backward_bf16.argtypes = [p, p, p, n, n, n, ctypes.c_int]
+    for dtype in ("f32", "bf16"):
+        for way in ("forward", "backward"):
+            function = getattr(lib, f"context_{way}_{dtype}")
+            function.argtypes, function.restype = [p, p, p, p, n, n, n, ctypes.c_int], None
     lib.xent_forward_bf16.argtypes = [p, p, p, p, n, n, ctypes.c_int]
     lib.xent_backward_bf16.argtypes = [p, p, p, p, p, n, n, ctypes.c_int]
     lib.xent_forward_bf16.restype = lib.xent_backward_bf16.restype = None
@@ -330,7 +341,6 @@ def library() -> ctypes.CDLL | None:
     lib.beam_topk.argtypes = [p, p, p, p, p, p, n, n, n, n, n, ctypes.c_int, ctypes.c_int]
     lib.row_logsumexp.restype = lib.beam_topk.restype = None
     lib.score_forward.restype = lib.score_backward.restype = None
-    lib.context_forward_bf16.restype = lib.context_backward_bf16.restype = None
     return lib
 
 
@@ -363,31 +373,39 @@ def score_backward(keys: Tensor, query: Tensor, grad: Tensor, keys_grad: Tensor)
     return query_grad, w_part
 
 
-def context_usable(features: Tensor) -> bool:
-    """Whether :func:`context_forward` can take these features: bf16 (B, L, C) laid out
-    contiguously on the CPU, and the library compiled."""
-    return (features.device.type == "cpu" and features.dtype == torch.bfloat16 and features.is_contiguous()
-            and library() is not None)
+def context_usable(features: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
+    """Whether :func:`context_forward` can take these features: (U, L, C) in one of ``dtypes``
+    (float32 or bf16) laid out contiguously on the CPU, and the library compiled."""
+    return (features.device.type == "cpu" and features.dtype in dtypes and features.dtype in _CONTEXT
+            and features.is_contiguous() and library() is not None)
 
 
-def _over_features(function: str, rows: Tensor, features: Tensor, width: int) -> Tensor:
-    """Runs the C ``function`` over bf16 features (B, L, C) and one float32 row per image
-    (B, *), writing (B, ``width``) float32."""
-    B, L, C = features.shape
-    out = rows.new_empty(B, width)
-    getattr(library(), function)(features.data_ptr(), rows.data_ptr(), out.data_ptr(), B, L, C,
-                                 torch.get_num_threads())
+_CONTEXT = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _over_features(way: str, per_row: Tensor, features: Tensor, rows: Tensor | None, width: int) -> Tensor:
+    """Runs the C context ``way`` (forward / backward) over features (U, L, C) and one float32
+    row of ``per_row`` (B, *) for each of B rows, row b reading image ``rows[b]`` (None: b),
+    writing (B, ``width``) float32."""
+    _, L, C = features.shape
+    B = per_row.shape[0]
+    out = per_row.new_empty(B, width)
+    index = 0 if rows is None else rows.data_ptr()
+    getattr(library(), f"context_{way}_{_CONTEXT[features.dtype]}")(
+        features.data_ptr(), index, per_row.data_ptr(), out.data_ptr(), B, L, C, torch.get_num_threads())
     return out
 
 
-def context_forward(alpha: Tensor, features: Tensor) -> Tensor:
-    """alpha (B, L) float32 contiguous, features (B, L, C) bf16 contiguous -> (B, C) float32."""
-    return _over_features("context_forward_bf16", alpha, features, features.shape[2])
+def context_forward(alpha: Tensor, features: Tensor, rows: Tensor | None = None) -> Tensor:
+    """alpha (B, L) float32 contiguous, features (U, L, C) float32 or bf16 contiguous, rows (B,)
+    int64 contiguous in [0, U) (None: U = B, row b reads image b) -> (B, C) float32."""
+    return _over_features("forward", alpha, features, rows, features.shape[2])
 
 
-def context_backward(grad: Tensor, features: Tensor) -> Tensor:
-    """grad (B, C) float32 contiguous, features (B, L, C) bf16 contiguous -> the map's gradient (B, L) float32."""
-    return _over_features("context_backward_bf16", grad, features, features.shape[1])
+def context_backward(grad: Tensor, features: Tensor, rows: Tensor | None = None) -> Tensor:
+    """grad (B, C) float32 contiguous, features and rows as :func:`context_forward` -> the map's
+    gradient (B, L) float32."""
+    return _over_features("backward", grad, features, rows, features.shape[1])
 
 
 def xent_usable(logits: Tensor) -> bool:

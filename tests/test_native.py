@@ -306,7 +306,7 @@ def test_a_bf16_decoder_trains_the_same_with_the_c_context(monkeypatch):
 
     logits, grads = run()
     assert len(calls) == 5  # one per step of the longest caption
-    monkeypatch.setattr(native, "context_usable", lambda features: False)
+    monkeypatch.setattr(native, "context_usable", lambda features, *dtypes: False)
     logits_plain, grads_plain = run()
     assert len(calls) == 5
     torch.testing.assert_close(logits, logits_plain, atol=0.05, rtol=0.02)  # bf16's rounding, in another order
@@ -383,3 +383,76 @@ def test_a_nan_gradient_stays_nan_when_rounded_to_bf16():
     upstream.view(torch.int32)[1] = 0x7FFFFFFF
     (grad,) = torch.autograd.grad(kernels.CrossEntropy.apply(logits, target), logits, upstream)
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all()
+
+
+# -- the context through a row index (kernels.FeatureRows)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_context_reads_each_rows_image_through_the_index(dtype):
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(4, 9, 37, generator=g).relu().to(dtype)  # U = 4 images, L = 9, C = 37 (odd: the tails)
+    rows = torch.tensor([2, 0, 2, 3, 1, 2])  # B = 6 rows, one image read three times
+    alpha = torch.softmax(torch.randn(6, 9, generator=g), -1)
+    grad = torch.randn(6, 37, generator=g)
+    copied = table.index_select(0, rows).float()
+    expected = torch.bmm(alpha.unsqueeze(1), copied).squeeze(1)
+    torch.testing.assert_close(native.context_forward(alpha, table, rows), expected, rtol=1e-5, atol=1e-5)
+    expected_grad = torch.bmm(grad.unsqueeze(1), copied.transpose(1, 2)).squeeze(1)
+    torch.testing.assert_close(native.context_backward(grad, table, rows), expected_grad, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:  # no index: row b reads image b
+        torch.testing.assert_close(native.context_forward(alpha[:4], table), torch.bmm(alpha[:4].unsqueeze(1), table)
+                                   .squeeze(1), rtol=1e-5, atol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("image_index", [None, [0, 1, 0, 2, 1]])
+def test_a_teacher_forced_pass_reads_shared_frozen_features_in_place_with_the_same_result(monkeypatch, image_index):
+    """Several captions to an image: the pass hands the attention a FeatureRows, not a copy of
+    the repeated features, with the same logits and gradients as the copy. One caption an image:
+    the sorted copy and the bmm, as before."""
+    cfg = load_config(None, ["model.attention.dim=24", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=20",
+                             "model.decoder.dropout=0.0"]).model
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(3 if image_index else 5, 9, 40, generator=g).relu()
+    captions = torch.randint(3, 30, (5, 7), generator=g)
+    index = torch.tensor(image_index) if image_index else None
+    calls = []
+    real = native.context_forward
+    monkeypatch.setattr(native, "context_forward", lambda a, f, rows=None: calls.append(rows is not None) or real(a, f, rows))
+
+    def run():
+        torch.manual_seed(0)
+        dec = Decoder.from_config(cfg, vocab_size=30, feature_dim=40, grid=(3, 3)).train()
+        out = dec(feats, captions, lengths=torch.tensor([6, 3, 4, 6, 2]), image_index=index)
+        out.logits.pow(2).mean().backward()
+        return out.logits.detach(), {n: p.grad for n, p in dec.named_parameters()}
+
+    logits, grads = run()
+    assert calls == ([True] * 6 if image_index else [])  # every step of the longest caption, through the index
+    monkeypatch.setattr(kernels, "reads_feature_rows", lambda *a: False)
+    logits_copy, grads_copy = run()
+    assert len(calls) == (6 if image_index else 0)  # the copy: the plain bmm
+    torch.testing.assert_close(logits, logits_copy, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_copy[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_cc
+def test_feature_rows_stand_for_the_copy_and_refuse_what_they_cannot_do():
+    table = torch.randn(3, 4, 5)
+    rows = kernels.FeatureRows(table, torch.tensor([2, 2, 0, 1]))
+    assert rows.shape == (4, 4, 5) and rows.dtype == table.dtype and not rows.requires_grad
+    assert rows[:2].rows.tolist() == [2, 2] and rows[:2].shape == (2, 4, 5)
+    with pytest.raises(TypeError, match="slice"):
+        rows[0]
+    with pytest.raises(ValueError, match="one map per row"):
+        kernels.context(torch.rand(4, 2, 4), rows)
+    reader = type("Reader", (), {"reads_feature_rows": True})()
+    assert kernels.reads_feature_rows(table, reader, True)
+    assert not kernels.reads_feature_rows(table, reader, False)  # model.attention.fused: false
+    assert not kernels.reads_feature_rows(table, object(), True)  # an attention that reads features otherwise
+    wanting = table.clone().requires_grad_()  # a fine-tuned encoder's features: the copy and the bmm
+    assert not kernels.reads_feature_rows(wanting, reader, True)
+    assert not kernels.reads_feature_rows(table.double(), reader, True)
