@@ -472,6 +472,10 @@ class _GatherRows(torch.autograd.Function):
 # ----------------------------------------------------------------------------- packed weights in decoding
 
 
+PACK_MIN_DIM = 64  # narrower layers (a gate's 512 -> 1) stay plain: MKL pads a packed weight to its
+# panels (512 x 1 packed: 2 M floats), and the product was slower packed (52 against ~20 us)
+
+
 def packing_available() -> bool:
     """Whether this torch has MKL's packed GEMM (``torch.ops.mkl._mkl_linear``: x86 builds with MKL)."""
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
@@ -493,7 +497,8 @@ class PackedLinears:
 
     def __init__(self, module: torch.nn.Module, rows: int) -> None:
         self.rows = rows
-        self.layers = [m for m in module.modules() if isinstance(m, torch.nn.Linear)] if packing_available() else []
+        self.layers = [m for m in module.modules() if isinstance(m, torch.nn.Linear)
+                       and min(m.in_features, m.out_features) >= PACK_MIN_DIM] if packing_available() else []
         self.packed: dict[int, Tensor] = {}  # layer index -> its packed weight, kept across blocks
 
     def __enter__(self) -> PackedLinears:

@@ -281,7 +281,7 @@ needs_mkl = pytest.mark.skipif(not kernels.packing_available(), reason="no MKL p
 @needs_mkl
 def test_packed_linears_pack_each_weight_once_for_calls_of_exactly_rows_rows(monkeypatch):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 30, bias=False))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 80, bias=False))
     packs = []
     real_pack = torch.ops.mkl._mkl_reorder_linear_weight
 
@@ -299,14 +299,14 @@ def test_packed_linears_pack_each_weight_once_for_calls_of_exactly_rows_rows(mon
                 got = [model(x), model(x3), model(other)]
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert packs == [((48, 64), 6), ((30, 48), 6)]  # once each; 5 rows ran the plain layer
+    assert packs == [((96, 64), 6), ((80, 96), 6)]  # once each; 5 rows ran the plain layer
     assert all("forward" not in layer.__dict__ for layer in model)  # the class's forward is back
 
 
 @needs_mkl
 def test_packed_linears_leave_gradients_and_other_dtypes_to_the_plain_layer():
-    layer = torch.nn.Linear(16, 8)
-    x = torch.randn(4, 16)
+    layer = torch.nn.Linear(64, 64)
+    x = torch.randn(4, 64)
     packed = kernels.PackedLinears(layer, rows=4)
     with packed:
         y = layer(x)  # gradients on: the plain layer, differentiable
@@ -317,3 +317,13 @@ def test_packed_linears_leave_gradients_and_other_dtypes_to_the_plain_layer():
     with pytest.raises(RuntimeError, match="boom"), packed:
         raise RuntimeError("boom")
     assert "forward" not in layer.__dict__  # restored after an error too
+
+
+@needs_mkl
+def test_packed_linears_leave_narrow_layers_plain():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1))  # a gate: 64 -> 1
+    packed = kernels.PackedLinears(model, rows=3)
+    assert packed.layers == [model[0]]
+    with torch.no_grad(), packed:
+        torch.testing.assert_close(model(torch.ones(3, 64)), model[1](model[0](torch.ones(3, 64))))
+    assert list(packed.packed) == [0]
