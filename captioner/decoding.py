@@ -238,14 +238,14 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
     offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
     every = _sync_every(device)
     fused = decoder.fused and device.type == "cpu" and native.library() is not None  # model.attention.fused
+    choose = _best_continuations_fused if fused else _best_continuations
     packed = kernels.PackedLinears(decoder, B * K) if decoder.fused else contextlib.nullcontext()
     for t in range(max_len + 1):
         with packed:  # the step's weights packed once for all its B * K rows
             out = decoder.step(prev, state, features, projected, mask)
         V = out.logits.shape[1]
-        step = _best_continuations_fused if fused else _best_continuations
-        top, idx = step(out.logits, beam_logp, finished, tokens, pad_id=pad_id, start_id=start_id, end_id=end_id,
-                        force_end=t == max_len, no_repeat_ngram=no_repeat_ngram)  # (B, K), (B, K)
+        top, idx = choose(out.logits, beam_logp, finished, tokens, pad_id=pad_id, start_id=start_id, end_id=end_id,
+                          force_end=t == max_len, no_repeat_ngram=no_repeat_ngram)  # (B, K), (B, K)
         origin = (idx // V + offsets).view(-1)  # (B*K,) flat index of the parent hypothesis
         word = (idx % V).view(-1)  # (B*K,)
         was_finished = finished.index_select(0, origin)

@@ -349,10 +349,6 @@ class FeatureRows:
         return self.table.dtype
 
     @property
-    def device(self) -> torch.device:
-        return self.table.device
-
-    @property
     def requires_grad(self) -> bool:
         return self.table.requires_grad
 

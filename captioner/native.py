@@ -373,14 +373,14 @@ def score_backward(keys: Tensor, query: Tensor, grad: Tensor, keys_grad: Tensor)
     return query_grad, w_part
 
 
+_CONTEXT = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the C context's dtypes, by name suffix
+
+
 def context_usable(features: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
     """Whether :func:`context_forward` can take these features: (U, L, C) in one of ``dtypes``
-    (float32 or bf16) laid out contiguously on the CPU, and the library compiled."""
-    return (features.device.type == "cpu" and features.dtype in dtypes and features.dtype in _CONTEXT
-            and features.is_contiguous() and library() is not None)
-
-
-_CONTEXT = {torch.float32: "f32", torch.bfloat16: "bf16"}
+    (of float32 and bf16) laid out contiguously on the CPU, and the library compiled."""
+    return (features.device.type == "cpu" and features.dtype in dtypes and features.is_contiguous()
+            and library() is not None)
 
 
 def _over_features(way: str, per_row: Tensor, features: Tensor, rows: Tensor | None, width: int) -> Tensor:
