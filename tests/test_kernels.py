@@ -327,3 +327,61 @@ def test_packed_linears_leave_narrow_layers_plain():
     with torch.no_grad(), packed:
         torch.testing.assert_close(model(torch.ones(3, 64)), model[1](model[0](torch.ones(3, 64))))
     assert list(packed.packed) == [0]
+
+
+@needs_mkl
+def test_packed_weights_outlive_the_block_while_the_weight_is_unchanged(monkeypatch):
+    """An evaluation's searches: the next block over the same weights packs nothing; a weight
+    changed in place (an optimizer step, load_state_dict), swapped for another tensor or
+    given new memory is packed anew, and the products follow the weight as it is now."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    packs = []
+    real_pack = torch.ops.mkl._mkl_reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight",
+                        lambda w, rows: packs.append(rows) or real_pack(w, rows))
+    x = torch.randn(6, 64)
+
+    def search(rows: int = 6) -> None:  # one decoding loop: a fresh PackedLinears, a few steps
+        with torch.no_grad():
+            for _ in range(2):
+                with kernels.PackedLinears(layer, rows):
+                    got = layer(x[:rows])
+                torch.testing.assert_close(got, torch.nn.functional.linear(x[:rows], layer.weight, layer.bias),
+                                           rtol=1e-5, atol=1e-5)
+
+    search(), search()
+    assert packs == [6]  # two searches, one pack
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # in place: its version moves
+    search(), search()
+    layer.load_state_dict({"weight": torch.randn(96, 64), "bias": torch.zeros(96)})
+    search()
+    layer.weight.data = torch.randn(96, 64)  # new memory, same Parameter
+    search()
+    layer.weight = torch.nn.Parameter(torch.randn(96, 64))  # another tensor
+    search()
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # version 1 ...
+    search()
+    layer.weight = torch.nn.Parameter(layer.weight.data)  # ... another tensor on the same memory, its own version 0
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # version 1 too, the values changed: only the tensor's identity tells
+    search()
+    assert packs == [6] * 7
+    search(5), search(6)  # two row counts kept ...
+    search(4), search(6)  # ... a third pushes out the one used longest ago (5), not 6
+    search(5)
+    assert packs == [6] * 7 + [5, 4, 5]
+
+
+@needs_mkl
+def test_packed_weights_made_under_inference_mode_are_packed_each_time():
+    with torch.inference_mode():
+        layer = torch.nn.Linear(64, 64)  # an inference tensor keeps no version counter
+        x = torch.randn(3, 64)
+        for _ in range(2):
+            with kernels.PackedLinears(layer, 3):
+                torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                           rtol=1e-5, atol=1e-5)
+    assert layer not in kernels._PACKS
