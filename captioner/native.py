@@ -118,26 +118,44 @@ static inline float widen(uint16_t x) {
     return v.f;
 }
 
-/* The context of one map per row, in float32, over float32 or bf16 features (U, L, C), row b
-   reading image rows[b] (rows NULL: image b):
-   context[b,c] = sum_l alpha[b,l] features[rows[b],l,c]. One pass over the image's features.
-   Its gradient for the map: alpha_grad[b,l] = sum_c grad[b,c] features[rows[b],l,c], four
-   locations at a time: four independent sums (one alone waits on its own adds), one read of grad. */
+/* The context of K maps per image, in float32, over float32 or bf16 features (U, L, C), the
+   maps of image b reading image rows[b] (rows NULL: image b):
+   context[b,k,c] = sum_l alpha[b,k,l] features[rows[b],l,c]. One pass over the image's features.
+   K = 1 (a teacher-forced step): location by location. K > 1 (a beam's K hypotheses): four
+   locations at a time, each read of a map's K C-wide sums adding four feature rows, not one.
+   The gradient for one map per row (K = 1): alpha_grad[b,l] = sum_c grad[b,c] features[rows[b],l,c],
+   four locations at a time: four independent sums (one alone waits on its own adds), one read of grad. */
 static inline float same(float x) { return x; }
 
 #define CONTEXT_KERNELS(NAME, T, LOAD)                                                           \
 void context_forward_##NAME(const T *features, const long *rows, const float *alpha, float *context, \
-                            long B, long L, long C, int threads) {                                \
+                            long B, long K, long L, long C, int threads) {                        \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
     for (long b = 0; b < B; b++) {                                                               \
         const T *image = features + (rows ? rows[b] : b) * L * C;                                \
-        float *out = context + b * C;                                                            \
-        memset(out, 0, sizeof(float) * C);                                                       \
-        for (long l = 0; l < L; l++) {                                                           \
+        const float *maps = alpha + b * K * L;                                                   \
+        float *out = context + b * K * C;                                                        \
+        memset(out, 0, sizeof(float) * K * C);                                                   \
+        long l = 0;                                                                              \
+        for (; K > 1 && l + 4 <= L; l += 4) {                                                    \
+            const T *f0 = image + l * C, *f1 = f0 + C, *f2 = f1 + C, *f3 = f2 + C;               \
+            for (long k = 0; k < K; k++) {                                                       \
+                const float *a = maps + k * L + l;                                               \
+                const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];                          \
+                float *o = out + k * C;                                                          \
+                _Pragma("omp simd")                                                              \
+                for (long c = 0; c < C; c++)                                                     \
+                    o[c] += a0 * LOAD(f0[c]) + a1 * LOAD(f1[c]) + a2 * LOAD(f2[c]) + a3 * LOAD(f3[c]); \
+            }                                                                                    \
+        }                                                                                        \
+        for (; l < L; l++) {                                                                     \
             const T *f = image + l * C;                                                          \
-            const float a = alpha[b * L + l];                                                    \
-            _Pragma("omp simd")                                                                  \
-            for (long c = 0; c < C; c++) out[c] += a * LOAD(f[c]);                               \
+            for (long k = 0; k < K; k++) {                                                       \
+                const float a = maps[k * L + l];                                                 \
+                float *o = out + k * C;                                                          \
+                _Pragma("omp simd")                                                              \
+                for (long c = 0; c < C; c++) o[c] += a * LOAD(f[c]);                             \
+            }                                                                                    \
         }                                                                                        \
     }                                                                                            \
 }                                                                                                \
@@ -331,9 +349,9 @@ def library() -> ctypes.CDLL | None:
     lib.score_forward.argtypes = [p, p, p, p, n, n, n, n, ctypes.c_int]
     lib.score_backward.argtypes = [p, p, p, p, p, p, n, n, n, n, ctypes.c_int]
     for dtype in ("f32", "bf16"):
-        for way in ("forward", "backward"):
-            function = getattr(lib, f"context_{way}_{dtype}")
-            function.argtypes, function.restype = [p, p, p, p, n, n, n, ctypes.c_int], None
+        forward, backward = getattr(lib, f"context_forward_{dtype}"), getattr(lib, f"context_backward_{dtype}")
+        forward.argtypes, forward.restype = [p, p, p, p, n, n, n, n, ctypes.c_int], None  # ..., B, K, L, C
+        backward.argtypes, backward.restype = [p, p, p, p, n, n, n, ctypes.c_int], None  # ..., B, L, C
     lib.xent_forward_bf16.argtypes = [p, p, p, p, n, n, ctypes.c_int]
     lib.xent_backward_bf16.argtypes = [p, p, p, p, p, n, n, ctypes.c_int]
     lib.xent_forward_bf16.restype = lib.xent_backward_bf16.restype = None
@@ -383,29 +401,32 @@ def context_usable(features: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bf
             and library() is not None)
 
 
-def _over_features(way: str, per_row: Tensor, features: Tensor, rows: Tensor | None, width: int) -> Tensor:
-    """Runs the C context ``way`` (forward / backward) over features (U, L, C) and one float32
-    row of ``per_row`` (B, *) for each of B rows, row b reading image ``rows[b]`` (None: b),
-    writing (B, ``width``) float32."""
-    _, L, C = features.shape
-    B = per_row.shape[0]
-    out = per_row.new_empty(B, width)
-    index = 0 if rows is None else rows.data_ptr()
-    getattr(library(), f"context_{way}_{_CONTEXT[features.dtype]}")(
-        features.data_ptr(), index, per_row.data_ptr(), out.data_ptr(), B, L, C, torch.get_num_threads())
-    return out
+def _rows_pointer(rows: Tensor | None) -> int:
+    return 0 if rows is None else rows.data_ptr()
 
 
 def context_forward(alpha: Tensor, features: Tensor, rows: Tensor | None = None) -> Tensor:
-    """alpha (B, L) float32 contiguous, features (U, L, C) float32 or bf16 contiguous, rows (B,)
-    int64 contiguous in [0, U) (None: U = B, row b reads image b) -> (B, C) float32."""
-    return _over_features("forward", alpha, features, rows, features.shape[2])
+    """alpha (B, L), one map per image, or (B, K, L), K maps per image, float32 contiguous;
+    features (U, L, C) float32 or bf16 contiguous; rows (B,) int64 contiguous in [0, U) (None:
+    U = B, image b reads features b) -> (B, C) or (B, K, C) float32."""
+    _, L, C = features.shape
+    B, K = alpha.shape[0], alpha.shape[1] if alpha.dim() == 3 else 1
+    out = alpha.new_empty(*alpha.shape[:-1], C)
+    getattr(library(), f"context_forward_{_CONTEXT[features.dtype]}")(
+        features.data_ptr(), _rows_pointer(rows), alpha.data_ptr(), out.data_ptr(), B, K, L, C,
+        torch.get_num_threads())
+    return out
 
 
 def context_backward(grad: Tensor, features: Tensor, rows: Tensor | None = None) -> Tensor:
-    """grad (B, C) float32 contiguous, features and rows as :func:`context_forward` -> the map's
-    gradient (B, L) float32."""
-    return _over_features("backward", grad, features, rows, features.shape[1])
+    """grad (B, C) float32 contiguous (one map per image), features and rows as
+    :func:`context_forward` -> the map's gradient (B, L) float32."""
+    _, L, C = features.shape
+    B = grad.shape[0]
+    out = grad.new_empty(B, L)
+    getattr(library(), f"context_backward_{_CONTEXT[features.dtype]}")(
+        features.data_ptr(), _rows_pointer(rows), grad.data_ptr(), out.data_ptr(), B, L, C, torch.get_num_threads())
+    return out
 
 
 def xent_usable(logits: Tensor) -> bool:

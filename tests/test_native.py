@@ -248,24 +248,51 @@ def test_the_bf16_context_reads_every_location_and_channel():
 
 
 @needs_cc
-def test_the_c_context_is_taken_for_bf16_cpu_features_with_one_map_and_no_feature_gradient(monkeypatch):
+def test_the_c_context_is_taken_for_bf16_features_with_one_map_and_for_k_maps_without_gradients(monkeypatch):
     calls = []
     real = native.context_forward
     monkeypatch.setattr(native, "context_forward", lambda *a: calls.append(1) or real(*a))
     feats, alpha = bf16_features(), torch.softmax(torch.randn(3, 7), -1)
+    maps = torch.softmax(torch.randn(3, 2, 7), -1)
     cases = {"bf16": (alpha, feats, True), "float32": (alpha, feats.float(), True),
-             "two maps an image": (alpha.unsqueeze(1).expand(3, 2, 7), feats, True),
+             "two maps an image": (maps, feats, True), "two maps, float32": (maps, feats.float(), True),
+             "two maps, maps that want a gradient": (maps.clone().requires_grad_(), feats.float(), True),
+             "two maps, features that want a gradient": (maps, feats.float().requires_grad_(), True),
              "features that want a gradient": (alpha, feats.clone().requires_grad_(), True),
              "not contiguous": (alpha, feats.transpose(1, 2).contiguous().transpose(1, 2), True),
-             "fused: false": (alpha, feats, False)}
+             "fused: false": (alpha, feats, False), "two maps, fused: false": (maps, feats, False)}
     taken = {}
     for name, (a, f, fused) in cases.items():
         calls.clear()
         out = kernels.context(a, f, fused)
         taken[name] = bool(calls)
         torch.testing.assert_close(out.float(), kernels.context_plain(a, f).float(), rtol=2 ** -7, atol=1e-6)
-    assert taken == {"bf16": True, "float32": False, "two maps an image": False,
-                     "features that want a gradient": False, "not contiguous": False, "fused: false": False}
+    assert taken == {"bf16": True, "float32": False, "two maps an image": True, "two maps, float32": True,
+                     "two maps, maps that want a gradient": False, "two maps, features that want a gradient": False,
+                     "features that want a gradient": False, "not contiguous": False, "fused: false": False,
+                     "two maps, fused: false": False}
+    with torch.no_grad():  # no gradient wanted at all: the C pass, whatever requires_grad says
+        calls.clear()
+        kernels.context(maps.clone().requires_grad_(), feats.float().requires_grad_())
+        assert calls
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,L", [(1, 9), (2, 8), (3, 11), (5, 3), (5, 13)])
+def test_the_c_context_of_k_maps_an_image_matches_the_bmm(dtype, K, L):
+    """K maps per image (a beam): four locations a pass where L allows, the rest one by one
+    (L = 3: none in fours; 13: three fours and one); rows indexing the images."""
+    torch.manual_seed(K * 100 + L)
+    feats = torch.randn(4, L, 37).to(dtype)
+    maps = torch.softmax(torch.randn(3, K, L) * 3, -1)
+    rows = torch.tensor([2, 0, 2])
+    got = native.context_forward(maps.contiguous(), feats, rows)
+    assert got.shape == (3, K, 37) and got.dtype == torch.float32
+    want = torch.einsum("bkl,blc->bkc", maps.double(), feats.double()[rows])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    if K == 1:  # one map: the (B, L) layout gives the same values
+        assert torch.equal(native.context_forward(maps[:, 0].contiguous(), feats, rows), got[:, 0])
 
 
 @needs_cc
