@@ -4,7 +4,7 @@
 handful of PyTorch ops, each a full pass over a (B, K, L, A) tensor: 12.8 MB at the bench's
 sizes, so the score is bound by memory traffic (about seven passes forward and backward).
 The two C functions below do it in one pass each way: the forward reads the keys once,
-computes sigmoid(2x) with the vectorised ``expf`` of glibc's libmvec (tanh(x) = 2 sigmoid(2x)
+computes sigmoid(2x) with an inline exponential (see ``sig2``; tanh(x) = 2 sigmoid(2x)
 - 1) and reduces over A in registers, writing only the (B, K, L) scores; the backward reads
 the keys once more, recomputes s (cheaper than writing the (B, K, L, A) s in the forward and
 reading it back: no 12.8 MB tensor a step kept for the backward) and adds into the query's
@@ -55,11 +55,33 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-/* sigmoid(2x), x clamped where it has saturated in float32 (keeps expf finite) */
-static inline float sig2(float x) {
-    x = x > 40.f ? 40.f : (x < -40.f ? -40.f : x);
-    return 1.f / (1.f + expf(-2.f * x));
+/* e^y, y clamped to [-80, 80] (e^-80 = 1.8e-35 stands for 0: sums of ones and such, as below,
+   do not see the difference; keeps e^y finite and normal): e^y = 2^n e^r with n = round(y log2 e)
+   and r = y - n ln 2 in [-0.347, 0.347] (ln 2 in two parts, so r is exact to float), e^r by its
+   Taylor series to r^6 (relative error < 2e-7). Inline, so loops stay in registers: with
+   libmvec's vector expf (a call every 16 values, the sums spilled around it) the bench's score
+   took 1.87 ms, 1.55 with this; a row log-sum-exp of 80 x 10,000 logits 0.17-0.25 against
+   0.13-0.19 ms. As accurate: sigmoid(2x) below within 1.5e-7 of float64's over [-60, 60], as
+   with expf; log-sum-exps within 2.5e-6 of float64's, as with expf. The clamp turns a NaN into
+   a number (under -ffast-math): the loss keeps expf, whose NaN stays a NaN (a test checks). */
+static inline float exp_near(float y) {
+    y = y > 80.f ? 80.f : (y < -80.f ? -80.f : y);
+    const float n = nearbyintf(y * 1.44269504f);
+    const float r = fmaf(n, -1.42860682e-6f, fmaf(n, -0.693145752f, y));
+    float p = 1.f / 720.f;
+    p = fmaf(p, r, 1.f / 120.f);
+    p = fmaf(p, r, 1.f / 24.f);
+    p = fmaf(p, r, 1.f / 6.f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.f);
+    p = fmaf(p, r, 1.f);
+    union { float f; int32_t i; } two_n;
+    two_n.i = ((int32_t)n + 127) << 23;
+    return p * two_n.f;
 }
+
+/* sigmoid(2x) */
+static inline float sig2(float x) { return 1.f / (1.f + exp_near(-2.f * x)); }
 
 /* scores[b,k,l] = 2 sum_a w[a] s[b,k,l,a] - sum_a w[a], s = sigmoid(2 (keys[b,l,a] + query[b,k,a])) */
 void score_forward(const float *keys, const float *query, const float *w, float *scores,
@@ -248,7 +270,7 @@ void row_logsumexp(const float *logits, float *stats, long N, long V, int thread
         for (long v = 0; v < V; v++) m = fmaxf(m, x[v]);
         float sum = 0.f;
         #pragma omp simd reduction(+:sum)
-        for (long v = 0; v < V; v++) sum += expf(x[v] - m);
+        for (long v = 0; v < V; v++) sum += exp_near(x[v] - m);
         stats[2 * n] = m;
         stats[2 * n + 1] = logf(sum);
     }
