@@ -201,6 +201,19 @@ def _best_continuations_fused(logits: Tensor, beam_logp: Tensor, finished: Tenso
     return native.beam_topk(logits, stats, beam_logp, finished, pad_id=pad_id, end_id=end_id, force_end=force_end)
 
 
+def _trace_back(steps: list[tuple[Tensor, Tensor, Tensor]], pick: Tensor) -> tuple[Tensor, Tensor]:
+    """The maps and gates of the hypotheses ``pick`` (M,) of the last step, from each step's
+    (parents (B * K,): the row each new hypothesis grew from, maps (B * K, L), gates (B * K,)),
+    both indexed by the rows before the step -> (M, T, L), (M, T). One row a step per picked
+    caption, where carrying every hypothesis's whole history along copied (B * K, t, L) a step."""
+    alphas, betas, rows = [], [], pick
+    for parents, maps, gates in reversed(steps):
+        rows = parents.index_select(0, rows)  # the row the word of this step was chosen from
+        alphas.append(maps.index_select(0, rows))
+        betas.append(gates.index_select(0, rows))
+    return torch.stack(alphas[::-1], 1), torch.stack(betas[::-1], 1)
+
+
 @torch.no_grad()
 def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: int, start_id: int, end_id: int,
                 pad_id: int = 0, length_penalty: float = 0.0, n_best: int = 1,
@@ -233,8 +246,7 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
     finished = torch.zeros(B * K, dtype=torch.bool, device=device)
     lengths = torch.full((B * K,), max_len, dtype=torch.long, device=device)
     tokens = torch.empty(B * K, 0, dtype=torch.long, device=device)
-    alphas = features.new_empty(B * K, 0, L)
-    betas = features.new_empty(B * K, 0)
+    steps: list[tuple[Tensor, Tensor, Tensor]] = []  # each step's (parents, maps, gates): traced back at the end
     offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
     every = _sync_every(device)
     fused = decoder.fused and device.type == "cpu" and native.library() is not None  # model.attention.fused
@@ -253,8 +265,7 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
         lengths = torch.where(ended, torch.full_like(lengths, t), lengths.index_select(0, origin))
         finished = was_finished | ended
         tokens = torch.cat([tokens.index_select(0, origin), word.unsqueeze(1)], 1)
-        alphas = torch.cat([alphas.index_select(0, origin), out.attention.probs.index_select(0, origin).unsqueeze(1)], 1)
-        betas = torch.cat([betas.index_select(0, origin), out.beta.index_select(0, origin).unsqueeze(1)], 1)
+        steps.append((origin, out.attention.probs, out.beta))
         state = out.state.index_select(origin)
         beam_logp, prev = top, word
         if (t + 1) % every == 0 and bool(finished.all()):
@@ -266,11 +277,12 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
     order = scores.argsort(dim=1, descending=True)[:, :n_best]  # (B, N)
     pick = (order + offsets).view(-1)
     N = n_best
+    alphas, betas = _trace_back(steps, pick)
     return BeamDecoded(
         tokens=tokens.index_select(0, pick).view(B, N, T),
         lengths=lengths.index_select(0, pick).view(B, N),
-        alphas=alphas.index_select(0, pick).view(B, N, T, L),
-        betas=betas.index_select(0, pick).view(B, N, T),
+        alphas=alphas.view(B, N, T, L),
+        betas=betas.view(B, N, T),
         log_probs=beam_logp.gather(1, order),
         scores=scores.gather(1, order),
     )

@@ -200,6 +200,28 @@ def test_per_word_attention_maps_come_back():
     torch.testing.assert_close(best.alphas.sum(-1)[real], torch.ones(int(real.sum())))
 
 
+def test_every_n_best_caption_comes_back_with_the_maps_and_gates_that_wrote_it():
+    """The maps of each returned caption, traced back through its parents at the end, are the
+    ones the decoder draws when it reads that caption (teacher forcing), word by word; so are
+    its gates and its summed log-probability."""
+    dec = random_decoder(3)
+    with torch.no_grad():
+        dec.out.weight.div_(10)  # flatter than random_decoder's: the beams part ways and swap places
+    feats = torch.randn(3, L, C)
+    out = beam_search(dec, feats, beam_size=4, max_len=6, start_id=1, end_id=2, n_best=4)
+    B, N, T = out.tokens.shape
+    assert len({tuple(t) for t in out.tokens[0].tolist()}) == N  # four different captions of one image
+    captions = torch.cat([torch.ones(B * N, 1, dtype=torch.long), out.tokens.view(B * N, T)], 1)
+    lengths = out.lengths.view(-1) + 1  # the words and <end>
+    forced = dec(feats.repeat_interleave(N, 0), captions, lengths=lengths)
+    real = torch.arange(T) < lengths.unsqueeze(1)  # (B * N, T)
+    torch.testing.assert_close(out.alphas.view(B * N, T, L)[real], forced.alphas[real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.betas.view(B * N, T)[real], forced.betas[real], rtol=1e-5, atol=1e-6)
+    assert forced.token_mask is None and forced.logits.shape == (B * N, T, V)  # eval: every step's logits
+    words = torch.log_softmax(forced.logits, -1).gather(2, captions[:, 1:].unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(out.log_probs.view(-1), (words * real).sum(1), rtol=1e-4, atol=1e-4)
+
+
 def test_sampling_temperature_and_top_k():
     dec = random_decoder(6)
     feats = torch.randn(64, L, C)
