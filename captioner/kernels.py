@@ -385,8 +385,8 @@ def context(alpha: Tensor, features: Tensor | FeatureRows, fused: bool = True) -
         if alpha.dim() != 2:
             raise ValueError(f"FeatureRows: one map per row, (B, L); got {tuple(alpha.shape)}")
         return Context.apply(alpha, features.table, features.rows.contiguous())
-    if fused and alpha.dim() == 2 and not (features.requires_grad and torch.is_grad_enabled()) \
-            and native.context_usable(features):
+    if (fused and alpha.dim() == 2 and not (features.requires_grad and torch.is_grad_enabled())
+            and native.context_usable(features)):
         return Context.apply(alpha, features)
     if (fused and alpha.dim() == 3 and not (torch.is_grad_enabled() and (features.requires_grad or alpha.requires_grad))
             and native.context_usable(features, (torch.float32, torch.bfloat16))):
