@@ -122,7 +122,7 @@ class AdditiveScore(nn.Module):
         return self.fused and self.activation == "tanh"
 
     def precompute(self, keys: Tensor, rows: Tensor | None = None) -> Tensor | kernels.SummedKeys:
-        projected = self.key(keys)  # (U, L, A): W_a a_i + b
+        projected = kernels.linear(self.key, keys)  # (U, L, A): W_a a_i + b
         if not self.uses_kernel:
             return per_row(projected, rows)
         projected = per_row(projected.to(kernels.score_dtype(projected)), rows)  # cast once per pass, not per step

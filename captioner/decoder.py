@@ -454,10 +454,10 @@ class Decoder(nn.Module):
         if self.deep_output:
             if self.dropout_hidden:  # the authors drop h_t and the layer's input alike
                 h = self.dropout(h)
-            pre = torch.tanh(emb + self.out_hidden(h) + self.out_context(z))
+            pre = torch.tanh(emb + kernels.linear(self.out_hidden, h) + kernels.linear(self.out_context, z))
         else:
             pre = h
-        return self.out(self.dropout(pre))
+        return kernels.linear(self.out, self.dropout(pre))
 
     def step(self, tokens: Tensor, state: DecoderState, features: Tensor, projected,
              mask: Tensor | None = None) -> StepOutput:
@@ -527,9 +527,9 @@ class Decoder(nn.Module):
         embeddings of the real steps only (N, E) and the gates sorted longest caption first."""
         if pack.token_mask is None:
             emb = self._embedded(inputs)  # (B, T, E)
-            return emb, self.gate_embed(emb)  # (B, T, 4H)
+            return emb, kernels.linear(self.gate_embed, emb)  # (B, T, 4H)
         emb = self._embedded(inputs[pack.token_mask])  # (N, E): the real steps, row-major in the input order
-        real_gates = self.gate_embed(emb)  # (N, 4H)
+        real_gates = kernels.linear(self.gate_embed, emb)  # (N, 4H)
         gates_embed = real_gates.new_zeros(*inputs.shape, real_gates.shape[-1])
         gates_embed[pack.token_mask] = real_gates
         return emb, gates_embed.index_select(0, pack.order)

@@ -60,6 +60,76 @@ def test_step_weight_under_bf16_autocast():
     torch.testing.assert_close(w.grad, torch.ones(3, 4).t() @ x.detach(), atol=0.05, rtol=0.02)
 
 
+def transposes_counted(monkeypatch) -> list:
+    """Calls to the C transpose, counted (it runs as before)."""
+    calls = []
+    real = kernels.native.transposed
+    monkeypatch.setattr(kernels.native, "transposed", lambda x: calls.append(tuple(x.shape)) or real(x))
+    return calls
+
+
+@pytest.mark.skipif(kernels.native.library() is None, reason="no C compiler")
+def test_a_bf16_step_weight_makes_its_gradient_from_the_c_transpose(monkeypatch):
+    calls = transposes_counted(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(19, 37, generator=g).to(torch.bfloat16).requires_grad_()
+    xs = [torch.randn(n, 37, generator=g).to(torch.bfloat16) for n in (5, 5, 3)]
+    ups = [torch.randn(n, 19, generator=g).to(torch.bfloat16) for n in (5, 5, 3)]
+    step = kernels.StepWeight(w)
+    loss = sum((step(x).float() * u.float()).sum() for x, u in zip(xs, ups))
+    loss.backward()
+    assert calls == [(13, 19)]  # once for the three steps' gradients together
+    expected = sum(u.double().t() @ x.double() for x, u in zip(xs, ups))
+    torch.testing.assert_close(w.grad.double(), expected, atol=0.02, rtol=0.01)  # bf16's rounding of the result
+
+
+@pytest.mark.skipif(kernels.native.library() is None, reason="no C compiler")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(7,), (3, 5)])
+def test_a_bf16_linear_gives_autograds_gradients_through_the_c_transpose(bias, lead, monkeypatch):
+    from captioner.precision import cast_parameters
+
+    calls = transposes_counted(monkeypatch)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(37, 19, bias=bias)
+    x = torch.randn(*lead, 37).to(torch.bfloat16).requires_grad_()
+    up = torch.randn(*lead, 19).to(torch.bfloat16)
+
+    def grads(fn):
+        layer.zero_grad()
+        x.grad = None
+        with cast_parameters(layer, torch.bfloat16):
+            out = fn(x)
+        out.backward(up)
+        return out.detach(), x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad
+
+    out, gx, gw, gb = grads(lambda v: kernels.linear(layer, v))
+    assert calls == [(lead[0] * (lead[1] if len(lead) > 1 else 1), 19)]
+    ref = grads(layer)  # autograd's own backward of the same bf16 product
+    assert len(calls) == 1
+    torch.testing.assert_close(out, ref[0], atol=0, rtol=0)  # the same forward
+    torch.testing.assert_close(gx, ref[1], atol=0.02, rtol=0.01)
+    torch.testing.assert_close(gw, ref[2], atol=0.02, rtol=0.01)
+    u, xd = up.double().reshape(-1, 19), x.detach().double().reshape(-1, 37)
+    torch.testing.assert_close(gw.double(), u.t() @ xd, atol=0.02, rtol=0.01)  # float64's g^T x
+    if bias:
+        torch.testing.assert_close(gb.double(), u.sum(0), atol=0.02, rtol=0.01)
+    else:
+        assert gb is None
+
+
+def test_linear_is_the_layer_itself_for_float32_and_without_gradients(monkeypatch):
+    calls = transposes_counted(monkeypatch)
+    layer = torch.nn.Linear(5, 3)
+    x = torch.randn(4, 5)
+    out = kernels.linear(layer, x)
+    assert type(out.grad_fn).__name__ == "AddmmBackward0"
+    torch.testing.assert_close(out, layer(x))
+    with torch.no_grad():
+        out = kernels.linear(layer.to(torch.bfloat16), x.to(torch.bfloat16))
+    assert out.grad_fn is None and calls == []
+
+
 def test_step_sum_hands_the_buffer_to_the_tensor_once():
     t = torch.randn(4, 2, requires_grad=True)
     acc = kernels.StepSum(t, finish=lambda b: 3 * b)

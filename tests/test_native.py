@@ -483,3 +483,25 @@ def test_feature_rows_stand_for_the_copy_and_refuse_what_they_cannot_do():
     wanting = table.clone().requires_grad_()  # a fine-tuned encoder's features: the copy and the bmm
     assert not kernels.reads_feature_rows(wanting, reader, True)
     assert not kernels.reads_feature_rows(table.double(), reader, True)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (16, 16), (17, 33), (399, 40), (5, 300), (48, 3)])
+def test_the_c_transpose_of_a_2_byte_matrix_is_the_transpose_bit_for_bit(dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 100).to(dtype)
+    x.view(-1)[::7] = float("nan")  # special values move like any other
+    x.view(-1)[3::11] = float("-inf")
+    assert native.transpose_usable(x)
+    out = native.transposed(x)
+    assert out.shape == (shape[1], shape[0]) and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out.view(torch.int16), x.t().contiguous().view(torch.int16))
+
+
+def test_the_c_transpose_takes_only_2_byte_contiguous_matrices_on_the_cpu():
+    x = torch.randn(6, 4).to(torch.bfloat16)
+    assert native.transpose_usable(x) == (native.library() is not None)
+    assert not native.transpose_usable(x.float())  # MKL reads float32 transposed at full speed
+    assert not native.transpose_usable(x.t())  # not contiguous
+    assert not native.transpose_usable(x.view(2, 3, 4))
