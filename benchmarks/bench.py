@@ -475,6 +475,12 @@ def _keep_last(box: list, fn: Callable) -> None:
     box[:] = [fn()]
 
 
+def beam_tokens(images: int, beam_size: int, steps: int) -> int:
+    """The decoder rows a beam search of ``steps`` steps runs: one per image at the first step
+    (its K beams are the same hypothesis), K per image at each later one."""
+    return images * (1 + beam_size * (steps - 1))
+
+
 def bench_beam(s: Settings, args, device: torch.device, peak: dict) -> list[Row]:
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -496,7 +502,7 @@ def bench_beam(s: Settings, args, device: torch.device, peak: dict) -> list[Row]
         out = last[0]
         steps = out.tokens.shape[-1]
         ended_early = int((out.lengths < s.max_len).sum())
-        tokens = B * K * steps
+        tokens = beam_tokens(B, K, steps)
         needed = decoder_flops(s.dims, tokens=tokens, images=B)  # keys and h_0, c_0 once per image
         executed = decoder_flops(s.dims, tokens=tokens, images=B)  # the K beams share each image's keys
         med = timing.median

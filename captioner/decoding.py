@@ -203,8 +203,8 @@ def _best_continuations_fused(logits: Tensor, beam_logp: Tensor, finished: Tenso
 
 def _trace_back(steps: list[tuple[Tensor, Tensor, Tensor]], pick: Tensor) -> tuple[Tensor, Tensor]:
     """The maps and gates of the hypotheses ``pick`` (M,) of the last step, from each step's
-    (parents (B * K,): the row each new hypothesis grew from, maps (B * K, L), gates (B * K,)),
-    both indexed by the rows before the step -> (M, T, L), (M, T). One row a step per picked
+    (parents (B * K,): the row each new hypothesis grew from, maps (N, L), gates (N,) for the
+    step's N rows: B * K, B at the first) -> (M, T, L), (M, T). One row a step per picked
     caption, where carrying every hypothesis's whole history along copied (B * K, t, L) a step."""
     alphas, betas, rows = [], [], pick
     for parents, maps, gates in reversed(steps):
@@ -218,7 +218,8 @@ def _trace_back(steps: list[tuple[Tensor, Tensor, Tensor]], pick: Tensor) -> tup
 def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: int, start_id: int, end_id: int,
                 pad_id: int = 0, length_penalty: float = 0.0, n_best: int = 1,
                 mask: Tensor | None = None, no_repeat_ngram: int = 0) -> BeamDecoded:
-    """Beam search batched over images and beams: one decoder step for all B * K hypotheses.
+    """Beam search batched over images and beams: one decoder step for all B * K hypotheses
+    (at the first, where each image's K beams are the same hypothesis, one row per image).
 
     Hypotheses are extended by their summed log-probability; a finished hypothesis keeps its
     score and its slot. At the end the K hypotheses of each image are ranked by
@@ -239,8 +240,8 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
     B, L, C = features.shape
     K, device = beam_size, features.device
     projected = decoder.precompute(features)  # once per image: the K beams share it (see Decoder.step)
-    state = decoder.init_state(features).index_select(torch.arange(B, device=device).repeat_interleave(K))
-    prev = torch.full((B * K,), start_id, dtype=torch.long, device=device)
+    state = decoder.init_state(features)  # the first step runs one row per image (its K beams are one
+    prev = torch.full((B,), start_id, dtype=torch.long, device=device)  # hypothesis), the others B * K rows
     beam_logp = torch.full((B, K), float("-inf"), device=device)
     beam_logp[:, 0] = 0.0  # all beams start identical: expand only the first
     finished = torch.zeros(B * K, dtype=torch.bool, device=device)
@@ -256,17 +257,20 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
         with packed:  # the step's weights packed once for all its B * K rows
             out = decoder.step(prev, state, features, projected, mask)
         V = out.logits.shape[1]
-        top, idx = choose(out.logits, beam_logp, finished, tokens, pad_id=pad_id, start_id=start_id, end_id=end_id,
+        first = t == 0 and K > 1  # one row per image: each image's K (identical) beams read its row
+        logits = out.logits.repeat_interleave(K, 0) if first else out.logits
+        top, idx = choose(logits, beam_logp, finished, tokens, pad_id=pad_id, start_id=start_id, end_id=end_id,
                           force_end=t == max_len, no_repeat_ngram=no_repeat_ngram)  # (B, K), (B, K)
         origin = (idx // V + offsets).view(-1)  # (B*K,) flat index of the parent hypothesis
+        parent_row = origin // K if first else origin  # its row in this step's output
         word = (idx % V).view(-1)  # (B*K,)
         was_finished = finished.index_select(0, origin)
         ended = (word == end_id) & ~was_finished
         lengths = torch.where(ended, torch.full_like(lengths, t), lengths.index_select(0, origin))
         finished = was_finished | ended
         tokens = torch.cat([tokens.index_select(0, origin), word.unsqueeze(1)], 1)
-        steps.append((origin, out.attention.probs, out.beta))
-        state = out.state.index_select(origin)
+        steps.append((parent_row, out.attention.probs, out.beta))
+        state = out.state.index_select(parent_row)
         beam_logp, prev = top, word
         if (t + 1) % every == 0 and bool(finished.all()):
             break

@@ -133,9 +133,12 @@ def test_decoder_flops_match_the_flop_counter_in_beam_search():
     counted = bench.counted_flops(run)
     steps = out["beam"].tokens.shape[-1]
     assert steps == s.max_len + 1 and (out["beam"].lengths == s.max_len).all()  # the rig: no early <end>
-    # the per-image work (keys, h_0 and c_0) once per image, shared by its K beams; the K maps'
-    # context in C (captioner.native), where it compiled: not seen by the counter
-    flops = bench.decoder_flops(dims, tokens=2 * K * steps, images=2)
+    # the per-image work (keys, h_0 and c_0) once per image, shared by its K beams; the first
+    # step on one row per image (its K beams are one hypothesis): 2 + 2 K (steps - 1) rows; the
+    # K maps' context in C (captioner.native), where it compiled: not seen by the counter
+    tokens = bench.beam_tokens(2, K, steps)
+    assert tokens == 2 + 2 * K * (steps - 1)
+    flops = bench.decoder_flops(dims, tokens=tokens, images=2)
     if native.library() is None:
         _close(flops, counted)
     else:

@@ -222,6 +222,25 @@ def test_every_n_best_caption_comes_back_with_the_maps_and_gates_that_wrote_it()
     torch.testing.assert_close(out.log_probs.view(-1), (words * real).sum(1), rtol=1e-4, atol=1e-4)
 
 
+def test_the_first_beam_step_runs_once_per_image_and_its_k_best_words_start_the_k_beams(monkeypatch):
+    """At the first step an image's K beams are one hypothesis: one decoder row per image, then
+    B * K; with max_len 1 (the next step forced to <end>) the K captions are the K likeliest first
+    words (pad and start banned)."""
+    dec = random_decoder(3)
+    feats = torch.randn(3, L, C)
+    rows, step = [], dec.step
+    monkeypatch.setattr(dec, "step", lambda tokens, *a, **kw: rows.append(len(tokens)) or step(tokens, *a, **kw))
+    out = beam_search(dec, feats, beam_size=4, max_len=1, start_id=1, end_id=2, n_best=4)
+    assert rows == [3, 12]
+    with torch.no_grad():
+        first = step(torch.ones(3, dtype=torch.long), dec.init_state(feats), feats, dec.precompute(feats))
+    logp = torch.log_softmax(first.logits, -1)
+    logp[:, [0, 1]] = float("-inf")
+    for b in range(3):
+        assert set(out.tokens[b, :, 0].tolist()) == set(logp[b].topk(4).indices.tolist())
+    torch.testing.assert_close(out.alphas[:, :, 0], first.attention.probs.unsqueeze(1).expand(3, 4, L))
+
+
 def test_sampling_temperature_and_top_k():
     dec = random_decoder(6)
     feats = torch.randn(64, L, C)
