@@ -19,7 +19,6 @@ agrees in value and gradient. ``model.attention.fused: false`` runs the plain sc
   into one buffer themselves (the tanh score adds its keys' gradient there in place).
 - :func:`gather_rows`: a few rows of such a tensor at every step (``anchor_on_word``'s
   cells on the map's support), their gradient added into its buffer in place.
-- :class:`Dropout`: ``nn.Dropout`` with its CPU mask from ``rand``, 3x faster than ``bernoulli_``.
 - :func:`linear` / :func:`weight_gradient`: a bf16 layer's weight gradient g^T x with g's
   transpose made first (in C), where oneDNN's product of a transposed g runs at half speed.
 
@@ -441,24 +440,6 @@ def context(alpha: Tensor, features: Tensor | FeatureRows, fused: bool = True) -
             and native.context_usable(features, (torch.float32, torch.bfloat16))):
         return native.context_forward(alpha.float().contiguous(), features).to(features.dtype)
     return context_plain(alpha, features)
-
-
-# ----------------------------------------------------------------------------- dropout
-
-
-class Dropout(torch.nn.Dropout):
-    """``nn.Dropout`` whose mask, on the CPU, is ``torch.rand(shape) >= p`` (kept with
-    probability 1 - p, the kept values scaled by 1 / (1 - p), as ``nn.Dropout``): the CPU's
-    ``bernoulli_`` draws one value at a time, 2.4 ms for a (399, 512) mask at 2 threads where
-    ``rand`` and the compare take 0.8 (an AMX Xeon; 3 ms of a training step at the bench's
-    sizes). The same distribution; not the same draws as ``nn.Dropout`` for a seed. Elsewhere
-    (CUDA's fused dropout, evaluation, p = 0, ``inplace``) ``nn.Dropout`` itself."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0 or self.p == 1 or self.inplace or x.device.type != "cpu":
-            return super().forward(x)
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
 # ----------------------------------------------------------------------------- the loss
