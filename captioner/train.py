@@ -138,16 +138,30 @@ def build_optimizer(cfg: Config, model: Captioner) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
 
 
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together (``torch.nn.utils.get_total_norm``'s value). Float32
+    CPU gradients: the square root of the sum of each one's dot product with itself, the dots
+    summed in float64. PyTorch's CPU ``vector_norm`` took 6.9 ms over the bench decoder's 80 MB
+    of gradients where the dots take 1.5 (2 threads, an AMX Xeon), and it is the less exact of
+    the two: over 5 M values it was 1.3e-4 off the float64 norm, the dots 2e-6. An inf or NaN
+    gradient gives an inf or NaN norm, as PyTorch's does (its norm squares without scaling too:
+    values past ~1e19 give inf either way). Other gradients: PyTorch's norm."""
+    if grads and all(g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous() for g in grads):
+        squares = torch.stack([torch.dot(g.view(-1), g.view(-1)) for g in grads]).double().sum()
+        return squares.sqrt().float()
+    return torch.nn.utils.get_total_norm(grads)
+
+
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_``, bit for bit, without its pass over every gradient
-    when nothing is clipped. It multiplies each gradient by min(1, max_norm / (norm + 1e-6))
-    at every step, a factor of 1 included (on a GPU that spares a host sync); on a CPU the
-    multiply by 1 is a pass over every gradient (4.6 ms of a bench training step) that
-    changes no bit, so it is skipped there. Returns the total norm."""
+    """``torch.nn.utils.clip_grad_norm_`` with the norm from :func:`total_norm`, and without its
+    pass over every gradient when nothing is clipped. It multiplies each gradient by
+    min(1, max_norm / (norm + 1e-6)) at every step, a factor of 1 included (on a GPU that
+    spares a host sync); on a CPU the multiply by 1 is a pass over every gradient (4.6 ms of a
+    bench training step) that changes no bit, so it is skipped there. Returns the total norm."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.tensor(0.0)
-    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    total = total_norm([p.grad for p in params])
     if total.device.type != "cpu" or bool(max_norm / (total + 1e-6) < 1.0):  # torch's factor, before its clamp at 1
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
