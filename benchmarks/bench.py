@@ -11,7 +11,9 @@ see :func:`decoder_flops`; checked against ``torch.utils.flop_counter`` in
 ``tests/test_bench.py``) and the achieved FLOP/s as a share of this machine's float32
 matmul peak (best of several large square ``torch.mm``), measured right before each
 section. The share is the number to compare across machines and across changes: it does not
-move when the machine is faster, only when the code wastes less.
+move when the machine is faster, only when the code wastes less. The memory read bandwidth
+(a sum over 256 MiB) is measured with the peaks: the time loops' per-step products and the
+attention's reads of the features are bound by it more than by the matmul peak.
 
 Sizes (full run) are those of the popular ports: C = 2048 channels on a 14 x 14 grid (L =
 196), attention, embedding and LSTM dims 512, a 10,000-word vocabulary, batch 32, captions
@@ -247,6 +249,7 @@ class Settings:
     epoch_overrides: tuple[str, ...] = ()
     peak_n: int = 2048
     peak_runs: int = 5
+    bandwidth_mib: int = 256  # the memory read: far past the cache a 2-core share of a server CPU gets
 
 
 QUICK = Settings(
@@ -254,7 +257,7 @@ QUICK = Settings(
     words_min=2, max_len=8, beam_batch=2, encoder_batch=2, shapes_size=64, vgg_size=32, epoch_images=20,
     epoch_overrides=("model.attention.dim=16", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32",
                      "train.batch_size=16", "decode.max_len=8"),
-    peak_n=512, peak_runs=3,
+    peak_n=512, peak_runs=3, bandwidth_mib=16,
 )
 
 
@@ -364,6 +367,19 @@ def matmul_peak(s: Settings, device: torch.device, dtype: torch.dtype = torch.fl
             "gflops_cpu": 2 * n**3 / max(min(timing.cpu), 1e-9) / 1e9, "cpu_times_s": timing.cpu,
             "dtype": str(dtype).removeprefix("torch."),
             "tf32": dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
+
+
+def memory_bandwidth(s: Settings, device: torch.device) -> dict:
+    """Memory read bandwidth: the best of ``peak_runs`` sums over a float32 tensor of
+    ``bandwidth_mib`` MiB, with the threads torch uses. The roofline's other side: a time
+    loop's per-step products read their whole weight for a few rows (W_z, 16 MiB, for 32 rows:
+    0.8 ms of arithmetic at a 340 GFLOP/s peak, 0.7 ms of reading at 24 GB/s), and the
+    attention reads the features and keys at every step, so the loop runs near this rate
+    rather than near the matmul peak."""
+    n = s.bandwidth_mib * 2**20 // 4
+    x = torch.ones(n, device=device)
+    timing = measure(lambda: x.sum(), warmup=1, repeat=s.peak_runs, device=device)
+    return {"mib": s.bandwidth_mib, "gbs": 4 * n / min(timing.wall) / 1e9, "times_s": timing.wall}
 
 
 AMPS = ("bf16", "bf16-autocast")  # train.amp=bf16's path, and plain autocast (what it replaced) to compare
@@ -657,6 +673,8 @@ def format_table(results: dict) -> str:
     gpu = f" ({m['gpu']})" if "gpu" in m else ""
     peaks = ", ".join(f"{k} {v['gflops']:.1f}" for k, v in results["section_peaks"].items())
     peaks16 = ", ".join(f"{k} {v['bf16']['gflops']:.1f}" for k, v in results["section_peaks"].items() if "bf16" in v)
+    reads = ", ".join(f"{k} {v['read']['gbs']:.1f}" for k, v in results["section_peaks"].items() if "read" in v)
+    read_mib = results["settings"]["bandwidth_mib"]
     lines = [
         (f"machine: {m['cpu']}, {m['cpus_usable']}/{m['cpu_count']} cores usable, load {m['load_average']}, "
          f"torch {m['torch']}, {m['threads']} threads, device {m['device']}{gpu}; "
@@ -665,6 +683,8 @@ def format_table(results: dict) -> str:
         f"float32 matmul peak (best of {len(p['times_s'])} mm {p['n']}x{p['n']}, GFLOP/s) before each section: {peaks}",
         (f"bfloat16 matmul peak (CPU bf16: {m['cpu_bf16']}; the bf16 rows' share is of this peak), GFLOP/s: "
          f"{peaks16}"),
+        (f"memory read bandwidth (best of {results['settings']['peak_runs']} sums over {read_mib} MiB, the loops' "
+         f"other bound), GB/s: {reads}"),
         (f"settings: {'quick' if results['quick'] else 'full'}, median of {results['repeat']} after "
          f"{results['warmup']} warm-up (epoch: {results['epoch_repeat']})"),
         "",
@@ -758,6 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
             # other jobs share the machine (on a quiet machine all peaks agree)
             peak = matmul_peak(s, device)
             peak["bf16"] = matmul_peak(s, device, torch.bfloat16)
+            peak["read"] = memory_bandwidth(s, device)
             results["section_peaks"][section] = peak
             t0 = time.perf_counter()
             try:

@@ -65,6 +65,10 @@ def test_quick_run_writes_every_section(tmp_path):
         expected = expected["bf16"] if "bf16" in row["case"] else expected
         assert row["peak_gflops"] == expected["gflops"], row["case"]
     assert "bfloat16 matmul peak (CPU bf16: " in proc.stdout
+    for section, peak in results["section_peaks"].items():  # the memory read, the loops' other bound
+        assert peak["read"]["mib"] == bench.QUICK.bandwidth_mib and len(peak["read"]["times_s"]) == bench.QUICK.peak_runs
+        assert peak["read"]["gbs"] == pytest.approx(16 * 2**20 / min(peak["read"]["times_s"]) / 1e9), section
+    assert "memory read bandwidth (best of 3 sums over 16 MiB" in proc.stdout
     assert {r["case"] for r in results["sections"]["epoch"]} == {"cache", "no cache", "per caption", "cache, no context"}
     assert set(results["targets"]) == {"train soft", "train hard", "beam k=5", "train soft bf16"}
     bf16 = results["targets"]["train soft bf16"]
