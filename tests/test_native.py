@@ -30,7 +30,8 @@ def ops_only(monkeypatch):
 
 
 def inputs(B=3, K=1, L=7, A=37, seed=0, scale=1.0):
-    """float32 keys (B, L, A), query (B, K, A), w (A,); A = 37 leaves a remainder after any vector width."""
+    """float32 keys (B, L, A), query (B, K, A), w (A,); A = 37 leaves a remainder after any vector width
+    (the portable loops), A = 48 none (the AVX-512 score, where the CPU has it)."""
     g = torch.Generator().manual_seed(seed)
     keys = (torch.randn(B, L, A, generator=g) * scale).requires_grad_()
     query = (torch.randn(B, K, A, generator=g) * scale).requires_grad_()
@@ -54,9 +55,10 @@ def test_it_compiles_here_and_is_taken_for_float32_cpu_tensors():
 
 
 @needs_cc
+@pytest.mark.parametrize("A", [37, 48])
 @pytest.mark.parametrize("K", [1, 4])
-def test_the_c_score_matches_the_ops_and_the_double_precision_plain_expression(K, monkeypatch):
-    keys, query, w = inputs(K=K)
+def test_the_c_score_matches_the_ops_and_the_double_precision_plain_expression(K, A, monkeypatch):
+    keys, query, w = inputs(K=K, A=A)
     upstream = torch.randn(3, K, 7, generator=torch.Generator().manual_seed(5))
     got = score_and_grads(keys, query, w, upstream)
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
@@ -71,8 +73,9 @@ def test_the_c_score_matches_the_ops_and_the_double_precision_plain_expression(K
 
 
 @needs_cc
-def test_decoding_without_gradients_reads_the_same_scores():
-    keys, query, w = (t.detach() for t in inputs(B=2, K=5, L=9, A=70))
+@pytest.mark.parametrize("A", [70, 64])
+def test_decoding_without_gradients_reads_the_same_scores(A):
+    keys, query, w = (t.detach() for t in inputs(B=2, K=5, L=9, A=A))
     with torch.no_grad():
         got = kernels.tanh_score(keys, query, w)
     expected = kernels.tanh_score_plain(keys.double(), query.double(), w.double())
@@ -80,19 +83,32 @@ def test_decoding_without_gradients_reads_the_same_scores():
 
 
 @needs_cc
-def test_saturated_inputs_stay_finite_and_exact():
-    keys, query, w = (t.detach() for t in inputs(scale=1e4))  # |x| up to ~4e4: tanh is +-1
+@pytest.mark.parametrize("A", [8, 32])  # the portable loop, the AVX-512 one (where the CPU has it)
+def test_the_c_tanh_is_within_half_a_micro_of_double_precision_over_its_whole_range(A):
+    """The score with A equal keys and w = 1/A (exact for these A) is tanh(key) itself: against
+    float64's tanh over [-40, 40] (past +-9 tanh is +-1 in float32)."""
+    x = torch.linspace(-40, 40, 40001)
+    keys = x.view(1, -1, 1).expand(1, x.numel(), A).contiguous()
+    got = native.score_forward(keys, torch.zeros(1, 1, A), torch.full((A,), 1.0 / A)).view(-1)
+    assert (got.double() - torch.tanh(x.double())).abs().max() < 5e-7
+
+
+@needs_cc
+@pytest.mark.parametrize("A", [37, 48])
+def test_saturated_inputs_stay_finite_and_exact(A):
+    keys, query, w = (t.detach() for t in inputs(A=A, scale=1e4))  # |x| up to ~4e4: tanh is +-1
     got = kernels.tanh_score(keys, query, w)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2)) @ w, atol=1e-4, rtol=0)
 
 
 @needs_cc
-def test_keys_summed_over_a_shrinking_loop_match_the_ops(monkeypatch):
+@pytest.mark.parametrize("A", [21, 32])
+def test_keys_summed_over_a_shrinking_loop_match_the_ops(A, monkeypatch):
     """The keys read at every step of a teacher-forced loop, the C backward adding into the
     pass's buffer, against the same loop on the PyTorch ops."""
-    keys0, _, w0 = inputs(B=4, L=6, A=21, seed=2)
-    queries0 = [torch.randn(n, 1, 21, generator=torch.Generator().manual_seed(n)) for n in (4, 4, 3, 1)]
+    keys0, _, w0 = inputs(B=4, L=6, A=A, seed=2)
+    queries0 = [torch.randn(n, 1, A, generator=torch.Generator().manual_seed(n)) for n in (4, 4, 3, 1)]
 
     def run():
         keys, w = keys0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_()
@@ -110,8 +126,9 @@ def test_keys_summed_over_a_shrinking_loop_match_the_ops(monkeypatch):
 
 
 @needs_cc
-def test_a_decoder_trains_the_same_with_the_c_kernel(monkeypatch):
-    cfg = load_config(None, ["model.attention.dim=24", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=20",
+@pytest.mark.parametrize("dim", [24, 32])
+def test_a_decoder_trains_the_same_with_the_c_kernel(dim, monkeypatch):
+    cfg = load_config(None, [f"model.attention.dim={dim}", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=20",
                              "model.decoder.dropout=0.0"]).model
     feats = torch.randn(3, 9, 12, generator=torch.Generator().manual_seed(0))
     captions = torch.randint(3, 30, (3, 6), generator=torch.Generator().manual_seed(1))
@@ -176,9 +193,10 @@ def test_loading_it_leaves_subnormal_floats_alone():
 
 
 @needs_cc
-def test_equal_inputs_anywhere_in_memory_give_equal_bits():
+@pytest.mark.parametrize("A", [37, 48])
+def test_equal_inputs_anywhere_in_memory_give_equal_bits(A):
     """No loop peeled to an aligned address: the sums' order depends on A alone."""
-    keys, query, w = (t.detach() for t in inputs(B=2, L=5, A=37))
+    keys, query, w = (t.detach() for t in inputs(B=2, L=5, A=A))
     outs = []
     for offset in range(16):  # 4-byte steps through a 64-byte line
         moved = torch.empty(keys.numel() + offset)[offset:].view_as(keys)
