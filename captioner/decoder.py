@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from captioner import kernels
+from captioner import kernels, native
 from captioner.attention import AttentionOutput, build_attention
 from captioner.config import ModelConfig
 from captioner.errors import ConfigError
@@ -215,6 +215,16 @@ def _lstm(pre: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     i, f, g, o = pre.chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return (torch.sigmoid(o) * torch.tanh(c)).to(pre.dtype), c
+
+
+def _lstm_summed(parts: tuple[Tensor, Tensor, Tensor], c: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_lstm` of parts[0] + parts[1] + parts[2] (W_e E y + b, W_z z, W_h h). Without
+    gradients on float32 CPU tensors (a decoding step), with ``fused``, the sums and the cell
+    in one C pass (:func:`captioner.native.lstm_cell`)."""
+    if (fused and not torch.is_grad_enabled() and c.dim() == 2 and all(p.shape == parts[0].shape for p in parts)
+            and native.usable(*parts, c)):
+        return native.lstm_cell(parts, c)
+    return _lstm(parts[0] + parts[1] + parts[2], c)
 
 
 class Decoder(nn.Module):
@@ -422,14 +432,14 @@ class Decoder(nn.Module):
                 fit = self.word_fit(cells, state.h, words, memory[..., 3:] if self.fused else None)  # on the
                 # last map's support (fused), or everywhere
                 memory = self.attention.anchor.settle(state.h, memory, fit)
-            h, c = _lstm(gates_embed + w_in(state.out) + w_h(state.h), state.c)
+            h, c = _lstm_summed((gates_embed, w_in(state.out), w_h(state.h)), state.c, self.fused)
             att = self._attend(features, projected, h, mask, memory)
             out = torch.tanh(self.combine(torch.cat([att.context, h], dim=-1)))  # (B, H)
             return DecoderState(h, c, out, att.memory), att, att.context, h.new_ones(h.shape[0])
         att = self._attend(features, projected, state.h, mask, state.memory)
         beta = torch.sigmoid(self.f_beta(state.h)) if self.f_beta is not None else None  # (B, 1)
         z = att.context * beta if beta is not None else att.context  # (B, C)
-        h, c = _lstm(gates_embed + w_in(z) + w_h(state.h), state.c)
+        h, c = _lstm_summed((gates_embed, w_in(z), w_h(state.h)), state.c, self.fused)
         beta = beta.squeeze(1) if beta is not None else z.new_ones(z.shape[0])
         return DecoderState(h, c, memory=att.memory), att, z, beta
 

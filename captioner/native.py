@@ -353,6 +353,29 @@ void transpose_u16(const uint16_t *src, uint16_t *dst, long N, long M, int threa
         }
 }
 
+/* The LSTM cell of a decoding step (no gradients): the gate pre-activations summed from their
+   three products, pre = p0 + p1 + p2 (B, 4H: i, f, g, o, added left to right), and c (B, H) ->
+   h = sigmoid(o) tanh(c'), c' = sigmoid(f) c + sigmoid(i) tanh(g), in one pass (sigmoid(x) =
+   sig2(x / 2), tanh(x) = 2 sig2(x) - 1: within 3e-7 of float64's). PyTorch's ops made two sums
+   of (B, 4H) and seven (B, H) passes: 0.3 ms a step of the bench's k = 5 search. */
+void lstm_cell(const float *p0, const float *p1, const float *p2, const float *c, float *h, float *c_out,
+               long B, long H, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long b = 0; b < B; b++) {
+        const float *x0 = p0 + b * 4 * H, *x1 = p1 + b * 4 * H, *x2 = p2 + b * 4 * H;
+        #pragma omp simd
+        for (long j = 0; j < H; j++) {
+            const float i = sig2(0.5f * ((x0[j] + x1[j]) + x2[j]));
+            const float f = sig2(0.5f * ((x0[H + j] + x1[H + j]) + x2[H + j]));
+            const float g = 2.f * sig2((x0[2 * H + j] + x1[2 * H + j]) + x2[2 * H + j]) - 1.f;
+            const float o = sig2(0.5f * ((x0[3 * H + j] + x1[3 * H + j]) + x2[3 * H + j]));
+            const float cn = f * c[b * H + j] + i * g;
+            c_out[b * H + j] = cn;
+            h[b * H + j] = o * (2.f * sig2(cn) - 1.f);
+        }
+    }
+}
+
 /* One beam search step: for each image b, the K best of its K hypotheses' continuations,
    scored beam[n] + log p(v) with log p = (x - m) - log sum (row_logsumexp, taken before any word
    was banned: a banned word is -inf in x). A finished hypothesis continues only with pad, at
@@ -474,6 +497,7 @@ def library() -> ctypes.CDLL | None:
     lib.row_logsumexp.argtypes = [p, p, n, n, ctypes.c_int]
     lib.beam_topk.argtypes = [p, p, p, p, p, p, n, n, n, n, n, ctypes.c_int, ctypes.c_int]
     lib.row_logsumexp.restype = lib.beam_topk.restype = None
+    lib.lstm_cell.argtypes, lib.lstm_cell.restype = [p, p, p, p, p, p, n, n, ctypes.c_int], None
     lib.score_forward.restype = lib.score_backward.restype = None
     return lib
 
@@ -592,6 +616,16 @@ def row_logsumexp(logits: Tensor) -> Tensor:
     stats = logits.new_empty(N, 2)
     library().row_logsumexp(logits.data_ptr(), stats.data_ptr(), N, V, torch.get_num_threads())
     return stats
+
+
+def lstm_cell(parts: tuple[Tensor, Tensor, Tensor], c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM cell from its gate pre-activations' three parts, each (B, 4H), and c (B, H) ->
+    (h, c'), without gradients (see the C source). Float32 contiguous CPU tensors (:func:`usable`)."""
+    B, H = c.shape
+    h, c_out = torch.empty_like(c), torch.empty_like(c)
+    library().lstm_cell(*(t.data_ptr() for t in parts), c.data_ptr(), h.data_ptr(), c_out.data_ptr(), B, H,
+                        torch.get_num_threads())
+    return h, c_out
 
 
 def beam_topk(logits: Tensor, stats: Tensor, beam_logp: Tensor, finished: Tensor, *, pad_id: int, end_id: int,

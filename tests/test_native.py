@@ -523,3 +523,46 @@ def test_the_c_transpose_takes_only_2_byte_contiguous_matrices_on_the_cpu():
     assert not native.transpose_usable(x.float())  # MKL reads float32 transposed at full speed
     assert not native.transpose_usable(x.t())  # not contiguous
     assert not native.transpose_usable(x.view(2, 3, 4))
+
+
+@needs_cc
+@pytest.mark.parametrize("H", [7, 32])  # a remainder after any vector width, and none
+def test_the_c_lstm_cell_is_the_double_precision_cell(H):
+    from captioner.decoder import _lstm
+
+    g = torch.Generator().manual_seed(H)
+    parts = tuple(torch.randn(5, 4 * H, generator=g) * 3 for _ in range(3))
+    c = torch.randn(5, H, generator=g) * 2
+    h, c_next = native.lstm_cell(parts, c)
+    h64, c64 = _lstm(parts[0].double() + parts[1].double() + parts[2].double(), c.double())
+    assert h.dtype == c_next.dtype == torch.float32 and h.shape == c_next.shape == (5, H)
+    torch.testing.assert_close(h.double(), h64, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c_next.double(), c64, atol=1e-6, rtol=0)
+    assert torch.equal(parts[0], torch.randn(5, 4 * H, generator=torch.Generator().manual_seed(H)) * 3)  # inputs kept
+
+
+@needs_cc
+def test_the_c_lstm_cell_runs_in_decoding_only(monkeypatch):
+    """Without gradients, fused, float32: the C cell; with gradients (training), unfused, or
+    bf16, PyTorch's ops, which autograd can follow."""
+    from captioner import decoder as decoder_module
+
+    calls, real = [], native.lstm_cell
+    monkeypatch.setattr(native, "lstm_cell", lambda parts, c: calls.append(tuple(c.shape)) or real(parts, c))
+    g = torch.Generator().manual_seed(0)
+    parts = tuple(torch.randn(3, 16, generator=g) for _ in range(3))
+    c = torch.randn(3, 4, generator=g)
+    expected = decoder_module._lstm(parts[0] + parts[1] + parts[2], c)
+    with torch.no_grad():
+        got = decoder_module._lstm_summed(parts, c, fused=True)
+    assert calls == [(3, 4)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    leaf = parts[0].clone().requires_grad_()
+    h, _ = decoder_module._lstm_summed((leaf, parts[1], parts[2]), c, fused=True)
+    h.sum().backward()
+    assert leaf.grad is not None and calls == [(3, 4)]
+    with torch.no_grad():
+        decoder_module._lstm_summed(parts, c, fused=False)
+        decoder_module._lstm_summed(tuple(p.bfloat16() for p in parts), c, fused=True)
+    assert calls == [(3, 4)]
