@@ -241,6 +241,26 @@ def test_the_first_beam_step_runs_once_per_image_and_its_k_best_words_start_the_
     torch.testing.assert_close(out.alphas[:, :, 0], first.attention.probs.unsqueeze(1).expand(3, 4, L))
 
 
+@pytest.mark.skipif(not __import__("captioner.kernels").kernels.packing_available(), reason="no MKL packed GEMM")
+def test_every_beam_step_multiplies_through_weights_packed_for_its_rows(monkeypatch):
+    """The first step's B rows and the later steps' B * K rows each through weights packed for
+    exactly those rows (an MKL pack serves the row count it was made for)."""
+    from captioner import kernels
+
+    cfg = load_config(None, ["model.attention.dim=64", "model.decoder.embed_dim=64",
+                             "model.decoder.hidden_dim=64"]).model
+    torch.manual_seed(0)
+    dec = Decoder.from_config(cfg, vocab_size=70, feature_dim=64, grid=(2, 2)).eval()
+    feats = torch.randn(3, 4, 64)
+    packs, calls, real_pack, real_linear = [], [], kernels.packed_weight, torch.ops.mkl._mkl_linear
+    monkeypatch.setattr(kernels, "packed_weight", lambda layer, rows: packs.append(rows) or real_pack(layer, rows))
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", lambda x, *a: calls.append(a[-1]) or real_linear(x, *a))
+    packed = beam_search(dec, feats, beam_size=4, max_len=3, start_id=1, end_id=2)
+    assert set(packs) == {3, 12} and 3 in calls and 12 in calls
+    monkeypatch.setattr(dec, "fused", False)  # the plain layers: the same captions
+    assert torch.equal(beam_search(dec, feats, beam_size=4, max_len=3, start_id=1, end_id=2).tokens, packed.tokens)
+
+
 def test_sampling_temperature_and_top_k():
     dec = random_decoder(6)
     feats = torch.randn(64, L, C)
