@@ -399,7 +399,7 @@ void beam_topk(const float *logits, const float *stats, const float *beam, const
             const long n = b * K + k;
             const float *x = logits + n * V;
             const float m = stats[2 * n], ls = stats[2 * n + 1], base = beam[n];
-            const int plain = !finished[n] && !force_end;
+            const int done = finished[n], plain = !done && !force_end;
             for (long v0 = 0; v0 < V; v0 += 16) {  /* blocks of 16 words: the scores in one vector pass,
                                                       then the block skipped whole when none beats the
                                                       K-th best (nearly all blocks, once K are in) */
@@ -409,7 +409,7 @@ void beam_topk(const float *logits, const float *stats, const float *beam, const
                     const long v = v0 + i;
                     float val;
                     if (plain) val = ((x[v] - m) - ls) + base;
-                    else if (finished[n]) val = v == pad ? base : -INFINITY;
+                    else if (done) val = v == pad ? base : -INFINITY;
                     else val = v == end ? ((x[v] - m) - ls) + base : -INFINITY;
                     vals[i] = val;
                     best = val > best ? val : best;
