@@ -253,9 +253,9 @@ def beam_search(decoder: Decoder, features: Tensor, *, beam_size: int, max_len: 
     fused = decoder.fused and device.type == "cpu" and native.library() is not None  # model.attention.fused
     choose = _best_continuations_fused if fused else _best_continuations
     packed = kernels.PackedLinears(decoder, B * K) if decoder.fused else contextlib.nullcontext()
-    packed_first = kernels.PackedLinears(decoder, B) if decoder.fused and K > 1 else packed  # its B rows
+    packed_first = kernels.PackedLinears(decoder, B) if decoder.fused and K > 1 else packed
     for t in range(max_len + 1):
-        with packed_first if t == 0 else packed:  # the step's weights packed once for all its B * K rows
+        with packed_first if t == 0 else packed:  # the weights packed once for the step's rows (B, then B * K)
             out = decoder.step(prev, state, features, projected, mask)
         V = out.logits.shape[1]
         first = t == 0 and K > 1  # one row per image: each image's K (identical) beams read its row
