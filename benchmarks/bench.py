@@ -263,9 +263,10 @@ QUICK = Settings(
 
 def caption_batch(s: Settings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random captions with COCO-like lengths: -> captions (B, T+1) ``<start> w.. <end> <pad>..``,
-    words (B,), mask (B, T+1) True on real tokens (as ``collate_captions`` builds them)."""
+    words (B,), mask (B, T+1) True on real tokens, the longest caption first (as
+    ``collate_captions`` builds a batch: then the decoder's loop needs no sort of the features)."""
     words = (torch.randn(s.batch, generator=generator) * s.words_std + s.words_mean).round().long()
-    words = words.clamp(s.words_min, s.max_len)  # (B,)
+    words = words.clamp(s.words_min, s.max_len).sort(descending=True).values  # (B,)
     T = int(words.max()) + 1  # steps: every word and <end>
     captions = torch.randint(4, s.dims.V, (s.batch, T + 1), generator=generator)  # (B, T+1), ids past the specials
     pos = torch.arange(T + 1).unsqueeze(0)  # (1, T+1)

@@ -119,7 +119,8 @@ class DecoderOutput:
 @dataclass
 class _Packing:
     """How a teacher-forced pass runs T steps over B captions: ``active`` rows at each step;
-    with lengths, the captions sorted longest first (``order``) and the real steps marked
+    with lengths, the captions sorted longest first (``order``; None when they come so, as
+    :func:`captioner.data.dataset.collate_captions` makes a batch) and the real steps marked
     (``token_mask`` (B, T)); both None when every caption runs all T steps."""
 
     active: list[int]
@@ -133,11 +134,21 @@ class _Packing:
             return cls([B] * T)
         lengths = lengths.clamp(1, T)  # every caption predicts at least <end>
         steps = torch.arange(T, device=lengths.device)
-        active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()  # the one host read per pass
+        active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1)  # (T,)
+        in_order = (lengths[:-1] >= lengths[1:]).all().long().view(1)  # already longest first
+        *active, in_order = torch.cat([active, in_order]).tolist()  # the one host read per pass
         if active[-1] == B:  # every caption runs all T steps: nothing to sort or pack
             return cls(active)
-        return cls(active, torch.argsort(lengths, descending=True, stable=True),
-                   steps.unsqueeze(0) < lengths.unsqueeze(1))
+        order = None if in_order else torch.argsort(lengths, descending=True, stable=True)
+        return cls(active, order, steps.unsqueeze(0) < lengths.unsqueeze(1))
+
+    def loop_rows(self, x: Tensor) -> Tensor:
+        """(B, ...) rows in the input order -> in the loop's: longest caption first."""
+        return x if self.order is None else x.index_select(0, self.order)
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        """(B, ...) rows in the loop's order -> back in the input order."""
+        return x if self.order is None else x.index_select(0, torch.argsort(self.order))
 
     def gather(self, parts: list[Tensor]) -> Tensor | None:
         """Per-step rows -> (B, T, ...) in the input order, zeros after a caption's end."""
@@ -147,10 +158,10 @@ class _Packing:
             return torch.stack(parts, 1)
         B, T = self.token_mask.shape
         # step t's rows are sorted rows 0..n_t-1: the True cells of the sorted mask, time-major
-        cells = self.token_mask.index_select(0, self.order).t()  # (T, B)
+        cells = self.loop_rows(self.token_mask).t()  # (T, B)
         x = torch.cat(parts)  # (N, ...), time-major
         full = x.new_zeros(T, B, *x.shape[1:]).masked_scatter_(cells.view(T, B, *[1] * (x.dim() - 1)), x)
-        return full.transpose(0, 1).index_select(0, torch.argsort(self.order))  # no host sync
+        return self.input_rows(full.transpose(0, 1)).contiguous()  # no host sync
 
     def packed(self, parts: list[Tensor]) -> Tensor:
         """Per-step rows -> (N, ...), the real steps row-major in the input order: the same as
@@ -165,10 +176,10 @@ class _Packing:
         concatenated time-major (step t holds sorted rows 0..n_t-1)."""
         if self.source is None:
             B, T = self.token_mask.shape
-            cells = self.token_mask.index_select(0, self.order).t()  # (T, B) sorted, time-major
+            cells = self.loop_rows(self.token_mask).t()  # (T, B) sorted, time-major
             index = torch.zeros(T, B, dtype=torch.long, device=cells.device)
             index[cells] = torch.arange(sum(self.active), device=cells.device)  # each cell's row
-            self.source = index.t().index_select(0, torch.argsort(self.order))[self.token_mask]  # (N,)
+            self.source = self.input_rows(index.t())[self.token_mask]  # (N,)
         return self.source
 
 
@@ -543,7 +554,7 @@ class Decoder(nn.Module):
         real_gates = kernels.linear(self.gate_embed, emb)  # (N, 4H)
         gates_embed = real_gates.new_zeros(*inputs.shape, real_gates.shape[-1])
         gates_embed[pack.token_mask] = real_gates
-        return emb, gates_embed.index_select(0, pack.order)
+        return emb, pack.loop_rows(gates_embed)
 
     def forward(self, features: Tensor, captions: Tensor, mask: Tensor | None = None,
                 lengths: Tensor | None = None, image_index: Tensor | None = None) -> DecoderOutput:
@@ -569,7 +580,7 @@ class Decoder(nn.Module):
         table = self.cells(features) if self.anchor_on_word or self.mixture_output else None  # (U, L, H): once per image
         images = rows if rows is not None else torch.arange(inputs.shape[0], device=inputs.device)  # input order
         if rows is not None:  # captions share images: the keys once per image, then a row per caption
-            rows = rows.index_select(0, pack.order) if pack.order is not None else rows  # longest caption first
+            rows = pack.loop_rows(rows)  # longest caption first
             projected = self.attention.precompute(self._scored(features), rows=rows)
             state = self.init_state(features).index_select(rows)
             cells = table.index_select(0, rows) if self.anchor_on_word else None
@@ -579,17 +590,16 @@ class Decoder(nn.Module):
             mask = mask.index_select(0, rows) if mask is not None else None
         else:  # one caption an image: sort the features, then precompute (rows=pack.order would
             # precompute first and index after: the same values, not always the same last bits)
-            if pack.order is not None:
-                features = features.index_select(0, pack.order)  # longest caption first
-                mask = mask.index_select(0, pack.order) if mask is not None else None
+            features = pack.loop_rows(features)  # longest caption first (a copy, unless they come so)
+            mask = pack.loop_rows(mask) if mask is not None else None
             projected, state = self.attention.precompute(self._scored(features)), self.init_state(features)
             cells = None
             if self.anchor_on_word:
-                cells = table.index_select(0, pack.order) if pack.order is not None else table
+                cells = pack.loop_rows(table)
         gates = self._step_weights()
         words = None
         if self.anchor_on_word:  # the words each step reads, in the loop's row order
-            words = inputs.index_select(0, pack.order) if pack.order is not None else inputs
+            words = pack.loop_rows(inputs)
             cells = kernels.summed_rows(cells) if self.fused else cells  # each step reads a few rows: their
             # gradients summed in place
         gates_embed = gates_embed.unbind(1)  # T views; their backward stacks the T gradients once (a slice
@@ -616,8 +626,8 @@ class Decoder(nn.Module):
                 if x is not None:
                     steps[key].append(x)
         alphas = pack.gather(steps["alpha"])  # (B, T, L)
-        if sampled is not None and pack.order is not None:
-            sampled = sampled[torch.argsort(pack.order)]  # back to the input order
+        if sampled is not None:
+            sampled = pack.input_rows(sampled)
         return DecoderOutput(
             logits=self._pass_logits(emb, steps, alphas, pack, table, images),
             alphas=alphas, betas=pack.gather(steps["beta"]),  # (B, T, L), (B, T)

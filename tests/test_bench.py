@@ -158,6 +158,7 @@ def test_caption_batch_is_collated_like_the_data():
     assert (captions[:, 0] == bench.START).all()
     assert words.min() >= s.words_min and words.max() <= s.max_len
     assert 10 <= words.float().mean() <= 13  # COCO-like
+    assert (words[:-1] >= words[1:]).all() and words[0] > words[-1]  # the longest first, as collate_captions
     for row, n, m in zip(captions, words, mask):
         assert row[n + 1] == bench.END and (row[n + 2:] == bench.PAD).all()
         assert (row[1:n + 1] >= 4).all()  # ordinary words, no specials

@@ -495,6 +495,40 @@ def test_packed_pass_with_lengths_equals_the_full_pass_on_real_steps(attention):
         torch.testing.assert_close(grads[0][1][name], grads[1][1][name], msg=name)
 
 
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_a_batch_that_comes_longest_first_is_not_sorted_again_and_gives_the_same_pass(attention, monkeypatch):
+    """Captions already in the loop's order (collate_captions makes a batch so): no order and
+    no copy of the features; logits, maps, sampled locations and gradients are those of the
+    same captions given in another order."""
+    dec = make_decoder(f"model.attention.name={attention}", "model.attention.hard.inference=argmax")
+    feats = torch.randn(4, L, C)
+    caps = torch.tensor([[1, 7, 8, 9, 10, 11, 2], [1, 9, 9, 9, 2, 0, 0], [1, 5, 6, 2, 0, 0, 0],
+                         [1, 4, 2, 0, 0, 0, 0]])  # lengths 6, 4, 3, 2: longest first
+    lengths, perm = (caps[:, 1:] != 0).sum(1), torch.tensor([2, 0, 3, 1])
+    assert _Packing.plan(lengths, 4, 6).order is None and _Packing.plan(lengths[perm], 4, 6).order is not None
+    sorts, index_select = [], torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda x, dim, index: sorts.append(x.shape) or index_select(x, dim, index))
+
+    def run(rows):
+        dec.zero_grad()
+        out = dec(feats[rows], caps[rows], lengths=lengths[rows])
+        mask = caps[rows, 1:] != 0
+        CaptionLoss(alpha_c=1.0)(out, caps[rows, 1:], mask).total.backward()
+        return out, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+
+    (given, grads), sorted_again = run(torch.arange(4)), feats.shape in sorts
+    (shuffled, shuffled_grads), sorted_shuffled = run(perm), feats.shape in sorts
+    assert not sorted_again and sorted_shuffled  # the spy sees the sort where there is one
+    torch.testing.assert_close(given.padded_logits()[perm], shuffled.padded_logits())
+    torch.testing.assert_close(given.alphas[perm], shuffled.alphas)
+    if attention == "hard":
+        assert torch.equal(given.sampled[perm], shuffled.sampled)
+    assert grads.keys() == shuffled_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], shuffled_grads[name], msg=name)
+
+
 def test_packed_pass_with_equal_lengths_is_the_plain_pass():
     dec = make_decoder()
     feats, caps = torch.randn(B, L, C), torch.randint(4, V, (B, 5))
@@ -520,6 +554,10 @@ def test_packing_packs_the_steps_rows_as_the_padded_gather_masked_values_and_gra
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="lengths"):
         _Packing.plan(None, 6, 5).packed(rows)
+    in_order = _Packing.plan(lengths.sort(descending=True).values, 6, 5)  # 5, 5, 4, 3, 2, 1: no sort
+    assert in_order.order is None and in_order.active == pack.active
+    assert torch.equal(in_order.packed(rows), in_order.gather(rows)[in_order.token_mask])
+    assert torch.equal(in_order.gather(rows)[:, 0], rows[0])  # step 0's rows in the input order
 
 
 def test_hard_attention_trains_through_the_packed_pass():

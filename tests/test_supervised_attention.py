@@ -112,7 +112,9 @@ def test_batches_carry_each_words_target_at_its_step(shapes):
     batch = collate_captions(items)
     assert batch.attention_targets.shape == (len(items), batch.captions.shape[1] - 1, 16)
     flat = [(i, j) for i, r in enumerate(records) for j in range(len(r.captions))]
-    for b, (i, j) in enumerate(flat):
+    order = sorted(range(len(items)), key=lambda k: -len(items[k][1]))  # the batch's rows: longest caption first
+    assert batch.index.tolist() == [items[k][0] for k in order]
+    for b, (i, j) in enumerate(flat[k] for k in order):
         for t in range(batch.captions.shape[1] - 1):
             expected = targets[i][j].get(t, torch.zeros(16))
             torch.testing.assert_close(batch.attention_targets[b, t], expected)

@@ -122,6 +122,11 @@ def _targets(per_caption: Sequence[dict[int, Tensor]], captions: Tensor) -> Tens
 
 
 def collate_captions(samples: list[tuple]) -> CaptionBatch:
+    """Captions (with their images or targets) -> a batch, the longest caption first (stable;
+    ``index`` says each row's record): the decoder's time loop drops ended captions from the
+    end of the batch, and a batch that comes in that order spares it a sort of the features
+    at every step (a copy of them: 51 MB at the bench's sizes)."""
+    samples = sorted(samples, key=lambda s: -len(s[1]))
     index, tokens, images = zip(*(s[:3] for s in samples))
     captions, lengths, mask = pad_captions(tokens)
     pixels = torch.stack(images) if images[0] is not None else None

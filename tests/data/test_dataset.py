@@ -36,6 +36,21 @@ def test_one_sample_per_caption_with_images(tmp_path, make_image):
     assert vocab.decode(batch.captions[1].tolist()) == ["a", "cat", "<unk>"]
 
 
+def test_a_batch_comes_longest_caption_first_each_row_with_its_own_record_image_and_targets():
+    """collate_captions sorts (stably) so the decoder need not: every row keeps its sample's
+    record index, pixels and attention targets."""
+    tokens = [[1, 5, 2], [1, 5, 6, 7, 2], [1, 2], [1, 8, 9, 7, 2], [1, 6, 2]]
+    samples = [(10 + k, t, torch.full((3, 2, 2), float(k)), {0: torch.full((4,), float(k))})
+               for k, t in enumerate(tokens)]
+    batch = collate_captions(samples)
+    order = [1, 3, 0, 4, 2]  # lengths 5, 5, 3, 3, 2; ties in their first order
+    assert batch.index.tolist() == [10 + k for k in order]
+    assert batch.lengths.tolist() == [5, 5, 3, 3, 2]
+    assert [batch.captions[b, :len(tokens[k])].tolist() for b, k in enumerate(order)] == [tokens[k] for k in order]
+    assert batch.images[:, 0, 0, 0].tolist() == [float(k) for k in order]
+    assert batch.attention_targets[:, 0, 0].tolist() == [float(k) for k in order]
+
+
 def test_feature_mode_loads_no_pixels(tmp_path):
     records = [ImageRecord(1, tmp_path / "missing.png", (Caption("a dog"),), "train")]
     ds = CaptionDataset(records, Vocabulary(["a", "dog"]), max_len=5)
