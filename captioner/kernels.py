@@ -12,7 +12,7 @@ agrees in value and gradient. ``model.attention.fused: false`` runs the plain sc
   no C compiler is found, or with ``CAPTIONER_NATIVE=0``).
 - :func:`context`: sum_l alpha_l a_l, the soft attention's read of the features, in C over
   bf16 features on the CPU (one pass each way, float32 accumulation); else the plain ``bmm``.
-- :func:`cross_entropy`: each row's cross-entropy, in C for bf16 logits on the CPU.
+- :func:`cross_entropy`: each row's cross-entropy, in C for float32 and bf16 logits on the CPU.
 - :class:`StepWeight`: ``x_t @ W^T`` at every step of a time loop, the weight's gradient
   made in one matmul instead of one per step.
 - :class:`StepSum`: a tensor read at every step whose per-step gradients the steps add
@@ -447,9 +447,9 @@ def context(alpha: Tensor, features: Tensor | FeatureRows, fused: bool = True) -
 
 
 class CrossEntropy(torch.autograd.Function):
-    """Each row's cross-entropy of bf16 logits (N, V) in C (:mod:`captioner.native`), float32
-    inside: no float32 copy of the logits, no (N, V) log-probabilities; the gradient is
-    written in bf16 directly. target (N,) -> nll (N,) float32."""
+    """Each row's cross-entropy of float32 or bf16 logits (N, V) in C (:mod:`captioner.native`),
+    float32 inside: no float32 copy of bf16 logits, no (N, V) log-probabilities; the gradient is
+    written in the logits' dtype directly. target (N,) -> nll (N,) float32."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:
@@ -466,8 +466,9 @@ class CrossEntropy(torch.autograd.Function):
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """``F.cross_entropy(logits.float(), target, reduction="none")``: logits (N, V), target (N,)
-    -> (N,) float32. For bf16 logits on a CPU, :class:`CrossEntropy` (in C: the float32 copy of
-    the logits, the log-softmax and its backward were 10 ms of a 265 ms bench step)."""
+    -> (N,) float32. For float32 or bf16 logits on a CPU, :class:`CrossEntropy` (in C: for bf16,
+    the float32 copy of the logits, the log-softmax and its backward were 10 ms of a 265 ms bench
+    step; for float32 at N = 399, V = 10,000, 2.7 against PyTorch's 4.0-4.3 ms forward and backward)."""
     if native.xent_usable(logits):
         target = target.contiguous()
         V = logits.shape[1]

@@ -18,12 +18,13 @@ per image: a teacher-forced step, greedy decoding): oneDNN's bf16 ``bmm`` with o
 image runs at under half the memory bandwidth (1.16 ms a step at the bench's sizes, against
 0.51 ms for one pass here, which widens each value to float32 in registers and accumulates
 in float32, as the ``bmm`` does); and in beam search, float32 or bf16, the K maps of each image
-in one pass over its features (``kernels.context``). And the loss over bf16 logits (N, V): each row's
-cross-entropy in float32 without a float32 copy of the logits or the (N, V) log-probabilities,
-the gradient written in bf16 directly (10.4 against 2.4 ms forward and backward at N = 399,
-V = 10,000). And a decoding step's pieces that PyTorch runs as many small ops: the beam's K
-best continuations of each image (``beam_topk``, after ``row_logsumexp``) and the LSTM cell
-from its three gate products (``lstm_cell``).
+in one pass over its features (``kernels.context``). And the loss over float32 or bf16 logits (N, V):
+each row's cross-entropy in float32 without a float32 copy of the logits or the (N, V)
+log-probabilities, the gradient written in the logits' dtype directly (bf16: 10.4 against 2.4 ms
+forward and backward at N = 399, V = 10,000; float32: 4.0-4.3 against 2.7). And a decoding
+step's pieces that PyTorch runs as many small ops: the beam's K best continuations of each
+image (``beam_topk``, after ``row_logsumexp``) and the LSTM cell from its three gate products
+(``lstm_cell``).
 
 The source is compiled with the C compiler on the PATH (``$CC``, else ``cc``) for this CPU
 (``-march=native``) into ``$CAPTIONER_NATIVE_CACHE`` (default ``~/.cache/captioner/native``),
@@ -285,38 +286,41 @@ static inline uint16_t narrow(float x) {
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
-/* Cross-entropy of each row of bf16 logits (N, V), in float32: lse[n] = log sum_v exp(x[n,v]),
-   nll[n] = lse[n] - x[n, target[n]]. Two passes over the row (its max, then the sum). */
-void xent_forward_bf16(const uint16_t *logits, const long *target, float *nll, float *lse,
-                       long N, long V, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long n = 0; n < N; n++) {
-        const uint16_t *x = logits + n * V;
-        float m = -INFINITY;
-        #pragma omp simd reduction(max:m)
-        for (long v = 0; v < V; v++) m = fmaxf(m, widen(x[v]));
-        float sum = 0.f;
-        #pragma omp simd reduction(+:sum)
-        for (long v = 0; v < V; v++) sum += expf(widen(x[v]) - m);
-        lse[n] = m + logf(sum);
-        nll[n] = lse[n] - widen(x[target[n]]);
-    }
+/* Cross-entropy of each row of logits (N, V), float32 or bf16, in float32: lse[n] = log sum_v
+   exp(x[n,v]), nll[n] = lse[n] - x[n, target[n]]. Two passes over the row (its max, then the sum).
+   Its gradient in the logits' dtype: grad[n,v] = g[n] (exp(x[n,v] - lse[n]) - [v == target[n]]). */
+#define XENT_KERNELS(NAME, T, LOAD, STORE)                                                       \
+void xent_forward_##NAME(const T *logits, const long *target, float *nll, float *lse,            \
+                         long N, long V, int threads) {                                          \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
+    for (long n = 0; n < N; n++) {                                                               \
+        const T *x = logits + n * V;                                                             \
+        float m = -INFINITY;                                                                     \
+        _Pragma("omp simd reduction(max:m)")                                                     \
+        for (long v = 0; v < V; v++) m = fmaxf(m, LOAD(x[v]));                                   \
+        float sum = 0.f;                                                                         \
+        _Pragma("omp simd reduction(+:sum)")                                                     \
+        for (long v = 0; v < V; v++) sum += expf(LOAD(x[v]) - m);                                \
+        lse[n] = m + logf(sum);                                                                  \
+        nll[n] = lse[n] - LOAD(x[target[n]]);                                                    \
+    }                                                                                            \
+}                                                                                                \
+void xent_backward_##NAME(const T *logits, const long *target, const float *lse, const float *g, \
+                          T *grad, long N, long V, int threads) {                                \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
+    for (long n = 0; n < N; n++) {                                                               \
+        const T *x = logits + n * V;                                                             \
+        T *out = grad + n * V;                                                                   \
+        const float gn = g[n], l = lse[n];                                                       \
+        _Pragma("omp simd")                                                                      \
+        for (long v = 0; v < V; v++) out[v] = STORE(gn * expf(LOAD(x[v]) - l));                  \
+        const long t = target[n];                                                                \
+        out[t] = STORE(gn * (expf(LOAD(x[t]) - l) - 1.f));                                       \
+    }                                                                                            \
 }
 
-/* Its gradient, in bf16: grad[n,v] = g[n] (exp(x[n,v] - lse[n]) - [v == target[n]]). */
-void xent_backward_bf16(const uint16_t *logits, const long *target, const float *lse, const float *g,
-                        uint16_t *grad, long N, long V, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long n = 0; n < N; n++) {
-        const uint16_t *x = logits + n * V;
-        uint16_t *out = grad + n * V;
-        const float gn = g[n], l = lse[n];
-        #pragma omp simd
-        for (long v = 0; v < V; v++) out[v] = narrow(gn * expf(widen(x[v]) - l));
-        const long t = target[n];
-        out[t] = narrow(gn * (expf(widen(x[t]) - l) - 1.f));
-    }
-}
+XENT_KERNELS(f32, float, same, same)
+XENT_KERNELS(bf16, uint16_t, widen, narrow)
 
 /* What log_softmax subtracts from each row of float32 logits (N, V), as it computes it:
    stats[n] = (m, log sum_v exp(x[n,v] - m)) with m the row's max; log p = (x - m) - stats[n,1]. */
@@ -494,9 +498,10 @@ def library() -> ctypes.CDLL | None:
         forward, backward = getattr(lib, f"context_forward_{dtype}"), getattr(lib, f"context_backward_{dtype}")
         forward.argtypes, forward.restype = [p, p, p, p, n, n, n, n, ctypes.c_int], None  # ..., B, K, L, C
         backward.argtypes, backward.restype = [p, p, p, p, n, n, n, ctypes.c_int], None  # ..., B, L, C
-    lib.xent_forward_bf16.argtypes = [p, p, p, p, n, n, ctypes.c_int]
-    lib.xent_backward_bf16.argtypes = [p, p, p, p, p, n, n, ctypes.c_int]
-    lib.xent_forward_bf16.restype = lib.xent_backward_bf16.restype = None
+    for name in _XENT.values():
+        forward, backward = getattr(lib, f"xent_forward_{name}"), getattr(lib, f"xent_backward_{name}")
+        forward.argtypes, forward.restype = [p, p, p, p, n, n, ctypes.c_int], None  # logits, target, nll, lse, N, V
+        backward.argtypes, backward.restype = [p, p, p, p, p, n, n, ctypes.c_int], None  # ..., lse, g, grad, N, V
     lib.transpose_u16.argtypes, lib.transpose_u16.restype = [p, p, n, n, ctypes.c_int], None
     lib.row_logsumexp.argtypes = [p, p, n, n, ctypes.c_int]
     lib.beam_topk.argtypes = [p, p, p, p, p, p, n, n, n, n, n, ctypes.c_int, ctypes.c_int]
@@ -536,6 +541,7 @@ def score_backward(keys: Tensor, query: Tensor, grad: Tensor, keys_grad: Tensor)
 
 
 _CONTEXT = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the C context's dtypes, by name suffix
+_XENT = _CONTEXT  # the C cross-entropy's
 
 
 def context_usable(features: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
@@ -574,27 +580,29 @@ def context_backward(grad: Tensor, features: Tensor, rows: Tensor | None = None)
 
 
 def xent_usable(logits: Tensor) -> bool:
-    """Whether :func:`xent_forward` can take these logits: bf16 (N, V) laid out contiguously on
-    the CPU, and the library compiled."""
-    return (logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and logits.dim() == 2
+    """Whether :func:`xent_forward` can take these logits: float32 or bf16 (N, V) laid out
+    contiguously on the CPU, and the library compiled."""
+    return (logits.device.type == "cpu" and logits.dtype in _XENT and logits.dim() == 2
             and logits.is_contiguous() and library() is not None)
 
 
 def xent_forward(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """logits (N, V) bf16, target (N,) int64 in [0, V), both contiguous -> (nll, lse), each (N,) float32."""
+    """logits (N, V) float32 or bf16, target (N,) int64 in [0, V), both contiguous -> (nll, lse),
+    each (N,) float32."""
     N, V = logits.shape
     nll, lse = logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
-    library().xent_forward_bf16(logits.data_ptr(), target.data_ptr(), nll.data_ptr(), lse.data_ptr(), N, V,
-                                torch.get_num_threads())
+    getattr(library(), f"xent_forward_{_XENT[logits.dtype]}")(
+        logits.data_ptr(), target.data_ptr(), nll.data_ptr(), lse.data_ptr(), N, V, torch.get_num_threads())
     return nll, lse
 
 
 def xent_backward(logits: Tensor, target: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
-    """The logits' gradient (N, V) bf16 for the nll's gradient ``grad`` (N,) float32 contiguous."""
+    """The logits' gradient (N, V), in their dtype, for the nll's gradient ``grad`` (N,) float32 contiguous."""
     N, V = logits.shape
     out = torch.empty_like(logits)
-    library().xent_backward_bf16(logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(),
-                                 out.data_ptr(), N, V, torch.get_num_threads())
+    getattr(library(), f"xent_backward_{_XENT[logits.dtype]}")(
+        logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(), out.data_ptr(), N, V,
+        torch.get_num_threads())
     return out
 
 

@@ -367,41 +367,45 @@ def bf16_logits(N=5, V=37, seed=0, scale=3.0):
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("V", [37, 10000])
-def test_the_bf16_cross_entropy_is_the_double_precision_one_in_value_and_gradient(V):
+def test_the_c_cross_entropy_is_the_double_precision_one_in_value_and_gradient(V, dtype):
     logits, target = bf16_logits(N=6, V=V)
-    logits.requires_grad_()
+    logits = logits.to(dtype).requires_grad_()
     upstream = torch.rand(6, generator=torch.Generator().manual_seed(3))
     nll = kernels.CrossEntropy.apply(logits, target)
     (grad,) = torch.autograd.grad(nll, logits, upstream)
-    assert nll.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert nll.dtype == torch.float32 and grad.dtype == dtype
     x = logits.detach().double().requires_grad_()
     exact = torch.nn.functional.cross_entropy(x, target, reduction="none")
     (exact_grad,) = torch.autograd.grad(exact, x, upstream.double())
     torch.testing.assert_close(nll.double(), exact, rtol=1e-6, atol=1e-5)
-    # computed in float32 and rounded once to bf16: within one bf16 step of the exact gradient
-    torch.testing.assert_close(grad.double(), exact_grad, rtol=2 ** -8, atol=1e-9)
+    # computed in float32 (and rounded once to bf16: within one bf16 step of the exact gradient)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=2 ** -8 if dtype == torch.bfloat16 else 1e-5, atol=1e-9)
     assert torch.all(grad[torch.arange(6), target] < 0)  # the target's own share, pushed up
 
 
 @needs_cc
-def test_cross_entropy_takes_c_for_bf16_cpu_logits_only_and_matches_torch_elsewhere(monkeypatch):
+def test_cross_entropy_takes_c_for_float32_and_bf16_cpu_logits_and_matches_torch_elsewhere(monkeypatch):
     calls = []
     real = native.xent_forward
     monkeypatch.setattr(native, "xent_forward", lambda *a: calls.append(1) or real(*a))
     logits, target = bf16_logits()
-    for x, taken in [(logits, True), (logits.float(), False), (logits.t().contiguous().t(), False)]:
+    for x, taken in [(logits, True), (logits.float(), True), (logits.double(), False),
+                     (logits.float().t().contiguous().t(), False)]:
         calls.clear()
         out = kernels.cross_entropy(x, target)
-        assert bool(calls) is taken
+        assert bool(calls) is taken and out.dtype == torch.float32
         torch.testing.assert_close(out, torch.nn.functional.cross_entropy(x.float(), target, reduction="none"))
-    assert torch.equal(kernels.cross_entropy(logits.float(), target),
+    assert torch.equal(kernels.cross_entropy(logits.double(), target),
                        torch.nn.functional.cross_entropy(logits.float(), target, reduction="none"))
 
 
 @needs_cc
-def test_the_bf16_cross_entropy_keeps_a_nan_and_huge_logits_finite():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_c_cross_entropy_keeps_a_nan_and_huge_logits_finite(dtype):
     logits, target = bf16_logits(N=3, scale=1e4)
+    logits = logits.to(dtype)
     assert torch.isfinite(kernels.cross_entropy(logits, target)).all()
     torch.testing.assert_close(kernels.cross_entropy(logits, target),
                                torch.nn.functional.cross_entropy(logits.double(), target, reduction="none").float())
@@ -411,8 +415,10 @@ def test_the_bf16_cross_entropy_keeps_a_nan_and_huge_logits_finite():
 
 
 @needs_cc
-def test_a_bf16_cross_entropy_target_outside_the_vocabulary_is_refused_with_the_range():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_c_cross_entropy_target_outside_the_vocabulary_is_refused_with_the_range(dtype):
     logits, _ = bf16_logits(V=37)
+    logits = logits.to(dtype)
     with pytest.raises(IndexError, match=r"\[0, 37\).*got 0\.\.37"):
         kernels.cross_entropy(logits, torch.tensor([0, 1, 2, 3, 37]))
     with pytest.raises(IndexError, match=r"got -1\.\.3"):
