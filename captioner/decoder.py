@@ -251,8 +251,9 @@ class Decoder(nn.Module):
         arrangement: "xu" (attend on h_{t-1}, before the step) or "luong" (attend on h_t,
             attentional hidden state, input feeding; no beta gate or deep output).
         fused: in a teacher-forced pass, sum W_z's and W_h's gradients over the steps in one
-            matmul each (``captioner.kernels.StepWeight``); False: the plain per-step layers.
-            The same function either way.
+            matmul each (``captioner.kernels.StepWeight``), and drop out with a uniform draw
+            (``kernels.Dropout``); False: the plain per-step layers and ``nn.Dropout``. The same
+            function either way.
         score_mask: (C,) 1 for the channels the attention's scores read, 0 for those only the
             context vector and h_0 read (None: all). ``model.encoder.context_in_scores``.
         output: "expected" (the word from the expected context z_t), "mixture" (from each
@@ -302,7 +303,7 @@ class Decoder(nn.Module):
             self.out = nn.Linear(embed_dim, vocab_size)  # L_o
         else:
             self.out = nn.Linear(hidden_dim, vocab_size)  # L_o, or Luong's W_s
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = kernels.Dropout(dropout) if fused else nn.Dropout(dropout)  # the same; the first faster
         self.dropout_hidden, self.fused = dropout_hidden, fused
         self.anchor_on_word = getattr(attention, "anchor_on_word", False)
         if self.anchor_on_word and not self.luong:

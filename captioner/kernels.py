@@ -17,6 +17,7 @@ agrees in value and gradient. ``model.attention.fused: false`` runs the plain sc
   made in one matmul instead of one per step.
 - :class:`StepSum`: a tensor read at every step whose per-step gradients the steps add
   into one buffer themselves (the tanh score adds its keys' gradient there in place).
+- :class:`Dropout`: ``nn.Dropout`` with its CPU mask from a uniform draw (3x faster).
 - :func:`gather_rows`: a few rows of such a tensor at every step (``anchor_on_word``'s
   cells on the map's support), their gradient added into its buffer in place.
 - :func:`linear` / :func:`weight_gradient`: a bf16 layer's weight gradient g^T x with g's
@@ -476,6 +477,26 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
                              f"got {int(target.min())}..{int(target.max())}")
         return CrossEntropy.apply(logits, target.long())
     return torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+class Dropout(torch.nn.Dropout):
+    """``nn.Dropout`` whose mask on the CPU comes from a uniform draw (kept where u >= p), not
+    from ``bernoulli_``: PyTorch's CPU ``bernoulli_(p)`` takes ~10 ns an element (2.0 ms for
+    the bench's (399, 512) deep-output rows, dropped twice a training step), the uniform draw
+    and the product 0.7 ms. Each element is kept with probability 1 - p and scaled by
+    1 / (1 - p), as ``nn.Dropout``; the draws come from the same generator (``torch.manual_seed``
+    repeats them), but not the same stream, so a seed drops other elements than nn.Dropout's.
+    The uniform is drawn in float32 whatever the input's dtype (bf16's draws would round p).
+    Elsewhere (evaluation, CUDA's fused dropout, p = 0 or 1, in place) ``nn.Dropout`` itself."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or x.device.type != "cpu" or self.inplace or not 0 < self.p < 1:
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1 / (1 - self.p))  # 0 or 1 / (1 - p)
+        return x * keep.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- rows read at every step

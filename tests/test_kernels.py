@@ -343,6 +343,51 @@ def test_decoder_step_weights_fused_and_plain_agree(arrangement):
     assert {"gate_context.weight", "gate_hidden.weight"} <= _assert_same(fused, plain).keys()
 
 
+# -- dropout
+
+
+@pytest.mark.parametrize(("p", "dtype"), [(0.5, torch.float32), (0.3, torch.float32), (0.3, torch.bfloat16),
+                                          (0.001, torch.bfloat16)])
+def test_dropout_keeps_each_element_with_probability_one_minus_p_scaled_by_its_inverse(p, dtype):
+    """kernels.Dropout against its definition: kept at the rate 1 - p (within 5 sigma over 10^6
+    elements, each row too), kept values x / (1 - p), the gradient the same mask, fresh draws
+    each call, the same under the same seed. p = 0.001 in bf16: a uniform drawn in bf16 (steps of
+    1/256) would keep 255/256, 90 sigma off."""
+    x = (torch.rand(1000, 1000) + 1).to(dtype).requires_grad_()  # no zeros: a zero out is a drop
+    drop = kernels.Dropout(p).train()
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    sigma = (p * (1 - p) / x.numel()) ** 0.5
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * sigma
+    assert (kept.double().mean(1) - (1 - p)).abs().max() < 7 * sigma * 1000 ** 0.5  # no row-wise mask
+    scaled = (x.detach().float() * (1 / (1 - p))).to(dtype)
+    torch.testing.assert_close(y[kept], scaled[kept], rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=0)
+    g = torch.randn(x.shape).to(dtype)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, torch.where(kept, (g.float() * (1 / (1 - p))).to(dtype), 0),
+                               rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=0)
+    assert not torch.equal(drop(x) != 0, kept)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x) != 0, kept)
+
+
+def test_dropout_is_nn_dropout_where_it_does_not_draw():
+    """Evaluation and p = 0: the input itself; p = 1: zeros; in place: nn.Dropout's path. The
+    decoder uses it with its fused kernels, nn.Dropout without."""
+    x = torch.rand(50, 40) + 1
+    assert torch.equal(kernels.Dropout(0.5).eval()(x), x)
+    assert torch.equal(kernels.Dropout(0.0).train()(x), x)
+    assert torch.equal(kernels.Dropout(1.0).train()(x), torch.zeros_like(x))
+    inplace = x.clone()
+    out = kernels.Dropout(0.5, inplace=True).train()(inplace)
+    assert out.data_ptr() == inplace.data_ptr() and 0 < int((inplace == 0).sum()) < x.numel()
+    cfg = load_config(None, ["model.decoder.dropout=0.5"]).model
+    assert type(Decoder.from_config(cfg, vocab_size=20, feature_dim=8).dropout) is kernels.Dropout
+    cfg = load_config(None, ["model.decoder.dropout=0.5", "model.decoder.fused=false"]).model
+    assert type(Decoder.from_config(cfg, vocab_size=20, feature_dim=8).dropout) is torch.nn.Dropout
+
+
 # -- packed weights in decoding
 
 needs_mkl = pytest.mark.skipif(not kernels.packing_available(), reason="no MKL packed GEMM in this torch")
