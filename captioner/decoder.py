@@ -229,12 +229,16 @@ def _lstm(pre: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _lstm_summed(parts: tuple[Tensor, Tensor, Tensor], c: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
-    """:func:`_lstm` of parts[0] + parts[1] + parts[2] (W_e E y + b, W_z z, W_h h). Without
-    gradients on float32 CPU tensors (a decoding step), with ``fused``, the sums and the cell
-    in one C pass (:func:`captioner.native.lstm_cell`)."""
-    if (fused and not torch.is_grad_enabled() and c.dim() == 2 and all(p.shape == parts[0].shape for p in parts)
-            and native.usable(*parts, c)):
-        return native.lstm_cell(parts, c)
+    """:func:`_lstm` of parts[0] + parts[1] + parts[2] (W_e E y + b, W_z z, W_h h). With
+    ``fused``, on CPU tensors, the sums and the cell in one C pass: without gradients on float32
+    tensors (a decoding step) :func:`captioner.native.lstm_cell`; else, float32 or bf16 gates
+    with float32 c (a training step), :class:`captioner.kernels.LSTMCell`, its backward in C too."""
+    if fused and c.dim() == 2:
+        if (not torch.is_grad_enabled() and all(p.shape == parts[0].shape for p in parts)
+                and native.usable(*parts, c)):
+            return native.lstm_cell(parts, c)
+        if native.lstm_train_usable(parts, c) and not torch.compiler.is_compiling():
+            return kernels.LSTMCell.apply(*parts, c)
     return _lstm(parts[0] + parts[1] + parts[2], c)
 
 

@@ -18,6 +18,8 @@ agrees in value and gradient. ``model.attention.fused: false`` runs the plain sc
 - :class:`StepSum`: a tensor read at every step whose per-step gradients the steps add
   into one buffer themselves (the tanh score adds its keys' gradient there in place).
 - :class:`Dropout`: ``nn.Dropout`` with its CPU mask from a uniform draw (3x faster).
+- :class:`LSTMCell`: the LSTM cell of a teacher-forced step from its gates' three parts, in C
+  each way (float32 or bf16 gates); the plain cell is ``captioner.decoder._lstm``.
 - :func:`gather_rows`: a few rows of such a tensor at every step (``anchor_on_word``'s
   cells on the map's support), their gradient added into its buffer in place.
 - :func:`linear` / :func:`weight_gradient`: a bf16 layer's weight gradient g^T x with g's
@@ -497,6 +499,31 @@ class Dropout(torch.nn.Dropout):
             return super().forward(x)
         keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1 / (1 - self.p))  # 0 or 1 / (1 - p)
         return x * keep.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- the LSTM cell
+
+
+class LSTMCell(torch.autograd.Function):
+    """The LSTM cell of a teacher-forced step from its gates' three parts, forward and backward
+    in one C pass each (:func:`captioner.native.lstm_forward`): parts (B, 4H) float32 or bf16,
+    c (B, H) float32 -> h_t (B, H) in the parts' dtype, c_t (B, H) float32; the plain cell is
+    ``captioner.decoder._lstm(p0 + p1 + p2, c)``. The three parts share one gradient (the
+    gates'). Float32 inside, so in a bf16 pass h_t is the float32 cell's rounded once."""
+
+    @staticmethod
+    def forward(ctx, p0: Tensor, p1: Tensor, p2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        h, c_out, act = native.lstm_forward((p0, p1, p2), c)
+        ctx.save_for_backward(act, c, c_out)
+        ctx.dtype = h.dtype
+        return h, c_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh: Tensor, dc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        act, c, c_out = ctx.saved_tensors
+        dpre, dc_prev = native.lstm_backward(act, c, c_out, dh.to(ctx.dtype).contiguous(), dc.float().contiguous())
+        return dpre, dpre, dpre, dc_prev
 
 
 # ----------------------------------------------------------------------------- rows read at every step

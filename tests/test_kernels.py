@@ -6,7 +6,7 @@ import torch
 from captioner import kernels
 from captioner.attention import AdditiveScore, build_attention
 from captioner.config import AttentionConfig, load_config
-from captioner.decoder import Decoder
+from captioner.decoder import Decoder, _lstm
 from captioner.losses import CaptionLoss
 
 
@@ -341,6 +341,105 @@ def test_decoder_step_weights_fused_and_plain_agree(arrangement):
     plain = _decoder_loss_and_grads(f"model.decoder.arrangement={arrangement}", "model.decoder.fused=false", train=True)
     assert fused[0].fused and not plain[0].fused
     assert {"gate_context.weight", "gate_hidden.weight"} <= _assert_same(fused, plain).keys()
+
+
+# -- the LSTM cell
+
+needs_cc = pytest.mark.skipif(kernels.native.library() is None, reason="no C compiler")
+
+
+def _plain_cell_grads(parts, c, gh, gc):
+    """decoder._lstm of the parts' sum in float64: h_t, c_t, and the gradients of the parts' sum
+    and of c for the output gradients gh, gc."""
+    pre = (parts[0].double() + parts[1].double() + parts[2].double()).requires_grad_()
+    c64 = c.detach().double().requires_grad_()
+    h, c_next = _lstm(pre, c64)
+    return (h, c_next, *torch.autograd.grad((h, c_next), (pre, c64), (gh.double(), gc.double())))
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [7, 32])  # a remainder after any vector width, and none
+def test_lstm_cell_matches_the_plain_cell_in_value_and_gradient(dtype, H):
+    """kernels.LSTMCell against the plain cell in float64, its first part a step's column of a
+    (B, T, 4H) tensor (rows strided, as the decoder passes it): h_t, c_t, and each part's and c's
+    gradient. bf16 gates: h_t and the gates' gradient rounded once to bf16, c_t and c's
+    gradient float32."""
+    g = torch.Generator().manual_seed(H)
+    B = 5
+    steps = (torch.randn(B, 3, 4 * H, generator=g) * 3).to(dtype).requires_grad_()
+    others = [(torch.randn(B, 4 * H, generator=g) * 3).to(dtype).requires_grad_() for _ in range(2)]
+    parts = (steps.unbind(1)[1], *others)
+    assert not parts[0].is_contiguous() and kernels.native.lstm_train_usable(parts, torch.zeros(B, H))
+    c = (torch.randn(B, H, generator=g) * 2).requires_grad_()
+    gh, gc = torch.randn(B, H, generator=g).to(dtype), torch.randn(B, H, generator=g)
+    h, c_next = kernels.LSTMCell.apply(*parts, c)
+    assert h.dtype == dtype and c_next.dtype == torch.float32 and h.shape == c_next.shape == (B, H)
+    d_steps, d1, d2, dc = torch.autograd.grad((h, c_next), (steps, *others, c), (gh, gc))
+    h64, c64, dpre64, dc64 = _plain_cell_grads(parts, c, gh, gc)
+    rounded = {"rtol": 2 ** -8, "atol": 1e-6} if dtype == torch.bfloat16 else {"rtol": 0, "atol": 2e-6}
+    torch.testing.assert_close(h.double(), h64, **rounded)
+    torch.testing.assert_close(c_next.double(), c64, rtol=0, atol=2e-6)
+    for d in (d_steps[:, 1], d1, d2):
+        assert d.dtype == dtype
+        torch.testing.assert_close(d.double(), dpre64, **rounded)
+    assert not d_steps[:, [0, 2]].any()  # the other steps' columns get nothing
+    torch.testing.assert_close(dc.double(), dc64, rtol=0, atol=2e-6)
+
+
+@needs_cc
+def test_lstm_cell_takes_a_gradient_from_h_or_c_alone():
+    """A step whose c_t (or h_t) nothing reads sends no gradient for it: the cell counts it as zero."""
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(3, 16, generator=g).requires_grad_() for _ in range(3)]
+    c = torch.randn(3, 4, generator=g).requires_grad_()
+    gh = torch.randn(3, 4, generator=g)
+    zero = torch.zeros(3, 4)
+    h, c_next = kernels.LSTMCell.apply(*parts, c)
+    dp, dc = torch.autograd.grad(h, (parts[0], c), gh)
+    _, _, dpre64, dc64 = _plain_cell_grads(parts, c, gh, zero)
+    torch.testing.assert_close(dp.double(), dpre64, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dc.double(), dc64, rtol=0, atol=1e-6)
+    h, c_next = kernels.LSTMCell.apply(*parts, c)
+    dp, dc = torch.autograd.grad(c_next, (parts[0], c), gh)
+    _, _, dpre64, dc64 = _plain_cell_grads(parts, c, zero, gh)
+    assert not dp[:, 12:].any()  # the output gate's gradient comes from h_t alone
+    torch.testing.assert_close(dp.double(), dpre64, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dc.double(), dc64, rtol=0, atol=1e-6)
+
+
+@needs_cc
+@pytest.mark.parametrize("arrangement", ["xu", "luong"])
+def test_a_float32_training_pass_runs_the_c_cell_and_matches_the_plain_cell(arrangement, monkeypatch):
+    """The fused decoder's float32 teacher-forced pass runs kernels.LSTMCell at every step; with
+    the plain cell instead, the same loss and gradients to float32 rounding."""
+    cfg = load_config(None, ["model.attention.dim=6", "model.decoder.embed_dim=7", "model.decoder.hidden_dim=9",
+                             "model.decoder.dropout=0.0", f"model.decoder.arrangement={arrangement}"]).model
+    torch.manual_seed(0)
+    dec = Decoder.from_config(cfg, vocab_size=20, feature_dim=8).train()
+    assert dec.fused
+    feats = torch.randn(3, 10, 8)
+    caps = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 7, 8, 9, 10, 2], [1, 4, 2, 0, 0, 0]])
+    mask = caps[:, 1:] != 0
+    calls = []
+    real = kernels.LSTMCell.apply
+    monkeypatch.setattr(kernels.LSTMCell, "apply", lambda *a: calls.append(a[3].shape[0]) or real(*a))
+
+    def run():
+        dec.zero_grad()
+        loss = CaptionLoss(alpha_c=1.0)(dec(feats, caps, lengths=mask.sum(1)), caps[:, 1:], mask).total
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+
+    loss_c, grads_c = run()
+    assert calls == [3, 3, 2, 1, 1]  # every step, on the captions still going
+    monkeypatch.setattr(kernels.native, "lstm_train_usable", lambda *a: False)
+    loss_p, grads_p = run()
+    assert len(calls) == 5
+    torch.testing.assert_close(loss_c, loss_p, rtol=1e-6, atol=0)
+    assert grads_c.keys() == grads_p.keys() and len(grads_p) > 10
+    for name in grads_p:
+        torch.testing.assert_close(grads_c[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # -- dropout

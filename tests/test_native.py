@@ -548,27 +548,32 @@ def test_the_c_lstm_cell_is_the_double_precision_cell(H):
 
 
 @needs_cc
-def test_the_c_lstm_cell_runs_in_decoding_only(monkeypatch):
-    """Without gradients, fused, float32: the C cell; with gradients (training), unfused, or
-    bf16, PyTorch's ops, which autograd can follow."""
+def test_each_c_lstm_cell_runs_where_it_is_meant_to(monkeypatch):
+    """Fused, without gradients, float32: the decoding cell (native.lstm_cell); fused otherwise,
+    float32 or bf16 gates with float32 c (a training step, a bf16 decoding step): the training
+    cell (kernels.LSTMCell), which autograd can follow; unfused: PyTorch's ops."""
     from captioner import decoder as decoder_module
+    from captioner import kernels
 
-    calls, real = [], native.lstm_cell
-    monkeypatch.setattr(native, "lstm_cell", lambda parts, c: calls.append(tuple(c.shape)) or real(parts, c))
+    calls, real, real_train = [], native.lstm_cell, kernels.LSTMCell.apply
+    monkeypatch.setattr(native, "lstm_cell", lambda parts, c: calls.append("decode") or real(parts, c))
+    monkeypatch.setattr(kernels.LSTMCell, "apply", lambda *a: calls.append(("train", a[0].dtype)) or real_train(*a))
     g = torch.Generator().manual_seed(0)
     parts = tuple(torch.randn(3, 16, generator=g) for _ in range(3))
     c = torch.randn(3, 4, generator=g)
     expected = decoder_module._lstm(parts[0] + parts[1] + parts[2], c)
     with torch.no_grad():
         got = decoder_module._lstm_summed(parts, c, fused=True)
-    assert calls == [(3, 4)]
+    assert calls == ["decode"]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     leaf = parts[0].clone().requires_grad_()
     h, _ = decoder_module._lstm_summed((leaf, parts[1], parts[2]), c, fused=True)
     h.sum().backward()
-    assert leaf.grad is not None and calls == [(3, 4)]
+    assert leaf.grad is not None and calls == ["decode", ("train", torch.float32)]
     with torch.no_grad():
         decoder_module._lstm_summed(parts, c, fused=False)
         decoder_module._lstm_summed(tuple(p.bfloat16() for p in parts), c, fused=True)
-    assert calls == [(3, 4)]
+        decoder_module._lstm_summed(tuple(p.bfloat16() for p in parts), c.bfloat16(), fused=True)  # c not float32
+        decoder_module._lstm_summed(parts, c.double(), fused=True)
+    assert calls == ["decode", ("train", torch.float32), ("train", torch.bfloat16)]

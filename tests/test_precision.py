@@ -149,14 +149,15 @@ def casts_of_a_training_pass(T: int) -> Counter:
 def test_no_weight_or_feature_is_cast_inside_the_time_loop():
     short, long = casts_of_a_training_pass(4), casts_of_a_training_pass(12)  # 3 and 11 steps
     grown = {shape: long[shape] - short[shape] for shape in long if shape in short and long[shape] != short[shape]}
-    # all that is cast at every step (forward, and the gradient back): the LSTM cell's (B, H) values
-    # where the float32 cell state meets the bf16 gates; and, on a CPU, the additive score's query
-    # (B, 1, A), its scores (B, 1, L) and w (A,), whose elementwise work runs in float32 there
-    # (kernels.score_dtype); and where the C kernel reads the bf16 features (kernels.context), the
-    # map (B, L) it takes in float32 and the context (B, C) it gives back, each with its gradient:
-    # vectors of a step's rows, never a weight, the features or the keys
+    # all that is cast at every step (forward, and the gradient back): on a CPU, the additive
+    # score's query (B, 1, A), its scores (B, 1, L) and w (A,), whose elementwise work runs in
+    # float32 there (kernels.score_dtype); where the C kernels run, the map (B, L) the context
+    # kernel (kernels.context) takes in float32 and the context (B, C) it gives back, each with its
+    # gradient; without them, the LSTM cell's (B, H) values where the float32 cell state meets the
+    # bf16 gates (the C cell, kernels.LSTMCell, reads and writes both dtypes itself): vectors of a
+    # step's rows, never a weight, the features or the keys
     A = H  # make_decoder's attention dim
-    expected = {(B, H), (B, 1, A), (B, 1, L), (A,)} | ({(B, L), (B, C)} if native.library() else set())
+    expected = {(B, 1, A), (B, 1, L), (A,)} | ({(B, L), (B, C)} if native.library() else {(B, H)})
     assert set(grown) == expected, grown
     # what has T in its shape (the logits (B, T, V) for the loss, say) is cast once, and its gradient once
     assert all(n <= 2 for shape, n in (long - short).items() if shape not in short), long - short
