@@ -24,7 +24,8 @@ log-probabilities, the gradient written in the logits' dtype directly (bf16: 10.
 forward and backward at N = 399, V = 10,000; float32: 4.0-4.3 against 2.7). And a decoding
 step's pieces that PyTorch runs as many small ops: the beam's K best continuations of each
 image (``beam_topk``, after ``row_logsumexp``) and the LSTM cell from its three gate products
-(``lstm_cell``).
+(``lstm_cell``); and the same cell in training, forward and backward, over float32 or bf16
+gates (``lstm_forward`` / ``lstm_backward``, :class:`captioner.kernels.LSTMCell`).
 
 The source is compiled with the C compiler on the PATH (``$CC``, else ``cc``) for this CPU
 (``-march=native``) into ``$CAPTIONER_NATIVE_CACHE`` (default ``~/.cache/captioner/native``),
@@ -88,6 +89,15 @@ static inline float exp_near(float y) {
 
 /* sigmoid(2x) */
 static inline float sig2(float x) { return 1.f / (1.f + exp_near(-2.f * x)); }
+
+/* y, or x where x is a NaN: the clamp in exp_near turns a NaN into a number, and the cells below
+   would hand a diverged model's NaN gates on as finite values. Tested on the bits, which
+   -ffast-math (no NaNs assumed) leaves alone. */
+static inline float keep_nan(float x, float y) {
+    union { float f; uint32_t u; } v;
+    v.f = x;
+    return (v.u & 0x7fffffffu) > 0x7f800000u ? x : y;
+}
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #include <immintrin.h>
@@ -373,13 +383,14 @@ void lstm_cell(const float *p0, const float *p1, const float *p2, const float *c
         const float *x0 = p0 + b * 4 * H, *x1 = p1 + b * 4 * H, *x2 = p2 + b * 4 * H;
         #pragma omp simd
         for (long j = 0; j < H; j++) {
-            const float i = sig2(0.5f * ((x0[j] + x1[j]) + x2[j]));
-            const float f = sig2(0.5f * ((x0[H + j] + x1[H + j]) + x2[H + j]));
-            const float g = 2.f * sig2((x0[2 * H + j] + x1[2 * H + j]) + x2[2 * H + j]) - 1.f;
-            const float o = sig2(0.5f * ((x0[3 * H + j] + x1[3 * H + j]) + x2[3 * H + j]));
+            const float xi = (x0[j] + x1[j]) + x2[j], xf = (x0[H + j] + x1[H + j]) + x2[H + j];
+            const float xg = (x0[2 * H + j] + x1[2 * H + j]) + x2[2 * H + j];
+            const float xo = (x0[3 * H + j] + x1[3 * H + j]) + x2[3 * H + j];
+            const float i = keep_nan(xi, sig2(0.5f * xi)), f = keep_nan(xf, sig2(0.5f * xf));
+            const float g = keep_nan(xg, 2.f * sig2(xg) - 1.f), o = keep_nan(xo, sig2(0.5f * xo));
             const float cn = f * c[b * H + j] + i * g;
             c_out[b * H + j] = cn;
-            h[b * H + j] = o * (2.f * sig2(cn) - 1.f);
+            h[b * H + j] = o * keep_nan(cn, 2.f * sig2(cn) - 1.f);
         }
     }
 }
@@ -391,8 +402,9 @@ void lstm_cell(const float *p0, const float *p1, const float *p2, const float *c
    sigmoid(f), tanh(g), sigmoid(o), what the backward reads. The backward, from dh (B, H) in T and
    dc' (B, H): the gates' gradient dpre (B, 4H) in T (each part's) and dc (B, H). In float32
    throughout (a bf16 gate sum and each activation are not rounded to bf16, as PyTorch's ops
-   round them). PyTorch's ops made about 35 passes of (B, H) or (B, 4H) forward and backward:
-   0.29 ms a step at B = 32, H = 512. */
+   round them); a NaN gate stays a NaN (keep_nan), as in PyTorch's cell, forward and backward.
+   PyTorch's ops made about 35 passes of (B, H) or (B, 4H) forward and backward: 0.33 ms a step
+   at B = 32, H = 512 with autograd's overhead, against 0.10 here. */
 #define LSTM_KERNELS(NAME, T, LOAD, STORE)                                                       \
 void lstm_forward_##NAME(const T *p0, const T *p1, const T *p2, long s0, long s1, long s2,       \
                          const float *c, T *h, float *c_out, float *act, long B, long H,          \
@@ -403,14 +415,16 @@ void lstm_forward_##NAME(const T *p0, const T *p1, const T *p2, long s0, long s1
         float *a = act + b * 4 * H;                                                              \
         _Pragma("omp simd")                                                                      \
         for (long j = 0; j < H; j++) {                                                           \
-            const float i = sig2(0.5f * ((LOAD(x0[j]) + LOAD(x1[j])) + LOAD(x2[j])));            \
-            const float f = sig2(0.5f * ((LOAD(x0[H + j]) + LOAD(x1[H + j])) + LOAD(x2[H + j]))); \
-            const float g = 2.f * sig2((LOAD(x0[2 * H + j]) + LOAD(x1[2 * H + j])) + LOAD(x2[2 * H + j])) - 1.f; \
-            const float o = sig2(0.5f * ((LOAD(x0[3 * H + j]) + LOAD(x1[3 * H + j])) + LOAD(x2[3 * H + j]))); \
+            const float xi = (LOAD(x0[j]) + LOAD(x1[j])) + LOAD(x2[j]);                           \
+            const float xf = (LOAD(x0[H + j]) + LOAD(x1[H + j])) + LOAD(x2[H + j]);               \
+            const float xg = (LOAD(x0[2 * H + j]) + LOAD(x1[2 * H + j])) + LOAD(x2[2 * H + j]);   \
+            const float xo = (LOAD(x0[3 * H + j]) + LOAD(x1[3 * H + j])) + LOAD(x2[3 * H + j]);   \
+            const float i = keep_nan(xi, sig2(0.5f * xi)), f = keep_nan(xf, sig2(0.5f * xf));    \
+            const float g = keep_nan(xg, 2.f * sig2(xg) - 1.f), o = keep_nan(xo, sig2(0.5f * xo)); \
             a[j] = i; a[H + j] = f; a[2 * H + j] = g; a[3 * H + j] = o;                          \
             const float cn = f * c[b * H + j] + i * g;                                           \
             c_out[b * H + j] = cn;                                                               \
-            h[b * H + j] = STORE(o * (2.f * sig2(cn) - 1.f));                                    \
+            h[b * H + j] = STORE(o * keep_nan(cn, 2.f * sig2(cn) - 1.f));                        \
         }                                                                                        \
     }                                                                                            \
 }                                                                                                \
@@ -423,7 +437,8 @@ void lstm_backward_##NAME(const float *act, const float *c, const float *c_out, 
         _Pragma("omp simd")                                                                      \
         for (long j = 0; j < H; j++) {                                                           \
             const float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];              \
-            const float tc = 2.f * sig2(c_out[b * H + j]) - 1.f, gh = LOAD(dh[b * H + j]);       \
+            const float cn = c_out[b * H + j], tc = keep_nan(cn, 2.f * sig2(cn) - 1.f);           \
+            const float gh = LOAD(dh[b * H + j]);                                                \
             const float dcn = dc_out[b * H + j] + gh * o * (1.f - tc * tc);                      \
             d[j] = STORE(dcn * g * i * (1.f - i));                                               \
             d[H + j] = STORE(dcn * c[b * H + j] * f * (1.f - f));                                \

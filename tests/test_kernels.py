@@ -409,6 +409,37 @@ def test_lstm_cell_takes_a_gradient_from_h_or_c_alone():
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lstm_cell_keeps_a_nan_gate_a_nan_forward_and_backward(dtype):
+    """A diverged model's NaN gates stay NaN in h_t, c_t and the gradients, where the plain cell
+    has them (the C exponential clamps its argument, which would make a NaN a number); an
+    infinite gate saturates as in the plain cell. The decoding cell too."""
+    g = torch.Generator().manual_seed(2)
+    parts = [torch.randn(3, 16, generator=g).to(dtype) for _ in range(3)]
+    c = torch.randn(3, 4, generator=g)
+    parts[1][0, 1] = parts[0][1, 4 + 2] = parts[2][2, 8 + 3] = float("nan")  # i, f, g: each in one row
+    parts[2][2, 12] = float("nan")  # o
+    parts[1][1, 8] = float("inf")
+    parts[0][0, 12 + 3] = float("-inf")
+    c[1, 3] = float("nan")
+    parts = [p.requires_grad_() for p in parts]
+    h, c_next = kernels.LSTMCell.apply(*parts, c)
+    dp = torch.autograd.grad(h.float().sum() + c_next.sum(), parts[0])[0]
+    h64, c64, dpre64, _ = _plain_cell_grads(parts, c, torch.ones(3, 4), torch.ones(3, 4))
+    assert h.isnan().any() and dp.isnan().any()
+    assert torch.equal(h.isnan(), h64.isnan()) and torch.equal(c_next.isnan(), c64.isnan())
+    assert torch.equal(dp.isnan(), dpre64.isnan())
+    rounded = {"rtol": 2 ** -8, "atol": 1e-6} if dtype == torch.bfloat16 else {"rtol": 0, "atol": 2e-6}
+    torch.testing.assert_close(h.double(), h64, equal_nan=True, **rounded)
+    torch.testing.assert_close(dp.double(), dpre64, equal_nan=True, **rounded)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            h_decode, c_decode = kernels.native.lstm_cell([p.detach() for p in parts], c)
+        torch.testing.assert_close(h_decode.double(), h64, equal_nan=True, rtol=0, atol=2e-6)
+        torch.testing.assert_close(c_decode.double(), c64, equal_nan=True, rtol=0, atol=2e-6)
+
+
+@needs_cc
 @pytest.mark.parametrize("arrangement", ["xu", "luong"])
 def test_a_float32_training_pass_runs_the_c_cell_and_matches_the_plain_cell(arrangement, monkeypatch):
     """The fused decoder's float32 teacher-forced pass runs kernels.LSTMCell at every step; with

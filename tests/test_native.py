@@ -548,6 +548,24 @@ def test_the_c_lstm_cell_is_the_double_precision_cell(H):
 
 
 @needs_cc
+def test_the_training_cell_takes_only_parts_it_can_read():
+    """lstm_train_usable: three (B, 4H) parts of one dtype (float32 or bf16), each row contiguous
+    (rows may be strided), and c (B, H) float32 contiguous."""
+    parts = tuple(torch.randn(3, 16) for _ in range(3))
+    c = torch.zeros(3, 4)
+    assert native.lstm_train_usable(parts, c)
+    assert native.lstm_train_usable((torch.randn(3, 2, 16)[:, 1], *parts[1:]), c)  # a step's column
+    assert native.lstm_train_usable(tuple(p.bfloat16() for p in parts), c)
+    assert not native.lstm_train_usable((torch.randn(16, 3).t(), *parts[1:]), c)  # columns strided
+    assert not native.lstm_train_usable((parts[0].bfloat16(), *parts[1:]), c)  # mixed dtypes
+    assert not native.lstm_train_usable(tuple(p.double() for p in parts), c.double())
+    assert not native.lstm_train_usable(parts, c.bfloat16())
+    assert not native.lstm_train_usable(parts, torch.zeros(3, 5))  # 4H != 16
+    assert not native.lstm_train_usable((parts[0][:2], *parts[1:]), c)
+    assert not native.lstm_train_usable(parts, torch.zeros(4, 3).t())  # c not contiguous
+
+
+@needs_cc
 def test_each_c_lstm_cell_runs_where_it_is_meant_to(monkeypatch):
     """Fused, without gradients, float32: the decoding cell (native.lstm_cell); fused otherwise,
     float32 or bf16 gates with float32 c (a training step, a bf16 decoding step): the training
