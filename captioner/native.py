@@ -371,40 +371,20 @@ void transpose_u16(const uint16_t *src, uint16_t *dst, long N, long M, int threa
         }
 }
 
-/* The LSTM cell of a decoding step (no gradients): the gate pre-activations summed from their
-   three products, pre = p0 + p1 + p2 (B, 4H: i, f, g, o, added left to right), and c (B, H) ->
-   h = sigmoid(o) tanh(c'), c' = sigmoid(f) c + sigmoid(i) tanh(g), in one pass (sigmoid(x) =
-   sig2(x / 2), tanh(x) = 2 sig2(x) - 1: within 3e-7 of float64's). PyTorch's ops made two sums
-   of (B, 4H) and seven (B, H) passes: 0.3 ms a step of the bench's k = 5 search. */
-void lstm_cell(const float *p0, const float *p1, const float *p2, const float *c, float *h, float *c_out,
-               long B, long H, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long b = 0; b < B; b++) {
-        const float *x0 = p0 + b * 4 * H, *x1 = p1 + b * 4 * H, *x2 = p2 + b * 4 * H;
-        #pragma omp simd
-        for (long j = 0; j < H; j++) {
-            const float xi = (x0[j] + x1[j]) + x2[j], xf = (x0[H + j] + x1[H + j]) + x2[H + j];
-            const float xg = (x0[2 * H + j] + x1[2 * H + j]) + x2[2 * H + j];
-            const float xo = (x0[3 * H + j] + x1[3 * H + j]) + x2[3 * H + j];
-            const float i = keep_nan(xi, sig2(0.5f * xi)), f = keep_nan(xf, sig2(0.5f * xf));
-            const float g = keep_nan(xg, 2.f * sig2(xg) - 1.f), o = keep_nan(xo, sig2(0.5f * xo));
-            const float cn = f * c[b * H + j] + i * g;
-            c_out[b * H + j] = cn;
-            h[b * H + j] = o * keep_nan(cn, 2.f * sig2(cn) - 1.f);
-        }
-    }
-}
-
-/* The LSTM cell of a teacher-forced step and its backward, float32 or bf16 gates (T) with
-   float32 c: the cell as above from the parts p0, p1, p2 (B, 4H; row strides s0, s1, s2 in
-   values, so a step's column of the embeddings' (B, T, 4H) products needs no copy) and c (B, H)
-   -> h (B, H) in T, c' (B, H) and the gates' activations act (B, 4H), float32: sigmoid(i),
-   sigmoid(f), tanh(g), sigmoid(o), what the backward reads. The backward, from dh (B, H) in T and
-   dc' (B, H): the gates' gradient dpre (B, 4H) in T (each part's) and dc (B, H). In float32
-   throughout (a bf16 gate sum and each activation are not rounded to bf16, as PyTorch's ops
-   round them); a NaN gate stays a NaN (keep_nan), as in PyTorch's cell, forward and backward.
-   PyTorch's ops made about 35 passes of (B, H) or (B, 4H) forward and backward: 0.33 ms a step
-   at B = 32, H = 512 with autograd's overhead, against 0.10 here. */
+/* The LSTM cell, float32 or bf16 gates (T) with float32 c: the gate pre-activations summed from
+   their three products, pre = p0 + p1 + p2 (B, 4H: i, f, g, o, added left to right; row strides
+   s0, s1, s2 in values, so a teacher-forced step's column of the embeddings' (B, T, 4H) products
+   needs no copy), and c (B, H) -> h = sigmoid(o) tanh(c') (B, H) in T, c' = sigmoid(f) c +
+   sigmoid(i) tanh(g) (B, H), in one pass (sigmoid(x) = sig2(x / 2), tanh(x) = 2 sig2(x) - 1:
+   within 3e-7 of float64's), in float32 throughout (a bf16 gate sum and each activation are not
+   rounded to bf16, as PyTorch's ops round them). A NaN gate stays a NaN (keep_nan), as in
+   PyTorch's cell, forward and backward. For a training step the forward also writes what the
+   backward reads, act (B, 4H) float32: sigmoid(i), sigmoid(f), tanh(g), sigmoid(o); a decoding
+   step passes act = NULL. The backward, from dh (B, H) in T and dc' (B, H): the gates' gradient
+   dpre (B, 4H) in T (each part's) and dc (B, H). PyTorch's ops made two sums of (B, 4H) and seven
+   (B, H) passes forward (0.3 ms a step of the bench's k = 5 search), about 35 passes forward and
+   backward in training (0.33 ms a step at B = 32, H = 512 with autograd's overhead, against 0.10
+   here). */
 #define LSTM_KERNELS(NAME, T, LOAD, STORE)                                                       \
 void lstm_forward_##NAME(const T *p0, const T *p1, const T *p2, long s0, long s1, long s2,       \
                          const float *c, T *h, float *c_out, float *act, long B, long H,          \
@@ -412,7 +392,7 @@ void lstm_forward_##NAME(const T *p0, const T *p1, const T *p2, long s0, long s1
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
     for (long b = 0; b < B; b++) {                                                               \
         const T *x0 = p0 + b * s0, *x1 = p1 + b * s1, *x2 = p2 + b * s2;                         \
-        float *a = act + b * 4 * H;                                                              \
+        float *a = act ? act + b * 4 * H : act;                                                  \
         _Pragma("omp simd")                                                                      \
         for (long j = 0; j < H; j++) {                                                           \
             const float xi = (LOAD(x0[j]) + LOAD(x1[j])) + LOAD(x2[j]);                           \
@@ -421,7 +401,7 @@ void lstm_forward_##NAME(const T *p0, const T *p1, const T *p2, long s0, long s1
             const float xo = (LOAD(x0[3 * H + j]) + LOAD(x1[3 * H + j])) + LOAD(x2[3 * H + j]);   \
             const float i = keep_nan(xi, sig2(0.5f * xi)), f = keep_nan(xf, sig2(0.5f * xf));    \
             const float g = keep_nan(xg, 2.f * sig2(xg) - 1.f), o = keep_nan(xo, sig2(0.5f * xo)); \
-            a[j] = i; a[H + j] = f; a[2 * H + j] = g; a[3 * H + j] = o;                          \
+            if (act) { a[j] = i; a[H + j] = f; a[2 * H + j] = g; a[3 * H + j] = o; }             \
             const float cn = f * c[b * H + j] + i * g;                                           \
             c_out[b * H + j] = cn;                                                               \
             h[b * H + j] = STORE(o * keep_nan(cn, 2.f * sig2(cn) - 1.f));                        \
@@ -574,7 +554,6 @@ def library() -> ctypes.CDLL | None:
     lib.row_logsumexp.argtypes = [p, p, n, n, ctypes.c_int]
     lib.beam_topk.argtypes = [p, p, p, p, p, p, n, n, n, n, n, ctypes.c_int, ctypes.c_int]
     lib.row_logsumexp.restype = lib.beam_topk.restype = None
-    lib.lstm_cell.argtypes, lib.lstm_cell.restype = [p, p, p, p, p, p, n, n, ctypes.c_int], None
     for name in _LSTM.values():
         forward, backward = getattr(lib, f"lstm_forward_{name}"), getattr(lib, f"lstm_backward_{name}")
         forward.argtypes, forward.restype = [p, p, p, n, n, n, p, p, p, p, n, n, ctypes.c_int], None
@@ -708,8 +687,8 @@ def lstm_cell(parts: tuple[Tensor, Tensor, Tensor], c: Tensor) -> tuple[Tensor, 
     (h, c'), without gradients (see the C source). Float32 contiguous CPU tensors (:func:`usable`)."""
     B, H = c.shape
     h, c_out = torch.empty_like(c), torch.empty_like(c)
-    library().lstm_cell(*(t.data_ptr() for t in parts), c.data_ptr(), h.data_ptr(), c_out.data_ptr(), B, H,
-                        torch.get_num_threads())
+    library().lstm_forward_f32(*(t.data_ptr() for t in parts), *(t.stride(0) for t in parts), c.data_ptr(),
+                               h.data_ptr(), c_out.data_ptr(), None, B, H, torch.get_num_threads())
     return h, c_out
 
 
