@@ -20,6 +20,7 @@ unreadable one on stderr with its reason, and exit with code 1 at the end if the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -63,8 +64,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
     result = fit(cfg, quiet=args.quiet)
-    print(f"best val {result.metric} {result.best_score:.4f} (most-common-caption baseline "
-          f"{result.baseline_score:.4f}); run folder {result.run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns here; rank 0 says it once
+        print(f"best val {result.metric} {result.best_score:.4f} (most-common-caption baseline "
+              f"{result.baseline_score:.4f}); run folder {result.run_dir}")
     return 0
 
 

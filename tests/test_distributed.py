@@ -42,6 +42,7 @@ def test_two_processes_agree_and_match_one_process(shapes_root, tmp_path):
     assert final and final[-1]["ddp_world_size"] == 2
     assert final[-1]["ddp_max_parameter_difference"] == 0.0  # both ranks hold the same weights
     assert sum(1 for e in log if "val_cider" in e) == 2  # rank 0 alone logs each epoch once
+    assert ddp.stdout.count("; run folder ") == 1, ddp.stdout[-2000:]  # and the command says the result once
 
     single = subprocess.run([sys.executable, "-m", "captioner.cli", "train", *common, f"train.out_dir={tmp_path}/one"],
                             env=env, capture_output=True, text=True, timeout=900)
