@@ -14,7 +14,8 @@ runs in bf16 from end to end instead:
   (:meth:`captioner.model.Captioner.forward` with ``dtype``).
 - in the loop every matmul, the score, the softmax and the context sum run in bf16; only
   the LSTM cell state c stays float32 (a running sum over up to T steps; (B, H) values, the
-  decoder's ``_lstm`` keeps it so), and the loss reads the logits in float32.
+  decoder's ``_lstm`` keeps it so, and on a CPU :class:`captioner.kernels.LSTMCell` reads the
+  bf16 gates and the float32 c without a cast), and the loss reads the logits in float32.
 
 The encoder (convolutions and batch norm, no time loop) keeps ``torch.autocast``, which suits it.
 ``tests/test_precision.py`` checks the casts happen once per pass, not once per step, and
