@@ -41,22 +41,19 @@ python benchmarks/bench.py --device "$device" $quick --out "$out/bench.json" 2>&
 # short runs on a small shapes set (600 images, 3,000 captions; the first run generates it): the
 # AMP paths and DDP end to end
 epochs=${EPOCHS:-2}
-train() {  # train NAME OVERRIDES...: one run, its metrics.jsonl copied to $OUT/NAME.jsonl
-    local name=$1
-    shift
+train() {  # train NAME AMP COMMAND...: one run; its metrics.jsonl copied to $OUT/NAME.jsonl
+    local name=$1 amp=$2
+    shift 2
     "$@" configs/shapes_soft_random_encoder.yaml --quiet data.root="$work/shapes" data.shapes.n=600 train.device="$device" \
-        train.epochs="$epochs" train.max_minutes=0 train.out_dir="$work/$name" "${overrides[@]}"
+        train.epochs="$epochs" train.max_minutes=0 train.amp="$amp" train.out_dir="$work/$name"
     cp "$work/$name/metrics.jsonl" "$out/$name.jsonl"
 }
-overrides=(train.amp=bf16)
-train amp_bf16 captioner train
+train amp_bf16 bf16 captioner train
 if [ "$device" != cpu ]; then  # fp16 needs a GPU (and its gradient scaler)
-    overrides=(train.amp=fp16)
-    train amp_fp16 captioner train
+    train amp_fp16 fp16 captioner train
 fi
 gpus=$(python -c "import torch; print(max(torch.cuda.device_count(), 1) if '$device' != 'cpu' else 2)")
-overrides=(train.amp=bf16)
-train ddp torchrun --standalone --nproc_per_node="$gpus" -m captioner.cli train
+train ddp bf16 torchrun --standalone --nproc_per_node="$gpus" -m captioner.cli train
 
 python - "$out" <<'PY'
 import json, pathlib, sys
